@@ -1,0 +1,52 @@
+"""Zero-shot CLIP baseline (no trained adapters): only its differences from the shared ViT.
+
+Patch tokens of the last block → ln_post → proj → unit vectors; per class a normal/abnormal prompt-ensemble anchor
+pair; map = softmax(logit_scale·p̂·T)[abnormal] (upsampled, σ=4 smoothing like Crane); image score from the CLS
+embedding the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..prompts import zeroshot_sentences
+from . import vit
+
+
+@torch.no_grad()
+def text_anchors(clip, real_names: list[str], tokenize) -> torch.Tensor:
+    anchors = []
+    for name in real_names:
+        normal, abnormal = zeroshot_sentences(name)
+        tokens = tokenize(normal + abnormal)
+        h = vit.text_forward(clip, clip.token_embedding(tokens))
+        unit = vit.l2_normalize(h[torch.arange(h.shape[0]), tokens.argmax(dim=-1)] @ clip.text_projection)
+        anchors.append(torch.stack([vit.l2_normalize(unit[: len(normal)].mean(0)),
+                                    vit.l2_normalize(unit[len(normal):].mean(0))]))
+    return torch.stack(anchors)
+
+
+class ZeroShotVision(torch.nn.Module):
+    def __init__(self, clip, spec, image_size: int):
+        super().__init__()
+        self.visual, self.heads = clip.visual, spec.heads
+        self.register_buffer("positions", vit.resize_positions(
+            clip.visual.positional_embedding.detach(), spec.grid(image_size), "bicubic-antialias"))
+
+    def forward(self, pixels: torch.Tensor, trace: dict | None = None):
+        h = vit.embed_image(self.visual, pixels, self.positions)
+        for block in self.visual.transformer.resblocks:
+            h = vit.standard_block(block, h, self.heads)
+        tokens = self.visual.ln_post(h) @ self.visual.proj
+        return vit.l2_normalize(tokens[:, 1:]), vit.l2_normalize(tokens[:, 0])
+
+
+class ZeroShotDetector(torch.nn.Module):
+    kind = "clip"
+
+    def __init__(self, vision: ZeroShotVision, head):
+        super().__init__()
+        self.vision, self.head = vision, head
+
+    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
+        patch_unit, global_unit = self.vision(pixels, trace)
+        return self.head(patch_unit, global_unit, trace)

@@ -1,0 +1,104 @@
+"""Image → model input, identical to the official AA-CLIP / Crane test transform.
+
+Official transform: PIL image → RGB → Resize((S, S), bicubic; PIL antialiases when downscaling) → ToTensor →
+Normalize(OpenAI mean/std). The resize happens here on the host in uint8 (exactly as PIL does it); the float
+conversion and normalisation ((x/255 − mean)/std) live inside the model graph, so the host only ships uint8 NHWC.
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ClipadError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Refuse decompression bombs with a clear message instead of PIL's warning/exception text.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+
+def load_image(source: ImageLike, color_order: str = "rgb") -> Image.Image:
+    """Open a file path, PIL image or array as an 8-bit RGB PIL image.
+
+    Arrays may be HxW (grey), HxWx1, HxWx3 or HxWx4, uint8 or uint16; ``color_order`` says whether a 3/4-channel
+    array is RGB(A) or BGR(A) (OpenCV frames are BGR). 16-bit data keeps its top 8 bits.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, np.ndarray):
+        return to_rgb(_array_to_pil(source, color_order))
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ClipadError(f"{path}: no such image file")
+    if os.path.getsize(path) == 0:
+        raise ClipadError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Image.DecompressionBombError:
+        raise ClipadError(f"{path}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ClipadError(f"{path}: not an image file (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ClipadError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB like the official ``.convert('RGB')``; 16-bit/float greyscale is rescaled first, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im)
+        return Image.fromarray(_to_uint8(arr), mode="L").convert("RGB")
+    if im.mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
+        return (arr.astype(np.uint32) >> 8).astype(np.uint8) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        return np.clip(np.rint(arr * 255.0 if arr.max(initial=0) <= 1.0 else arr), 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _array_to_pil(arr: np.ndarray, color_order: str) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:
+        raise ClipadError(f"image array has shape {arr.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
+    arr = _to_uint8(np.ascontiguousarray(arr))
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L")
+    if color_order.lower() == "bgr":
+        arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]
+    elif color_order.lower() != "rgb":
+        raise ClipadError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}")
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.shape[2] == 3 else "RGBA").convert("RGB")
+
+
+def resize_for_model(im: Image.Image, size: int) -> np.ndarray:
+    """Square, aspect-squashing PIL bicubic resize (antialiased when shrinking) → uint8 [S, S, 3] RGB."""
+    resized = to_rgb(im).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def prepare(source: ImageLike, size: int, color_order: str = "rgb") -> np.ndarray:
+    """Any supported image → the model's uint8 NHWC input row [S, S, 3]."""
+    return resize_for_model(load_image(source, color_order), size)
+
+
+def normalize(batch_u8: np.ndarray) -> np.ndarray:
+    """NumPy twin of the in-graph normalisation (uint8 NHWC → float32 NCHW); used by tests and debugging."""
+    x = batch_u8.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
