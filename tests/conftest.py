@@ -1,0 +1,47 @@
+"""Shared fixtures: paths to ../shared, the golden seeded weights, and tiny-configuration weight/checkpoint files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CLIPAD_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+DATA = SHARED / "data" / "magnetic_tile"
+CRANE_FIXTURES = SHARED / "fixtures" / "crane"
+CACHE = Path(os.environ.get("CLIPAD_CACHE", REPO / ".cache"))
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared beside the repository (or CLIPAD_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_weights() -> Path:
+    """The seeded ViT-L-14-336 base weights + AA-CLIP adapters, regenerated with golden/make_weights.py (~15 s)."""
+    out = CACHE / "golden-weights-seed0"
+    done = out / "ViT-L-14-336px-random.pt"
+    if not (done.exists() and (out / "aaclip_ckpt" / "image_adapter_15.pth").exists()):
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(need_shared(GOLDEN / "make_weights.py")), str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """Tiny-configuration base weights in every supported format, and official-format AA-CLIP / Crane checkpoints."""
+    from tiny_fixtures import make_tiny_files
+
+    return make_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+def rng_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
