@@ -65,6 +65,11 @@ def grid_to_square(x: torch.Tensor, grid: int) -> torch.Tensor:
     return x.transpose(1, 2).unflatten(-1, (grid, grid))
 
 
+def pair_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[B, P, D] · [K, 2, D] → [B, P, K, 2] as one MatMul (TensorRT handles Einsum only partly)."""
+    return (tokens @ anchors.flatten(0, 1).T).unflatten(-1, (anchors.shape[0], 2))
+
+
 def upsample(x: torch.Tensor, size: int, align_corners: bool) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=align_corners)
 
@@ -83,7 +88,7 @@ class AACLIPHead(torch.nn.Module):
         """Per tap, [T, B, K, g, g]: the input of the official blur."""
         maps = []
         for tokens in seg_tokens:
-            logits = AACLIP_SIMILARITY_SCALE * torch.einsum("bpd,ksd->bpks", tokens, self.anchors)
+            logits = AACLIP_SIMILARITY_SCALE * pair_similarity(tokens, self.anchors)
             maps.append(grid_to_square((logits[..., 1] + 1.0 - logits[..., 0]) / 2.0, self.grid))
         return torch.stack(maps)
 
@@ -111,7 +116,7 @@ class PairSoftmaxHead(torch.nn.Module):
         self.smooth = SeparableBlur(scipy_gaussian_taps(sigma), image_size, "symmetric") if sigma else None
 
     def forward(self, patch_unit: torch.Tensor, global_unit: torch.Tensor, trace: dict | None = None):
-        logits = torch.einsum("bpd,ksd->bpks", patch_unit, self.anchors) * self.scale  # [B, P, K, 2]
+        logits = pair_similarity(patch_unit, self.anchors) * self.scale              # [B, P, K, 2]
         prob = logits.softmax(dim=-1)[..., 1]                                           # [B, P, K]
         grid_map = grid_to_square(prob, self.grid)
         anomaly_map = upsample(grid_map, self.image_size, align_corners=False)
@@ -122,11 +127,11 @@ class PairSoftmaxHead(torch.nn.Module):
 
         fused = global_unit.unsqueeze(1).expand(-1, self.anchors.shape[0], -1)          # [B, K, D]
         if self.pooling_weight is not None:
-            pooled = l2_normalize(torch.einsum("bpk,bpd->bkd", prob, patch_unit))
+            pooled = l2_normalize(prob.transpose(1, 2) @ patch_unit)
             fused = l2_normalize(self.pooling_weight * pooled + (1.0 - self.pooling_weight) * fused)
             if trace is not None:
                 trace.update(pooled_feature=pooled, image_feature_fused=fused)
-        image_logits = torch.einsum("bkd,ksd->bks", fused, self.anchors) * self.scale
+        image_logits = (fused.unsqueeze(2) * self.anchors).sum(-1) * self.scale       # [B, K, 2]
         if trace is not None:
             trace["image_logits"] = image_logits
         return anomaly_map, image_logits.softmax(dim=-1)[..., 1]

@@ -1,0 +1,54 @@
+"""One interface for every inference backend (ONNX Runtime now; TensorRT behind the same interface later)."""
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from ..errors import ClipadError
+
+
+class Backend(abc.ABC):
+    """Runs the exported graph: uint8 [B, S, S, 3] RGB → (anomaly_map [B, K, S, S], image_score [B, K]) float32."""
+
+    name: str = "?"
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """What actually runs (e.g. the execution providers in use), for logs and JSON records."""
+
+    @property
+    @abc.abstractmethod
+    def batch_range(self) -> tuple[int, int]:
+        """(min, max) batch the loaded model accepts."""
+
+    @abc.abstractmethod
+    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ...
+
+    def close(self) -> None:
+        pass
+
+    def check_batch(self, batch_u8: np.ndarray, image_size: int) -> None:
+        lo, hi = self.batch_range
+        if batch_u8.dtype != np.uint8 or batch_u8.shape[1:] != (image_size, image_size, 3):
+            raise ClipadError(f"input batch must be uint8 [B, {image_size}, {image_size}, 3], got "
+                              f"{batch_u8.dtype} {list(batch_u8.shape)}")
+        if not lo <= batch_u8.shape[0] <= hi:
+            raise ClipadError(f"batch of {batch_u8.shape[0]} is outside the model's batch range [{lo}, {hi}]")
+
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def open_backend(name: str, model_dir: str, manifest: dict, **options) -> Backend:
+    """``auto`` picks TensorRT when an engine for this GPU is listed (TensorRT backend: later), else ONNX Runtime."""
+    if name not in BACKENDS:
+        raise ClipadError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "tensorrt":
+        raise ClipadError("the TensorRT backend is not available in this version: no engine support yet; "
+                          "use --backend onnxruntime (its TensorRT execution provider is used when installed)")
+    from .onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(model_dir, manifest, **options)

@@ -1,0 +1,63 @@
+"""ONNX Runtime backend: TensorRT EP → CUDA EP → CPU, reporting the providers actually in use."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import ClipadError
+from ..manifest import verify_file
+from .base import Backend
+
+log = logging.getLogger("clipad")
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: str, manifest: dict, model_file: str = "model.onnx",
+                 providers: list[str] | None = None, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ClipadError("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
+        path = verify_file(model_dir, manifest, model_file)
+        available = ort.get_available_providers()
+        wanted = [p for p in (providers or PREFERRED) if p in available]
+        if not wanted:
+            raise ClipadError(f"none of the providers {providers} is available (have: {', '.join(available)})")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ClipadError(f"{path}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0][:200]})") \
+                from None
+        self.providers = self.session.get_providers()
+        self.requested = wanted
+        self.fell_back = [p for p in wanted if p not in self.providers]
+        if self.fell_back:
+            # onnxruntime-gpu lists GPU providers even when CUDA/cuDNN/TensorRT libraries are missing, then quietly
+            # runs on the CPU: say it loudly.
+            log.warning("ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries or no GPU); "
+                        "running on %s", ", ".join(self.fell_back), ", ".join(self.providers))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        dim = self.session.get_inputs()[0].shape[0]
+        batch = manifest.get("batch", {})
+        self._range = (dim, dim) if isinstance(dim, int) else (batch.get("min", 1), batch.get("max", 1))
+
+    @property
+    def description(self) -> str:
+        return f"onnxruntime ({', '.join(self.providers)})"
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        return self._range
+
+    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch_u8)})
+        return maps, scores

@@ -1,0 +1,187 @@
+"""Display helpers for anomaly maps: resize, colorize, overlay with text/border, OK/NG decision, atomic saves.
+
+The map maths (upsampling to the model input, smoothing, normalisation) lives in the model graph; this module only
+resizes to the frame and draws. Everything is BGR uint8 as OpenCV uses; cv2 is imported lazily.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ClipadError
+
+RED = (0, 0, 255)      # BGR
+GREEN = (0, 255, 0)
+WHITE = (255, 255, 255)
+
+
+def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
+    m = np.asarray(anomaly_map, dtype=np.float32)
+    while m.ndim > 2 and m.shape[0] == 1:  # tolerate [1, S, S] / [1, 1, S, S]
+        m = m[0]
+    if m.ndim != 2 or 0 in m.shape:
+        raise ClipadError(f"anomaly map has shape {np.shape(anomaly_map)}; expected [H, W]")
+    return m
+
+
+def resize_map(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[S, S] float map → [height, width] float32 (bilinear)."""
+    import cv2
+
+    if int(width) <= 0 or int(height) <= 0:
+        raise ClipadError(f"cannot resize an anomaly map to {width}x{height}")
+    m = _as_map(anomaly_map)
+    if m.shape == (height, width):
+        return m.copy()
+    return cv2.resize(m, (int(width), int(height)), interpolation=cv2.INTER_LINEAR).astype(np.float32, copy=False)
+
+
+def scale_for_display(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(x - low) / (high - low) clipped to [0, 1] as float32; all zeros when high <= low. NaN → 0."""
+    m = np.asarray(anomaly_map, dtype=np.float32)
+    if not (high > low):
+        return np.zeros(m.shape, np.float32)
+    out = (m - np.float32(low)) / np.float32(high - low)
+    return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def colorize(map01: np.ndarray) -> np.ndarray:
+    """[H, W] map in [0, 1] (clipped) → BGR uint8 [H, W, 3] with the JET colormap (0 = blue, 1 = red)."""
+    import cv2
+
+    m = np.nan_to_num(np.asarray(map01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    u8 = np.rint(np.clip(m, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
+
+
+def _as_bgr(frame: np.ndarray) -> np.ndarray:
+    import cv2
+
+    f = np.asarray(frame)
+    if f.dtype != np.uint8:
+        raise ClipadError(f"frame has dtype {f.dtype}; expected uint8 BGR")
+    if f.ndim == 2 or (f.ndim == 3 and f.shape[2] == 1):
+        return cv2.cvtColor(f.reshape(f.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if f.ndim == 3 and f.shape[2] == 4:
+        return np.ascontiguousarray(f[:, :, :3])
+    if f.ndim != 3 or f.shape[2] != 3 or 0 in f.shape:
+        raise ClipadError(f"frame has shape {f.shape}; expected HxWx3 BGR")
+    return np.ascontiguousarray(f)
+
+
+def draw_text_block(image: np.ndarray, lines: Sequence[str], origin: tuple[int, int] = (0, 0),
+                    label: str | None = None) -> np.ndarray:
+    """Draw ``lines`` top-left on a darkened box (in place); a line containing the label word is drawn in its colour."""
+    import cv2
+
+    lines = [str(t) for t in lines if t is not None and str(t) != ""]
+    if not lines:
+        return image
+    h, w = image.shape[:2]
+    scale = max(0.4, min(h, w) / 640.0)
+    thick = max(1, int(round(scale * 1.6)))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    sizes = [cv2.getTextSize(t, font, scale, thick) for t in lines]
+    pad = max(3, int(round(6 * scale)))
+    line_h = max(s[0][1] + s[1] for s in sizes) + pad
+    x0, y0 = origin
+    x1 = min(w, x0 + max(s[0][0] for s in sizes) + 2 * pad)
+    y1 = min(h, y0 + line_h * len(lines) + pad)
+    if x1 > x0 and y1 > y0:
+        roi = image[y0:y1, x0:x1]
+        roi[:] = (roi.astype(np.float32) * 0.3).astype(np.uint8)  # dark translucent background
+    for i, (text, ((_, th), base)) in enumerate(zip(lines, sizes)):
+        color = {"NG": RED, "OK": GREEN}.get(label, WHITE) if label and label in text.split() else WHITE
+        y = y0 + pad + i * line_h + th
+        cv2.putText(image, text, (x0 + pad, y), font, scale, color, thick, cv2.LINE_AA)
+    return image
+
+
+def overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5,
+            text_lines: list[str] | None = None, label: str | None = None) -> np.ndarray:
+    """Heat-map overlay on the frame (same size, BGR uint8), with text top-left and a red (NG) / green (OK) border."""
+    import cv2
+
+    frame = _as_bgr(frame_bgr)
+    h, w = frame.shape[:2]
+    heat = colorize(scale_for_display(resize_map(anomaly_map, w, h), low, high))
+    a = float(np.clip(alpha, 0.0, 1.0))
+    out = cv2.addWeighted(frame, 1.0 - a, heat, a, 0.0)
+    border = max(2, int(round(min(h, w) / 80))) if label in ("OK", "NG") else 0
+    if border:
+        color = RED if label == "NG" else GREEN
+        b = min(border, h, w)
+        out[:b, :] = color
+        out[-b:, :] = color
+        out[:, :b] = color
+        out[:, -b:] = color
+    if text_lines:
+        m = border + max(2, int(round(min(h, w) / 160)))
+        draw_text_block(out, text_lines, origin=(min(m, w - 1), min(m, h - 1)), label=label)
+    return out
+
+
+def decide(score: float, threshold: float | None) -> str | None:
+    """"NG" when score >= threshold, "OK" below it, None without a threshold. A NaN score is NG (fail closed)."""
+    if threshold is None:
+        return None
+    score = float(score)
+    if np.isnan(score) or score >= float(threshold):
+        return "NG"
+    return "OK"
+
+
+def _temp_beside(path: str) -> str:
+    d, base = os.path.split(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _write_atomic(path: str, write) -> str:
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "xb") as f:  # honours the umask, unlike tempfile's 0600
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def save_image_atomic(path: str, image_bgr: np.ndarray) -> str:
+    """Encode by the path's extension (.png, .jpg, ...) and replace ``path`` atomically; returns the path."""
+    import cv2
+
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        raise ClipadError(f"{path}: output image needs an extension such as .png or .jpg")
+    try:
+        ok, buf = cv2.imencode(ext, np.ascontiguousarray(image_bgr))
+    except cv2.error:
+        ok, buf = False, None
+    if not ok:
+        raise ClipadError(f"{path}: could not encode the image as {ext}")
+    try:
+        return _write_atomic(path, lambda f: f.write(buf.tobytes()))
+    except OSError as exc:
+        raise ClipadError(f"{path}: could not write ({exc.strerror or exc})") from None
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> str:
+    """np.save to a temp file beside ``path`` and replace ``path`` atomically; returns the path.
+
+    np.save is given an open file, so it appends no ".npy" to the temp name; ``path`` is written exactly as given.
+    """
+    path = os.fspath(path)
+    try:
+        return _write_atomic(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+    except OSError as exc:
+        raise ClipadError(f"{path}: could not write ({exc.strerror or exc})") from None

@@ -1,0 +1,295 @@
+"""Frame sources for ``edge-detect``: still images, folders, globs, video files, cameras and network streams.
+
+Every source yields :class:`Frame` records. Bad still images never raise: they come out as a Frame with
+``image=None`` and a one-line ``error`` so a folder run carries on. Problems with the source itself (missing path,
+empty glob, a camera or stream that will not open, an undecodable video) raise :class:`ClipadError` at open.
+
+Live sources (camera, stream) read on a daemon thread that keeps only the newest frame, so a slow consumer sees
+bounded latency instead of a growing backlog; video files are read sequentially, every frame.
+cv2 is imported lazily so ``import clipad.runtime`` stays light.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ClipadError
+from .preprocess import load_image
+
+VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
+URL_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass
+class Frame:
+    source: str                  # file path, or the camera / url / video string
+    frame: int | None            # frame index for videos, cameras and streams; None for still images
+    image: np.ndarray | None     # BGR uint8 HxWx3, or None when the input could not be read
+    error: str | None            # one-line reason when image is None
+    stem: str                    # name for output files: "<file stem>" or "<video stem>_<frame:06d>"
+
+
+class Source:
+    """Iterable of :class:`Frame`; ``total`` is the item count when known (None for live), usable with ``with``."""
+
+    total: int | None = None
+    is_live: bool = False
+
+    def __iter__(self) -> Iterator[Frame]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _redact(url: str) -> str:
+    """Hide a password in ``scheme://user:pass@host`` so it never reaches messages or file names."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "stream"
+
+
+def _quiet_videocapture(arg):
+    """cv2.VideoCapture(arg) without OpenCV's WARN lines on stderr (we raise our own one-line error)."""
+    import cv2
+
+    try:
+        logging = cv2.utils.logging
+        old = logging.getLogLevel()
+        logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    except Exception:  # logging API differs across builds; warnings are only cosmetic
+        logging = old = None
+    try:
+        return cv2.VideoCapture(arg)
+    finally:
+        if logging is not None:
+            logging.setLogLevel(old)
+
+
+def read_image_bgr(path: str) -> tuple[np.ndarray | None, str | None]:
+    """Decode a still image robustly (via ``load_image``) → (BGR uint8 HxWx3, None) or (None, one-line error)."""
+    try:
+        rgb = np.asarray(load_image(path), dtype=np.uint8)
+    except ClipadError as exc:
+        return None, _one_line(exc)
+    except Exception as exc:  # any other decoder failure is still a per-file error, never a crash
+        return None, _one_line(f"{path}: unreadable image ({type(exc).__name__}: {exc})")
+    return np.ascontiguousarray(rgb[:, :, ::-1]), None
+
+
+def _unique_stems(paths: list[str]) -> list[str]:
+    """File stems, falling back to the full name (then a counter) where two files would share one output name."""
+    stems = [Path(p).stem for p in paths]
+    dup = {s for s in stems if stems.count(s) > 1}
+    names = [Path(p).name if s in dup else s for p, s in zip(paths, stems)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+class ImageFiles(Source):
+    """A list of still-image paths; each yields exactly one Frame (errors included). Re-iterable."""
+
+    def __init__(self, paths: list[str], max_frames: int | None = None):
+        self.paths = list(paths) if max_frames is None else list(paths)[: max(0, max_frames)]
+        self.stems = _unique_stems(self.paths)
+        self.total = len(self.paths)
+
+    def __iter__(self) -> Iterator[Frame]:
+        for path, stem in zip(self.paths, self.stems):
+            image, error = read_image_bgr(path)
+            yield Frame(source=path, frame=None, image=image, error=error, stem=stem)
+
+
+class VideoFile(Source):
+    """Sequential reader over every frame of a video file (single pass)."""
+
+    def __init__(self, path: str, max_frames: int | None = None):
+        import cv2
+
+        self.path, self.name, self.max_frames = path, _safe_name(Path(path).stem), max_frames
+        self._cap = _quiet_videocapture(path)
+        first = None
+        if self._cap.isOpened():
+            ok, first = self._cap.read()
+            first = first if ok else None
+        if first is None:
+            self._cap.release()
+            raise ClipadError(f"{path}: video could not be decoded (corrupt file or unsupported codec)")
+        self._first = first
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.total = count if count > 0 else None
+        if max_frames is not None:
+            self.total = max(0, max_frames) if self.total is None else min(self.total, max(0, max_frames))
+
+    def __iter__(self) -> Iterator[Frame]:
+        index = 0
+        while self._cap is not None and (self.max_frames is None or index < self.max_frames):
+            if self._first is not None:
+                image, self._first = self._first, None
+            else:
+                ok, image = self._cap.read()
+                if not ok or image is None:
+                    break
+            yield Frame(source=self.path, frame=index, image=image, error=None, stem=f"{self.name}_{index:06d}")
+            index += 1
+        self.close()
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class LiveCapture(Source):
+    """Camera / stream reader: a daemon thread keeps only the newest frame; iteration yields the newest unseen one.
+
+    ``capture_arg`` is anything ``cv2.VideoCapture`` accepts (camera index, URL, even a file path, which the tests
+    use). Iteration stops when the capture ends (``max_read_failures`` reads in a row fail), after ``max_frames``
+    frames, or raises ClipadError when no new frame arrives for ``frame_timeout`` seconds (stalled stream).
+    """
+
+    is_live = True
+    total = None
+
+    def __init__(self, capture_arg, name: str | None = None, max_frames: int | None = None,
+                 open_error: str | None = None, source: str | None = None, max_read_failures: int = 25,
+                 frame_timeout: float | None = 10.0):
+        self.source = source if source is not None else _redact(str(capture_arg))
+        if name is None:
+            name = f"camera{capture_arg}" if isinstance(capture_arg, int) else Path(str(capture_arg)).stem
+        self.name = _safe_name(name)
+        self.max_frames, self.max_read_failures, self.frame_timeout = max_frames, max_read_failures, frame_timeout
+        self._cap = _quiet_videocapture(capture_arg)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise ClipadError(open_error or f"{self.source}: could not be opened")
+        self._cond = threading.Condition()
+        self._latest: tuple[int, np.ndarray] | None = None
+        self._ended = False
+        self._stop = threading.Event()
+        self.frames_read = 0     # frames read by the capture thread
+        self.frames_dropped = 0  # frames overwritten before anyone took them
+        self._taken = -1
+        self._thread = threading.Thread(target=self._run, name=f"clipad-capture-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                ok, image = self._cap.read()
+                if not ok or image is None:
+                    failures += 1
+                    if failures >= self.max_read_failures:
+                        break
+                    time.sleep(0.01)
+                    continue
+                failures = 0
+                with self._cond:
+                    if self._latest is not None and self._latest[0] > self._taken:
+                        self.frames_dropped += 1
+                    self._latest = (self.frames_read, image)
+                    self.frames_read += 1
+                    self._cond.notify_all()
+        finally:
+            self._cap.release()  # the thread owns the capture: never released under a blocked read()
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[Frame]:
+        yielded = 0
+        while self.max_frames is None or yielded < self.max_frames:
+            deadline = None if self.frame_timeout is None else time.monotonic() + self.frame_timeout
+            with self._cond:
+                while not ((self._latest is not None and self._latest[0] > self._taken) or self._ended):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise ClipadError(f"{self.source}: no frame received for {self.frame_timeout:g} s "
+                                          "(stream stalled or camera disconnected?)")
+                    self._cond.wait(timeout=0.5 if left is None else min(0.5, left))
+                if self._latest is None or self._latest[0] <= self._taken:
+                    break  # capture ended and nothing new
+                index, image = self._latest
+                self._taken = index
+            yield Frame(source=self.source, frame=index, image=image, error=None, stem=f"{self.name}_{index:06d}")
+            yielded += 1
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the capture thread and wait for it (it releases the capture on the way out)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+def _list_folder(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+    return [os.path.join(path, n) for n in names]
+
+
+def open_source(spec: str | int, max_frames: int | None = None) -> Source:
+    """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, video file, image file, folder or glob."""
+    if max_frames is not None and max_frames < 0:
+        raise ClipadError(f"max_frames must be >= 0, got {max_frames}")
+    if isinstance(spec, bool) or not isinstance(spec, (int, str, os.PathLike)):
+        raise ClipadError(f"unsupported source {spec!r}: give a path, folder, glob, camera index or URL")
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec.strip())
+    if isinstance(spec, int):
+        return LiveCapture(spec, name=f"camera{spec}", source=f"camera{spec}", max_frames=max_frames,
+                           open_error=f"camera {spec} could not be opened (no such device?)")
+    text = os.fspath(spec)
+    if not text.strip():
+        raise ClipadError("empty source: give a path, folder, glob, camera index or URL")
+    if text.lower().startswith(URL_PREFIXES):
+        shown = _redact(text)
+        name = "stream_" + _safe_name(re.sub(r"^[^:]*://([^@/]*@)?", "", text))[:60]
+        return LiveCapture(text, name=name, source=shown, max_frames=max_frames,
+                           open_error=f"{shown}: stream could not be opened (wrong address, or unreachable?)")
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        files = _list_folder(path)
+        if not files:
+            raise ClipadError(f"{path}: folder contains no files")
+        return ImageFiles(files, max_frames)
+    if os.path.isfile(path):
+        if Path(path).suffix.lower() in VIDEO_EXTS:
+            return VideoFile(path, max_frames)
+        return ImageFiles([path], max_frames)
+    if GLOB_CHARS & set(path):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise ClipadError(f"{path}: no files match this pattern")
+        return ImageFiles(files, max_frames)
+    raise ClipadError(f"{path}: no such file or directory")
