@@ -41,6 +41,8 @@ def load_image(source: ImageLike, color_order: str = "rgb") -> Image.Image:
         raise ClipadError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(path)
             im.load()
             return to_rgb(im)
     except Image.DecompressionBombError:

@@ -1,0 +1,184 @@
+"""``edge-detect``: run an exported model on a camera, stream, video, image, folder or glob."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import ClipadError
+
+EPILOG = """\
+examples:
+  edge-detect --model crane_l14 --camera 0 --show
+  edge-detect --model aa_bottle --source line3.mp4 --save overlays/ --jsonl results.jsonl
+  edge-detect --model aa_bottle --source 'batch_07/*.png' --save-maps maps/ --threshold 0.62
+  edge-detect --model zs_tile --source rtsp://camera.local/stream1 --max-frames 1000 --jsonl live.jsonl
+
+outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
+writes the raw SxS float32 map of the selected class as .npy; --jsonl writes one JSON line per input or frame:
+{"source","frame","class_name","score","map_max","label","latency_ms":{"pre","infer","post"},"error"}.
+Unreadable inputs are reported (error set) and the run continues. Ctrl-C (or q/Esc in the window) stops cleanly.
+"""
+
+log = logging.getLogger("clipad")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="edge-detect", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Anomaly maps, scores and OK/NG decisions from a model exported by "
+                                             "export-engine.", epilog=EPILOG)
+    ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV)")
+    src.add_argument("--source", metavar="PATH_OR_URL",
+                     help="image, folder, glob ('dir/*.png'), video file, or rtsp/http(s) stream URL")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+                    help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime)")
+    ap.add_argument("--class-name", help="which baked class to report (default: the first)")
+    ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG (default: from calibration)")
+    ap.add_argument("--show", action="store_true", help="show a window with overlay, score, OK/NG and FPS")
+    ap.add_argument("--save", metavar="DIR", help="write overlay images here")
+    ap.add_argument("--save-maps", metavar="DIR", help="write raw SxS float32 maps (.npy) here")
+    ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
+    ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
+    ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return ap.parse_args(argv)
+
+
+def open_window():
+    import cv2
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise ClipadError("--show: no display ($DISPLAY is not set); use --save DIR to write overlays instead")
+    try:
+        cv2.namedWindow("edge-detect", cv2.WINDOW_NORMAL)
+    except cv2.error:
+        raise ClipadError("--show: this OpenCV build has no GUI support (opencv-python-headless?); "
+                          "install opencv-python or use --save DIR") from None
+    return cv2
+
+
+def display_range(detector, anomaly_map):
+    """Fixed range from calibration when the manifest has one, else this frame's own min-max (relative map)."""
+    rng = detector.manifest.get("display_range", {}).get(detector.class_names[0]) \
+        if isinstance(detector.manifest.get("display_range"), dict) else None
+    if rng:
+        return float(rng[0]), float(rng[1])
+    return float(anomaly_map.min()), float(anomaly_map.max())
+
+
+def record(frame, class_name, pred=None, error=None, post_ms=0.0):
+    lat = dict(pred.latency_ms) if pred else {"pre": None, "infer": None, "post": None}
+    if pred:
+        lat["post"] = round(lat["post"] + post_ms, 3)
+        lat = {k: round(v, 3) for k, v in lat.items()}
+    return {"source": frame.source, "frame": frame.frame, "class_name": class_name,
+            "score": None if pred is None else pred.score, "map_max": None if pred is None else pred.map_max,
+            "label": None if pred is None else pred.label, "latency_ms": lat, "error": error}
+
+
+def run(args) -> int:
+    from . import postprocess
+    from .detector import Detector
+    from .sources import open_source
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ClipadError("--max-frames must be at least 1")
+    for folder in (args.save, args.save_maps):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+    detector = Detector.open(args.model, backend=args.backend, threads=args.threads)
+    class_name = detector.class_names[detector.class_index(args.class_name)]
+    threshold = detector.threshold(class_name, args.threshold)
+    cv2 = open_window() if args.show else None
+    source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames)
+    if not args.quiet:
+        log.info("model %s (%s, %s) on %s; class %r; threshold %s", args.model, detector.kind,
+                 detector.manifest["model"]["arch"], detector.backend.description, class_name,
+                 "none (no OK/NG)" if threshold is None else threshold)
+    jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
+    progress = None
+    if not args.quiet and not source.is_live:
+        from tqdm import tqdm
+
+        progress = tqdm(total=source.total, unit="img", dynamic_ncols=True, file=sys.stderr)
+    done = errors = 0
+    fps, last = 0.0, time.perf_counter()
+    interrupted = False
+    try:
+        for frame in source:
+            pred, error, post_ms = None, frame.error, 0.0
+            if error is None:
+                try:
+                    pred = detector.predict(frame.image, class_name, color_order="bgr", threshold=threshold)
+                except ClipadError as exc:
+                    error = str(exc)
+            if pred is not None:
+                t = time.perf_counter()
+                now = t
+                fps = 0.9 * fps + 0.1 / max(now - last, 1e-6) if fps else 1.0 / max(now - last, 1e-6)
+                last = now
+                if args.save_maps:
+                    postprocess.save_npy_atomic(os.path.join(args.save_maps, frame.stem + ".npy"), pred.anomaly_map)
+                if args.save or cv2 is not None:
+                    lines = [f"{class_name}: score {pred.score:.4f}  map max {pred.map_max:.4f}"]
+                    if pred.label:
+                        lines.append(pred.label)
+                    if source.is_live:
+                        lines.append(f"{fps:.1f} FPS")
+                    low, high = display_range(detector, pred.anomaly_map)
+                    shown = postprocess.overlay(frame.image, pred.anomaly_map, low, high, text_lines=lines,
+                                                label=pred.label)
+                    if args.save:
+                        postprocess.save_image_atomic(os.path.join(args.save, frame.stem + ".jpg"), shown)
+                    if cv2 is not None:
+                        cv2.imshow("edge-detect", shown)
+                        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                            break
+                post_ms = 1e3 * (time.perf_counter() - t)
+            else:
+                errors += 1
+                log.debug("%s: %s", frame.source, error)
+            if jsonl:
+                jsonl.write(json.dumps(record(frame, class_name, pred, error, post_ms)) + "\n")
+            done += 1
+            if progress:
+                progress.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        source.close()
+        if progress:
+            progress.close()
+        if jsonl:
+            jsonl.close()
+        if cv2 is not None:
+            cv2.destroyAllWindows()
+        detector.close()
+    if not args.quiet:
+        log.info("%s%d input(s), %d unreadable%s", "stopped: " if interrupted else "", done, errors,
+                 f"; JSONL: {args.jsonl}" if args.jsonl else "")
+    if interrupted:
+        return 0 if source.is_live else 130
+    return 1 if done and errors == done else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except ClipadError as exc:
+        print(f"edge-detect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-detect: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

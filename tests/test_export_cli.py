@@ -1,0 +1,126 @@
+"""export-engine on tiny configurations: files, manifest, graph rules, atomic failure."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from clipad.export import cli as export_cli
+from clipad.export import onnx_export
+from clipad.runtime import manifest as manifest_io
+from tiny_fixtures import TINY
+
+
+def export(tiny_files, out, kind="aaclip", extra=()):
+    args = ["--model", kind, "--arch", TINY, "--image-size", "56", "--clip-weights", str(tiny_files["state_dict"]),
+            "--output", str(out), "-q"]
+    if kind in ("aaclip", "crane"):
+        args += ["--ckpt", str(tiny_files[kind])]
+    if kind != "crane":
+        args += ["--class-name", "bottle", "screw"]
+    return export_cli.main(args + list(extra))
+
+
+@pytest.mark.parametrize("kind", ["aaclip", "crane", "clip"])
+def test_export_writes_onnx_and_manifest(tiny_files, tmp_path, kind):
+    out = tmp_path / "model"
+    assert export(tiny_files, out, kind, ["--dynamic-batch", "1:3"]) == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
+    m = manifest_io.read(str(out))
+    k = 1 if kind == "crane" else 2
+    assert m["schema_version"] == manifest_io.SCHEMA_VERSION
+    assert m["model"]["kind"] == kind and m["model"]["arch"] == TINY and len(m["model"]["class_names"]) == k
+    assert m["input"]["dtype"] == "uint8" and m["input"]["shape"] == ["batch", 56, 56, 3]
+    assert m["outputs"][0]["shape"] == ["batch", k, 56, 56] and m["batch"] == {"min": 1, "max": 3, "opt": 1}
+    assert m["files"]["model.onnx"]["sha256"] == manifest_io.sha256_file(str(out / "model.onnx"))
+    assert m["parity"]["passed"] and m["parity"]["map_error_over_range"] <= 1e-4
+    assert m["parity"]["image_score"]["max_abs"] <= 1e-5
+    assert m["sources"]["checkpoint"] is None or m["sources"]["checkpoint"]["path"]
+    assert len(m["model"]["anchor_sha256"]) == 64 and "torch" in m["export"]["versions"]
+
+    graph = onnx.load(str(out / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "Attention" not in ops and "If" not in ops and "Loop" not in ops and "Einsum" not in ops
+    assert "LayerNormalization" in ops
+    assert ("ReduceMean" in ops) == (kind == "aaclip")  # only AA-CLIP's detection-token mean; no decomposed LN
+    assert "Pow" not in ops  # no decomposed LayerNorm
+    assert 17 <= graph.opset_import[0].version <= 20
+    names = [i.name for i in graph.graph.input], [o.name for o in graph.graph.output]
+    assert names == (["images"], ["anomaly_map", "image_score"])
+    # Text anchors are constants in the graph: no text tower, no token embedding table.
+    sizes = [np.prod(i.dims) for i in graph.graph.initializer]
+    assert max(sizes) < 49408 * 48
+
+
+def test_random_init_is_loud_and_recorded(tiny_files, tmp_path, caplog):
+    out = tmp_path / "r"
+    args = ["--model", "clip", "--arch", TINY, "--image-size", "56", "--random-init", "--seed", "4",
+            "--class-name", "tile", "--output", str(out)]
+    assert export_cli.main(args) == 0
+    assert "RANDOM" in caplog.text
+    m = manifest_io.read(str(out))
+    assert m["model"]["random_init"] is True and m["sources"]["clip_weights"] == {"random_init": True, "seed": 4}
+
+
+def test_failed_export_leaves_previous_output_intact(tiny_files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model"
+    assert export(tiny_files, out, "clip") == 0
+    before = (out / "manifest.json").read_text()
+    # A bad argument fails before anything is written …
+    assert export(tiny_files, out, "aaclip", ["--epoch", "99"]) == 2
+    assert "no image_adapter_99.pth" in capsys.readouterr().err
+    # … and a failure in the middle of the export (here: the parity gate) leaves the old directory as it was.
+    original = onnx_export.parity_report
+
+    def failing(*a, **k):
+        report = original(*a, **k)
+        report["passed"] = False
+        return report
+
+    monkeypatch.setattr(onnx_export, "parity_report", failing)
+    assert export(tiny_files, out, "aaclip") == 2
+    assert "parity gate failed" in capsys.readouterr().err
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_failed_first_export_leaves_nothing(tiny_files, tmp_path, monkeypatch):
+    out = tmp_path / "fresh"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "export_onnx", boom)
+    assert export(tiny_files, out, "clip") == 130
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_to_replace_a_foreign_directory(tiny_files, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export(tiny_files, out, "clip") == 2
+    assert "refusing" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+
+
+def test_bad_batch_arguments(tiny_files, tmp_path, capsys):
+    assert export(tiny_files, tmp_path / "a", "clip", ["--dynamic-batch", "4:2"]) == 2
+    assert export(tiny_files, tmp_path / "b", "clip", ["--dynamic-batch", "x"]) == 2
+    assert export(tiny_files, tmp_path / "c", "clip", ["--batch", "0"]) == 2
+    assert os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.count("export-engine: error:") == 3 and "Traceback" not in err
+
+
+def test_verify_images_folder(tiny_files, tmp_path):
+    from clipad.runtime.samples import write_samples
+
+    write_samples(str(tmp_path / "v"), count=3)
+    assert export(tiny_files, tmp_path / "m", "clip", ["--verify-images", str(tmp_path / "v"), "--batch", "2"]) == 0
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert m["parity"]["images"] == 3 and len(m["parity"]["verify_images"]) == 3
+    assert m["input"]["shape"][0] == 2
