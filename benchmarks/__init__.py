@@ -1,0 +1,1 @@
+"""Latency and accuracy benchmarks (``edge-bench``, ``edge-eval`` arrive with the evaluation issue)."""

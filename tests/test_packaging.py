@@ -1,0 +1,29 @@
+"""Packaging: a regular (non-editable) wheel has every package, and the base install does not pull torch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from conftest import REPO
+
+
+def test_wheel_contents_and_lean_base_requirements(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("clipad_edge-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith("METADATA"))).decode()
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for module in ("clipad/__init__.py", "clipad/runtime/detector.py", "clipad/runtime/backends/onnxruntime.py",
+                   "clipad/export/models/aaclip.py", "clipad/export/cli.py", "clipad/calibration/__init__.py",
+                   "clipad/benchmarks/__init__.py"):
+        assert module in names, module
+    assert not any(n.startswith("tests/") for n in names)
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    base = [r for r in requires if "extra ==" not in r]
+    assert base and not any(r.lower().startswith(("torch", "open-clip", "open_clip")) for r in base), base
+    assert any(r.startswith("torch") and 'extra == "export"' in r for r in requires)
+    assert "export-engine = clipad.export.cli:main" in entry_points
+    assert "edge-detect = clipad.runtime.cli:main" in entry_points
