@@ -1,0 +1,71 @@
+"""Calibration image sets: the runtime's own preprocessing, a progress bar, and a cache of the prepared tensors."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+
+from clipad.runtime.errors import ClipadError
+from clipad.runtime.preprocess import prepare
+
+log = logging.getLogger("clipad")
+RECOMMENDED_IMAGES = 100
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder: str, flag: str = "--calib-data") -> list[str]:
+    if not folder or not os.path.isdir(folder):
+        raise ClipadError(f"{flag} {folder}: not a directory of images")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    if not files:
+        raise ClipadError(f"{flag} {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _cache_key(files: list[str], size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def load_set(folder: str, size: int, cache_dir: str | None = None, min_images: int = 2,
+             flag: str = "--calib-data") -> tuple[np.ndarray, list[str]]:
+    """All images of ``folder`` as the model's uint8 input [N, S, S, 3]; unreadable images are an error."""
+    from tqdm import tqdm
+
+    files = list_images(folder, flag)
+    if len(files) < min_images:
+        raise ClipadError(f"{flag} {folder}: {len(files)} image(s); at least {min_images} needed")
+    if len(files) < RECOMMENDED_IMAGES:
+        log.warning("WARNING: %d calibration images in %s; at least %d normal images are recommended for INT8",
+                    len(files), folder, RECOMMENDED_IMAGES)
+    cache = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache = os.path.join(cache_dir, f"calib-{_cache_key(files, size)}.npy")
+        if os.path.isfile(cache):
+            data = np.load(cache)
+            if data.shape == (len(files), size, size, 3):
+                log.info("      calibration tensors from cache %s", cache)
+                return data, files
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    for i, f in enumerate(tqdm(files, desc="preparing images", unit="img", leave=False)):
+        out[i] = prepare(f, size)
+    if cache:
+        tmp = cache + ".tmp.npy"
+        np.save(tmp, out)
+        os.replace(tmp, cache)
+    return out, files
+
+
+def split_holdout(data: np.ndarray, names: list[str], every: int = 5):
+    """(calibration part, held-back part): every ``every``-th image is held back for the accuracy gate."""
+    held = np.arange(len(data)) % every == every - 1
+    if held.sum() == 0:
+        held[-1] = True
+    return data[~held], [n for n, h in zip(names, held) if not h], data[held], [n for n, h in zip(names, held) if h]

@@ -1,0 +1,149 @@
+"""FP16 and INT8 ONNX from the FP32 export, with accuracy gates against FP32 (ONNX Runtime, CPU).
+
+TensorRT 11 has no precision builder flags or implicit calibration: precision lives in the ONNX (mixed FP16/FP32;
+explicit symmetric Q/DQ for INT8), which builds the same way on TensorRT 10.3 … 11.x. What stays FP32: the whole
+head (similarities, softmax/sigmoid, blur, resize) and every LayerNormalization and L2 norm (the residual stream of
+CLIP ViTs carries outliers that overflow FP16 once squared). INT8 quantizes only the inputs of MatMul/Conv nodes that
+have a weight, i.e. the linear layers; residual Adds, LayerNorm, softmax, attention products and the head stay float.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from clipad.runtime.errors import ClipadError
+
+log = logging.getLogger("clipad")
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+HEAD_SCOPE = "core.head"
+FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
+            "Erf"]
+GATES = {"fp16": {"map_pearson_min": 0.999},
+         "int8": {"map_pearson_min": 0.99, "score_spearman_min": 0.98}}
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+FLUSH_EVERY = 4
+
+
+def _scopes(node) -> str:
+    return next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), "")
+
+
+def head_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node if HEAD_SCOPE in _scopes(n)]
+
+
+def to_fp16(src: str, dst: str) -> dict:
+    """Mixed precision with FP32 I/O via onnxruntime's float16 converter; returns what stayed FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(src)
+    keep = head_nodes(model)
+    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep,
+                                    min_positive_val=1e-7, max_finite_val=1e4)
+    onnx.save(fp16, dst)
+    return {"fp32_ops": FP32_OPS, "fp32_head_nodes": len(keep), "converter": "onnxruntime.transformers.float16"}
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a uint8 image batch, one image per call."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int):
+        self.input_name, self.data, self.batch, self.pos = input_name, data, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.data):
+            return None
+        chunk = self.data[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        if len(chunk) < self.batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - len(chunk), 0)])
+        return {self.input_name: chunk}
+
+    def rewind(self):
+        self.pos = 0
+
+
+def linear_nodes(model) -> list[str]:
+    """MatMul/Gemm/Conv nodes with a constant weight input, outside the head."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+            and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)]
+
+
+def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> dict:
+    """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts, via onnxruntime.quantization."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIB_METHODS:
+        raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
+    model = onnx.load(src, load_external_data=False)
+    nodes = linear_nodes(model)
+    input_name = model.graph.input[0].name
+    del model
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True}
+    if method == "minmax":
+        # Bound memory on large models (ViT-L at 518 keeps ~GBs per batch otherwise). onnxruntime raises
+        # "No data is collected" when its last flush empties the buffer, so the batch count must not be a
+        # multiple of the flush size: one duplicated image cannot change a min/max.
+        options["CalibMaxIntermediateOutputs"] = FLUSH_EVERY
+        if -(-len(calib) // batch) % FLUSH_EVERY == 0:
+            calib = np.concatenate([calib, calib[:1]])
+    quantize_static(src, dst, _Reader(input_name, calib, batch), quant_format=QuantFormat.QDQ,
+                    nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
+                    extra_options=options)
+    return {"quantized_nodes": len(nodes), "calibration_images": int(len(calib)), "method": method,
+            "tool": "onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)"}
+
+
+def _run(path: str, data: np.ndarray, batch: int):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    maps, scores = [], []
+    for start in range(0, len(data), batch):
+        chunk = data[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)])
+        m, s = sess.run(["anomaly_map", "image_score"], {"images": chunk})
+        maps.append(m[:n])
+        scores.append(s[:n])
+    return np.concatenate(maps).astype(np.float64), np.concatenate(scores).astype(np.float64)
+
+
+def accuracy_gate(precision: str, fp32_path: str, low_path: str, data: np.ndarray, names: list[str],
+                  batch: int) -> dict:
+    """Map Pearson per image and class (the minimum counts) and image-score Spearman against FP32."""
+    from scipy.stats import pearsonr, spearmanr
+
+    ref_maps, ref_scores = _run(fp32_path, data, batch)
+    maps, scores = _run(low_path, data, batch)
+    pearson = [float(pearsonr(r.ravel(), m.ravel())[0]) if r.std() > 0 and m.std() > 0 else float("nan")
+               for r, m in zip(ref_maps.reshape(-1, *ref_maps.shape[2:]), maps.reshape(-1, *maps.shape[2:]))]
+    report = {"images": len(data), "verify_images": names[:50], "map_pearson_min": float(np.nanmin(pearson)),
+              "map_pearson_mean": float(np.nanmean(pearson)),
+              "map_max_abs": float(np.abs(ref_maps - maps).max()),
+              "score_max_abs": float(np.abs(ref_scores - scores).max()), "limits": GATES[precision]}
+    if len(data) >= 3:
+        rho = [spearmanr(ref_scores[:, k], scores[:, k])[0] for k in range(ref_scores.shape[1])]
+        report["score_spearman_min"] = float(np.nanmin(rho)) if not np.all(np.isnan(rho)) else float("nan")
+    else:
+        report["score_spearman_min"] = None
+    ok = report["map_pearson_min"] >= GATES[precision]["map_pearson_min"]
+    if "score_spearman_min" in GATES[precision]:
+        rho = report["score_spearman_min"]
+        ok = ok and rho is not None and rho >= GATES[precision]["score_spearman_min"]
+    report["passed"] = bool(ok)
+    return report
+
+
+def file_size_mb(path: str) -> float:
+    return os.path.getsize(path) / 1e6
