@@ -63,9 +63,14 @@ def load_set(folder: str, size: int, cache_dir: str | None = None, min_images: i
     return out, files
 
 
-def split_holdout(data: np.ndarray, names: list[str], every: int = 5):
-    """(calibration part, held-back part): every ``every``-th image is held back for the accuracy gate."""
+def split_holdout(data: np.ndarray, names: list[str], every: int = 5, minimum: int = 3):
+    """(calibration part, held-back part): every ``every``-th image — at least ``minimum`` while twice that many
+    remain for calibration — is held back for the accuracy gate (a score rank correlation needs 3 or more)."""
     held = np.arange(len(data)) % every == every - 1
+    spread = np.linspace(0, len(data) - 1, minimum).round().astype(int)
+    if held.sum() < minimum and len(data) >= 3 * minimum:
+        held[:] = False
+        held[spread] = True
     if held.sum() == 0:
         held[-1] = True
     return data[~held], [n for n, h in zip(names, held) if not h], data[held], [n for n, h in zip(names, held) if h]

@@ -99,8 +99,35 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> d
                     nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
                     extra_options=options)
-    return {"quantized_nodes": len(nodes), "calibration_images": int(len(calib)), "method": method,
+    restored = keep_float_consumers(dst, set(nodes))
+    return {"quantized_nodes": len(nodes), "float_consumers_restored": restored,
+            "calibration_images": int(len(calib)), "method": method,
             "tool": "onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)"}
+
+
+def keep_float_consumers(path: str, quantized: set[str]) -> int:
+    """onnxruntime's QDQ pass feeds *every* consumer of a quantized activation from its DequantizeLinear, which
+    would push the residual stream (Adds, LayerNorms, AA-CLIP's adapter mix) through INT8. Rewire every node that
+    is not a quantized linear layer back to the float tensor; returns how many inputs were restored."""
+    import onnx
+
+    model = onnx.load(path)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    float_source = {}
+    for dq in model.graph.node:
+        q = producers.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            float_source[dq.output[0]] = q.input[0]
+    restored = 0
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in float_source:
+                node.input[i] = float_source[name]
+                restored += 1
+    onnx.save(model, path)
+    return restored
 
 
 def _run(path: str, data: np.ndarray, batch: int):

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .errors import ClipadError
+from .errors import ClipadError, setup_logging
 
 EPILOG = """\
 examples:
@@ -45,6 +45,9 @@ def parse_args(argv):
     ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
     ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
     ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
+    ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
+                                                     "best one for this GPU)")
+    ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return ap.parse_args(argv)
 
@@ -91,7 +94,8 @@ def run(args) -> int:
     for folder in (args.save, args.save_maps):
         if folder:
             os.makedirs(folder, exist_ok=True)
-    detector = Detector.open(args.model, backend=args.backend, threads=args.threads)
+    detector = Detector.open(args.model, backend=args.backend, threads=args.threads, engine_file=args.engine,
+                             cuda_graph=args.cuda_graph or None)
     class_name = detector.class_names[detector.class_index(args.class_name)]
     threshold = detector.threshold(class_name, args.threshold)
     cv2 = open_window() if args.show else None
@@ -169,7 +173,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    setup_logging(args.quiet)
     try:
         return run(args)
     except ClipadError as exc:

@@ -120,7 +120,7 @@ def test_video_source_frames(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["no_manifest", "hash_mismatch", "unknown_class", "missing_camera",
-                                     "bad_url", "missing_source", "no_display"])
+                                     "bad_url", "missing_source", "no_display", "tensorrt_without_gpu"])
 def test_fatal_errors_are_one_line(model_dir, tmp_path, capsys, problem, monkeypatch):
     import shutil
 
@@ -147,12 +147,14 @@ def test_fatal_errors_are_one_line(model_dir, tmp_path, capsys, problem, monkeyp
         monkeypatch.delenv("DISPLAY", raising=False)
         monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
         args += ["--show"]
+    elif problem == "tensorrt_without_gpu":
+        args += ["--backend", "tensorrt"]
     assert edge_detect(["--model", model, *args, "--jsonl", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edge-detect: error:") and "Traceback" not in err[0]
     expected = {"no_manifest": "manifest.json", "hash_mismatch": "sha256", "unknown_class": "bottel",
                 "missing_camera": "camera 97", "bad_url": "could not be opened", "missing_source": "nope.png",
-                "no_display": "--show"}[problem]
+                "no_display": "--show", "tensorrt_without_gpu": "onnxruntime"}[problem]
     assert expected in err[0]
 
 

@@ -82,8 +82,10 @@ def embed_image(visual, pixels: torch.Tensor, positions: torch.Tensor) -> torch.
 
 
 def normalize_pixels(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC RGB → float32 NCHW, (x/255 − mean)/std exactly like ToTensor + Normalize."""
-    x = images_u8.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    """uint8 NHWC RGB → float32 NCHW, (x/255 − mean)/std exactly like ToTensor + Normalize.
+
+    The Cast comes first: TensorRT accepts uint8 tensors only as the input of a Cast."""
+    x = images_u8.to(torch.float32).permute(0, 3, 1, 2) / 255.0
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 

@@ -40,15 +40,29 @@ class Backend(abc.ABC):
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+ORT_OPTIONS = ("providers", "threads", "model_file")
+TRT_OPTIONS = ("engine_file", "cuda_graph")
 
 
 def open_backend(name: str, model_dir: str, manifest: dict, **options) -> Backend:
-    """``auto`` picks TensorRT when an engine for this GPU is listed (TensorRT backend: later), else ONNX Runtime."""
+    """``auto``: TensorRT when an engine for this GPU is listed and its TensorRT imports, else ONNX Runtime."""
+    import logging
+
     if name not in BACKENDS:
         raise ClipadError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "tensorrt":
-        raise ClipadError("the TensorRT backend is not available in this version: no engine support yet; "
-                          "use --backend onnxruntime (its TensorRT execution provider is used when installed)")
+    trt_options = {k: v for k, v in options.items() if k in TRT_OPTIONS and v is not None}
+    ort_options = {k: v for k, v in options.items() if k in ORT_OPTIONS and v is not None}
+    if name in ("auto", "tensorrt"):
+        from .tensorrt import TensorRTBackend, tensorrt_available
+
+        if name == "tensorrt":
+            return TensorRTBackend(model_dir, manifest, **trt_options)
+        if tensorrt_available(manifest):
+            try:
+                return TensorRTBackend(model_dir, manifest, **trt_options)
+            except ClipadError as exc:
+                logging.getLogger("clipad").warning("WARNING: TensorRT engine not usable (%s); using ONNX Runtime",
+                                                    exc)
     from .onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(model_dir, manifest, **options)
+    return OnnxRuntimeBackend(model_dir, manifest, **ort_options)

@@ -1,0 +1,251 @@
+"""Minimal CUDA runtime shim for the TensorRT backend: device/pinned buffers, a stream, async copies, CUDA graphs.
+
+Imported lazily and only by the TensorRT backend. Every CUDA call goes through ``cudart()`` + ``_call`` so tests can
+swap the whole runtime for ``tests/simulated_cuda.py`` (``cuda_buffers._rt = SimulatedCudaRuntime()``).
+Order of preference: ``cuda.bindings.runtime`` (cuda-python 12.x/13.x), ``cuda.cudart`` (the 12.x trampoline,
+removed in 13.0), then pycuda as a last resort (no CUDA graphs).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..errors import ClipadError
+
+log = logging.getLogger("clipad")
+_rt = None  # the cudart-like module in use (cuda-bindings convention: every call returns (error, *values))
+NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python>=12,<13' for CUDA 12 / JetPack 6, "
+                  "'cuda-python>=13' for CUDA 13)")
+
+
+def cudart():
+    global _rt
+    if _rt is None:
+        _rt = _load()
+    return _rt
+
+
+def _load():
+    try:
+        from cuda.bindings import runtime
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart as runtime
+        return runtime
+    except ImportError:
+        pass
+    try:
+        rt = _Pycuda()
+    except Exception:  # ImportError, or pycuda's own errors when there is no driver
+        raise ClipadError(NO_CUDA_PYTHON) from None
+    log.warning("using pycuda for TensorRT buffers (no CUDA graphs); cuda-python is the supported choice")
+    return rt
+
+
+def _err_name(err) -> str:
+    return getattr(err, "name", None) or f"cudaError {int(err)}"
+
+
+def _call(name: str, *args):
+    """Run one cudart call; a non-zero error code becomes a ClipadError naming the CUDA error."""
+    try:
+        out = getattr(cudart(), name)(*args)
+    except ClipadError:
+        raise
+    except Exception as exc:  # pycuda raises instead of returning codes; old bindings may lack a call
+        raise ClipadError(f"CUDA {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    err, values = out[0], out[1:]
+    if int(err) != 0:
+        raise ClipadError(f"CUDA {name} failed: {_err_name(err)}")
+    return values[0] if len(values) == 1 else values
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def gpu_info(device: int = 0) -> dict | None:
+    """Name, compute capability ("8.6") and versions of one GPU; None when there is no GPU, driver or cuda-python."""
+    try:
+        rt = cudart()
+        err, count = rt.cudaGetDeviceCount()
+        if int(err) != 0 or not count or device >= count:
+            return None
+        err, prop = rt.cudaGetDeviceProperties(device)
+        if int(err) != 0:
+            return None
+        driver, runtime = rt.cudaDriverGetVersion()[1], rt.cudaRuntimeGetVersion()[1]
+    except Exception:  # ClipadError (no cuda-python), DynamicLibNotFoundError (no libcuda), pycuda errors
+        return None
+    name = prop.name.split(b"\0")[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return {"count": int(count), "device": device, "name": name.strip(),
+            "compute_capability": f"{prop.major}.{prop.minor}",
+            "total_memory": int(getattr(prop, "totalGlobalMem", 0) or 0),
+            "driver_version": _version(int(driver or 0)), "runtime_version": _version(int(runtime or 0))}
+
+
+def no_gpu_reason() -> str:
+    """Why gpu_info() is None, for error messages."""
+    try:
+        cudart()
+    except ClipadError as exc:
+        return str(exc)
+    return "no CUDA GPU/driver found"
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.ptr = int(_call("cudaMalloc", max(self.nbytes, 1)))
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, 0
+        if ptr:
+            _call("cudaFree", ptr)
+
+
+class PinnedHostArray:
+    """Page-locked host memory (cudaMallocHost) seen as a numpy array; the view is invalid after close()."""
+
+    def __init__(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.nbytes = int(np.prod(self.shape)) * dtype.itemsize
+        self.ptr = int(_call("cudaMallocHost", max(self.nbytes, 1)))
+        raw = (ctypes.c_ubyte * max(self.nbytes, 1)).from_address(self.ptr)
+        self.array = np.frombuffer(raw, np.uint8, count=self.nbytes).view(dtype).reshape(self.shape)
+
+    def close(self) -> None:
+        ptr, self.ptr, self.array = self.ptr, 0, None
+        if ptr:
+            _call("cudaFreeHost", ptr)
+
+
+class Stream:
+    def __init__(self):
+        self.stream = _call("cudaStreamCreate")
+        self.handle = int(self.stream)
+
+    def synchronize(self) -> None:
+        _call("cudaStreamSynchronize", self.stream)
+
+    def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            _call("cudaStreamDestroy", stream)
+
+
+def _kind(name: str):
+    return getattr(cudart().cudaMemcpyKind, name)
+
+
+def memcpy_htod_async(dst_ptr: int, host_array: np.ndarray, stream: Stream) -> None:
+    if not host_array.flags.c_contiguous:
+        raise ClipadError("internal error: host→device copy from a non-contiguous array")
+    _call("cudaMemcpyAsync", dst_ptr, host_array.ctypes.data, host_array.nbytes,
+          _kind("cudaMemcpyHostToDevice"), stream.stream)
+
+
+def memcpy_dtoh_async(host_array: np.ndarray, src_ptr: int, stream: Stream) -> None:
+    if not host_array.flags.c_contiguous or not host_array.flags.writeable:
+        raise ClipadError("internal error: device→host copy into a non-contiguous or read-only array")
+    _call("cudaMemcpyAsync", host_array.ctypes.data, src_ptr, host_array.nbytes,
+          _kind("cudaMemcpyDeviceToHost"), stream.stream)
+
+
+class Graph:
+    """An instantiated CUDA graph captured from a stream (begin_capture ... end_capture)."""
+
+    def __init__(self, graph, graph_exec):
+        self.graph, self.graph_exec = graph, graph_exec
+
+    def launch(self, stream: Stream) -> None:
+        _call("cudaGraphLaunch", self.graph_exec, stream.stream)
+
+    def close(self) -> None:
+        graph_exec, graph, self.graph_exec, self.graph = self.graph_exec, self.graph, None, None
+        if graph_exec is not None:
+            _call("cudaGraphExecDestroy", graph_exec)
+        if graph is not None:
+            _call("cudaGraphDestroy", graph)
+
+
+def begin_capture(stream: Stream) -> None:
+    mode = cudart().cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+    _call("cudaStreamBeginCapture", stream.stream, mode)
+
+
+def end_capture(stream: Stream) -> Graph:
+    graph = _call("cudaStreamEndCapture", stream.stream)
+    try:
+        graph_exec = _call("cudaGraphInstantiate", graph, 0)
+    except ClipadError:
+        _call("cudaGraphDestroy", graph)
+        raise
+    return Graph(graph, graph_exec)
+
+
+class _Pycuda:
+    """The cudart calls above on top of pycuda (which raises instead of returning codes). Untested without a GPU."""
+
+    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self):
+        import pycuda.autoinit  # noqa: F401  (creates a context on device 0)
+        import pycuda.driver as drv
+
+        self.drv, self.keep = drv, {}
+
+    def _keep(self, key, obj):
+        self.keep[int(key)] = obj
+        return 0, int(key)
+
+    def cudaGetDeviceCount(self):
+        return 0, self.drv.Device.count()
+
+    def cudaGetDeviceProperties(self, i):
+        dev = self.drv.Device(i)
+        major, minor = dev.compute_capability()
+        return 0, SimpleNamespace(name=dev.name(), major=major, minor=minor, totalGlobalMem=dev.total_memory())
+
+    def cudaDriverGetVersion(self):
+        return 0, self.drv.get_driver_version()
+
+    def cudaRuntimeGetVersion(self):
+        major, minor = self.drv.get_version()[:2]
+        return 0, major * 1000 + minor * 10
+
+    def cudaMalloc(self, n):
+        buf = self.drv.mem_alloc(n)
+        return self._keep(int(buf), buf)
+
+    def cudaMallocHost(self, n):
+        arr = self.drv.pagelocked_empty(n, np.uint8)
+        return self._keep(arr.ctypes.data, arr)
+
+    def cudaStreamCreate(self):
+        stream = self.drv.Stream()
+        return self._keep(stream.handle, stream)
+
+    def cudaFree(self, key):  # also frees pinned memory and streams: pycuda releases those when collected
+        getattr(self.keep.pop(int(key)), "free", lambda: None)()
+        return (0,)
+
+    cudaFreeHost = cudaStreamDestroy = cudaFree
+
+    def cudaStreamSynchronize(self, handle):
+        self.keep[int(handle)].synchronize()
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, handle):
+        stream = self.keep[int(handle)]
+        if kind == 1:
+            self.drv.memcpy_htod_async(dst, (ctypes.c_char * n).from_address(src), stream)
+        else:
+            self.drv.memcpy_dtoh_async((ctypes.c_char * n).from_address(dst), src, stream)
+        return (0,)

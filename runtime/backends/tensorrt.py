@@ -1,0 +1,337 @@
+"""TensorRT backend: a prebuilt engine listed in ``manifest["engines"]``, run through the TensorRT 10/11 name-based API.
+
+One code path for tensorrt 10.3 … 11.x, tensorrt_lean / tensorrt_dispatch (version-compatible plans) and
+tensorrt_rtx: ``num_io_tensors`` / ``get_tensor_*`` / ``set_input_shape`` / ``set_tensor_address`` /
+``execute_async_v3`` only (``num_bindings``, ``get_binding_*``, ``execute_v2`` are gone or deprecated).
+Device memory, streams and CUDA graphs come from ``cuda_buffers`` (cuda-python), called through the module so tests
+can substitute a simulated CUDA runtime.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+
+import numpy as np
+
+from ..errors import ClipadError
+from . import cuda_buffers as cb
+from .base import Backend
+
+log = logging.getLogger("clipad")
+PRECISIONS = ("fp16", "int8", "fp32")  # preference order when several engines fit the GPU
+MODULES = {"tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx",)}
+VERSION_COMPATIBLE_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_dispatch")
+INSTALL = {"tensorrt": "pip install tensorrt-cu12 (CUDA 12) or tensorrt-cu13 (CUDA 13); on Jetson use JetPack's "
+                       "python3-libnvinfer",
+           "rtx": "pip install tensorrt-rtx-cu13 (or tensorrt-rtx-cu12)"}
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+       "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+def rebuild_command(model_dir: str, entry: dict | None = None) -> str:
+    return f"export-engine --from-onnx {model_dir} --precision {(entry or {}).get('precision') or 'fp16'}"
+
+
+def _target_cc(entry: dict) -> str | None:
+    cc = (entry.get("target") or {}).get("compute_capability")
+    return None if cc is None else str(cc)
+
+
+def select_engine(manifest: dict, gpu_cc: str | None) -> dict | None:
+    """The listed engine built for this compute capability ("8.6"), preferring fp16, then int8, then fp32."""
+    if not gpu_cc:
+        return None
+    fits = [e for e in manifest.get("engines") or [] if isinstance(e, dict) and e.get("file")
+            and _target_cc(e) == str(gpu_cc)]
+    rank = {p: i for i, p in enumerate(PRECISIONS)}
+    return min(fits, key=lambda e: rank.get(e.get("precision"), len(PRECISIONS)), default=None)
+
+
+def _module_names(entry: dict) -> tuple[str, ...]:
+    flavor = entry.get("flavor") or "tensorrt"
+    if flavor not in MODULES:
+        raise ClipadError(f"engine {entry.get('file')}: unknown flavor {flavor!r} (expected tensorrt or rtx)")
+    return VERSION_COMPATIBLE_MODULES if flavor == "tensorrt" and entry.get("version_compatible") else MODULES[flavor]
+
+
+def import_tensorrt(entry: dict):
+    """(module, import name) of the TensorRT flavor that runs this engine."""
+    names, errors = _module_names(entry), []
+    for name in names:
+        try:
+            return importlib.import_module(name), name
+        except (ImportError, OSError) as exc:
+            errors.append(f"{name}: {str(exc).splitlines()[0][:120]}" if str(exc) else name)
+    hint = INSTALL[entry.get("flavor") or "tensorrt"]
+    if len(names) > 1:
+        hint += ", or the runtime-only tensorrt-lean-cu12/cu13"
+    raise ClipadError(f"engine {entry.get('file')} needs the {names[0]} Python module, which cannot be imported "
+                      f"({'; '.join(errors)}): {hint}; or use --backend onnxruntime")
+
+
+def tensorrt_available(manifest: dict | None = None) -> bool:
+    """A GPU is present and a TensorRT module imports (for ``manifest``: the module its engine for this GPU needs)."""
+    gpu = cb.gpu_info()
+    if gpu is None:
+        return False
+    if manifest is not None:
+        entries = [select_engine(manifest, gpu["compute_capability"])]
+        if entries[0] is None:
+            return False
+    else:
+        entries = [{"flavor": "tensorrt", "version_compatible": True}, {"flavor": "rtx"}]
+    for entry in entries:
+        try:
+            import_tensorrt(entry)
+            return True
+        except ClipadError:
+            pass
+    return False
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(m) for m in re.findall(r"\d+", str(text))[:3])
+
+
+def _np_dtype(trt, dtype) -> np.dtype | None:
+    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+    if name in _NP:
+        return np.dtype(_NP[name])
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except Exception:  # BF16, FP8 ... have no numpy type
+        return None
+
+
+def _dtype_name(dtype) -> str:
+    return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, model_dir: str, manifest: dict, engine_file: str | None = None, cuda_graph: bool = False,
+                 **_):
+        self.runtime = self.engine = self.context = self.stream = self._graph = None
+        self.device: dict[str, cb.DeviceBuffer] = {}
+        self.host: dict[str, cb.PinnedHostArray] = {}
+        self.model_dir, self.cuda_graph, self._graph_shape = model_dir, bool(cuda_graph), None
+        engines = [e for e in manifest.get("engines") or [] if isinstance(e, dict) and e.get("file")]
+        if not engines:
+            raise ClipadError(f"{model_dir}: the manifest lists no TensorRT engine; build one on the target: "
+                              f"{rebuild_command(model_dir)}")
+        entry = None
+        if engine_file is not None:
+            entry = next((e for e in engines if e["file"] in (engine_file, os.path.basename(engine_file))), None)
+            if entry is None:
+                raise ClipadError(f"--engine {engine_file}: not listed in {model_dir}/manifest.json "
+                                  f"(listed: {', '.join(e['file'] for e in engines)})")
+        # Probe before touching TensorRT: the lean runtime segfaults when created without a GPU.
+        gpu = cb.gpu_info()
+        if gpu is None:
+            raise ClipadError(f"{cb.no_gpu_reason()}; use --backend onnxruntime")
+        cc = gpu["compute_capability"]
+        if entry is None:
+            entry = select_engine(manifest, cc)
+            if entry is None:
+                listed = ", ".join(f"{e['file']} (sm {_target_cc(e)})" for e in engines)
+                raise ClipadError(f"{model_dir}: no engine for this GPU ({gpu['name']}, compute capability {cc}; "
+                                  f"listed: {listed}); build one on this machine: {rebuild_command(model_dir)}")
+        self.entry, self.gpu = entry, gpu
+        cmd = rebuild_command(model_dir, entry)
+        path = os.path.join(model_dir, entry["file"])
+
+        trt, self.module_name = import_tensorrt(entry)
+        built, installed = entry.get("trt_version"), str(getattr(trt, "__version__", "?"))
+        if built:
+            if entry.get("version_compatible") and _version(installed) < _version(built):
+                raise ClipadError(f"{path}: version-compatible engine built with TensorRT {built} needs TensorRT "
+                                  f">= {built}, but {self.module_name} {installed} is installed; rebuild: {cmd}")
+            if not entry.get("version_compatible") and _version(installed) != _version(built):
+                raise ClipadError(f"{path}: built with {self.module_name} {built} but {installed} is installed "
+                                  f"(an engine only loads on the TensorRT version that built it); "
+                                  f"rebuild on this machine: {cmd}")
+        target = entry.get("target") or {}
+        if _target_cc(entry) != cc:
+            raise ClipadError(f"{path}: built for compute capability {_target_cc(entry)}"
+                              f"{' (' + target['gpu_name'] + ')' if target.get('gpu_name') else ''} but this GPU is "
+                              f"{gpu['name']} (compute capability {cc}); rebuild on this machine: {cmd}")
+        if target.get("gpu_name") and not target.get("aot") and target["gpu_name"] != gpu["name"]:
+            log.warning("%s was built on %s, running on %s (same compute capability); rebuild for best results: %s",
+                        entry["file"], target["gpu_name"], gpu["name"], cmd)
+        data = self._read_engine(path, entry, cmd)
+        self.trt = trt
+        try:
+            self._load(trt, data, manifest, path, cmd)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _read_engine(path: str, entry: dict, cmd: str) -> bytes:
+        if not os.path.isfile(path):
+            raise ClipadError(f"{path}: engine listed in the manifest but missing; rebuild: {cmd}")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise ClipadError(f"{path}: size/sha256 does not match the manifest (file changed or truncated); "
+                              f"rebuild: {cmd}")
+        return data
+
+    def _load(self, trt, data: bytes, manifest: dict, path: str, cmd: str) -> None:
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        if self.entry.get("version_compatible"):
+            self.runtime.engine_host_code_allowed = True  # the plan carries its own lean runtime (trusted file)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise ClipadError(f"{path}: {self.module_name} {trt.__version__} cannot deserialize the engine (built by "
+                              f"another TensorRT version or for another GPU?); rebuild on this machine: {cmd}")
+        spec = {manifest["input"].get("name", "images"): (trt.TensorIOMode.INPUT, manifest["input"])}
+        spec.update({o["name"]: (trt.TensorIOMode.OUTPUT, o) for o in manifest["outputs"]})
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if sorted(names) != sorted(spec):
+            raise ClipadError(f"{path}: engine tensors {names} do not match the manifest's {list(spec)}; "
+                              f"rebuild: {cmd}")
+        self.dtypes, shapes = {}, {}
+        for name in names:
+            mode, want = spec[name]
+            dtype = self.engine.get_tensor_dtype(name)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            self.dtypes[name] = _np_dtype(trt, dtype)
+            wanted_shape = list(want.get("shape") or [])
+            if self.engine.get_tensor_mode(name) != mode or self.dtypes[name] != np.dtype(want.get("dtype")):
+                raise ClipadError(f"{path}: engine tensor {name!r} is {self.engine.get_tensor_mode(name)} "
+                                  f"{_dtype_name(dtype)}, the manifest expects {mode} {want.get('dtype')}; "
+                                  f"rebuild: {cmd}")
+            if len(shape) != len(wanted_shape) or list(shape[1:]) != wanted_shape[1:]:
+                raise ClipadError(f"{path}: engine tensor {name!r} has shape {list(shape)}, the manifest says "
+                                  f"{wanted_shape}; rebuild: {cmd}")
+            shapes[name] = shape
+        self.input_name = next(iter(spec))
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self.image_size = int(manifest["input"]["shape"][1])
+        in_shape = shapes[self.input_name]
+        if in_shape[0] < 0:
+            lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+            self._range = (int(lo[0]), int(hi[0]))
+        else:
+            self._range = (in_shape[0], in_shape[0])
+
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ClipadError(f"{path}: cannot create a TensorRT execution context (out of GPU memory?)")
+        # Buffers are sized once for the largest batch of the profile and reused for every run.
+        max_in = (self._range[1], *in_shape[1:])
+        if not self.context.set_input_shape(self.input_name, max_in):
+            raise ClipadError(f"{path}: TensorRT rejects input shape {list(max_in)}; rebuild: {cmd}")
+        max_shapes = {self.input_name: max_in}
+        max_shapes.update({o: tuple(self.context.get_tensor_shape(o)) for o in self.output_names})
+        for name, shape in max_shapes.items():
+            if min(shape) < 0:
+                raise ClipadError(f"{path}: cannot resolve the shape of {name!r} ({list(shape)}); rebuild: {cmd}")
+            self.device[name] = cb.DeviceBuffer(int(np.prod(shape)) * self.dtypes[name].itemsize)
+            self.host[name] = cb.PinnedHostArray(shape, self.dtypes[name])
+        self.stream = cb.Stream()
+
+    @property
+    def description(self) -> str:
+        return (f"{self.module_name.replace('_', '-')} {self.trt.__version__} {self.entry.get('precision', '?')} on "
+                f"{self.gpu['name']} (sm {self.gpu['compute_capability']})"
+                + (", CUDA graph" if self.cuda_graph else ""))
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        return self._range
+
+    def _flat(self, name: str, shape: tuple) -> np.ndarray:
+        return self.host[name].array.reshape(-1)[:int(np.prod(shape))]
+
+    def _enqueue(self, shapes: dict) -> None:
+        cb.memcpy_htod_async(self.device[self.input_name].ptr, self._flat(self.input_name, shapes[self.input_name]),
+                             self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise ClipadError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
+        for name in self.output_names:
+            cb.memcpy_dtoh_async(self._flat(name, shapes[name]), self.device[name].ptr, self.stream)
+
+    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.context is None:
+            raise ClipadError("the TensorRT backend is closed")
+        self.check_batch(batch_u8, self.image_size)
+        batch = np.ascontiguousarray(batch_u8)
+        if not self.context.set_input_shape(self.input_name, batch.shape):
+            raise ClipadError(f"TensorRT rejects input shape {list(batch.shape)} (batch range {self._range})")
+        for name, buf in self.device.items():
+            if not self.context.set_tensor_address(name, buf.ptr):
+                raise ClipadError(f"TensorRT rejects the address of tensor {name!r}")
+        shapes = {self.input_name: batch.shape}
+        shapes.update({o: tuple(self.context.get_tensor_shape(o)) for o in self.output_names})
+        self._flat(self.input_name, batch.shape)[:] = batch.reshape(-1)
+        if self.cuda_graph:
+            self._run_graph(shapes)
+        else:
+            self._enqueue(shapes)
+        self.stream.synchronize()
+        maps, scores = (self._flat(o, shapes[o]).reshape(shapes[o]).copy() for o in self.output_names)
+        return maps, scores
+
+    def _run_graph(self, shapes: dict) -> None:
+        key = tuple(sorted(shapes.items()))
+        if self._graph is not None and self._graph_shape == key:
+            self._graph.launch(self.stream)
+            return
+        self._drop_graph()
+        # This run executes normally (TensorRT finishes shape-dependent setup outside a capture); the graph is
+        # captured afterwards and replayed while the shapes stay the same.
+        self._enqueue(shapes)
+        error = graph = None
+        try:
+            cb.begin_capture(self.stream)
+        except ClipadError as exc:
+            return self._no_graph(exc)
+        try:
+            self._enqueue(shapes)
+        except ClipadError as exc:
+            error = exc
+        try:
+            graph = cb.end_capture(self.stream)
+        except ClipadError as exc:
+            error = error or exc
+        if error is not None:
+            if graph is not None:
+                graph.close()
+            return self._no_graph(error)
+        self._graph, self._graph_shape = graph, key
+
+    def _no_graph(self, exc: Exception) -> None:
+        log.warning("CUDA graph capture failed (%s); running without CUDA graphs", exc)
+        self.cuda_graph = False
+
+    def _drop_graph(self) -> None:
+        graph, self._graph, self._graph_shape = self._graph, None, None
+        if graph is not None:
+            graph.close()
+
+    def close(self) -> None:
+        def attempt(step):
+            try:
+                step()
+            except ClipadError as exc:
+                log.warning("TensorRT backend cleanup: %s", exc)
+
+        if self.stream is not None:
+            attempt(self.stream.synchronize)
+        attempt(self._drop_graph)
+        self.context = None  # TensorRT objects go in dependency order: context, engine, runtime
+        self.engine = None
+        self.runtime = None
+        for buf in [*self.host.values(), *self.device.values()]:
+            attempt(buf.close)
+        self.host, self.device = {}, {}
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            attempt(stream.close)
