@@ -154,7 +154,7 @@ def test_fatal_errors_are_one_line(model_dir, tmp_path, capsys, problem, monkeyp
     assert len(err) == 1 and err[0].startswith("edge-detect: error:") and "Traceback" not in err[0]
     expected = {"no_manifest": "manifest.json", "hash_mismatch": "sha256", "unknown_class": "bottel",
                 "missing_camera": "camera 97", "bad_url": "could not be opened", "missing_source": "nope.png",
-                "no_display": "--show", "tensorrt_without_gpu": "onnxruntime"}[problem]
+                "no_display": "--show", "tensorrt_without_gpu": "no TensorRT engine"}[problem]
     assert expected in err[0]
 
 

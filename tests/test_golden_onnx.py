@@ -76,3 +76,26 @@ def test_crane_onnx_via_edge_detect_matches_golden(golden_weights, tmp_path):
     maps = np.stack([np.load(maps_dir / f"{s}.npy") for s in stems])
     assert_close("anomaly_map", maps, g["anomaly_map"], tol["anomaly_map"])
     assert_close("anomaly_score", [r["score"] for r in rows], g["anomaly_score"], tol["anomaly_score"])
+
+
+@pytest.mark.slow
+def test_vit_l_aaclip_fp16_engine_builds_with_tensorrt_rtx(golden_weights, tmp_path):
+    """The FP16 ViT-L-14-336@518 AA-CLIP ONNX passes its accuracy gate and TensorRT-RTX builds it for SM 8.6,
+    through the same export-engine code users run (ahead of time: no GPU needed)."""
+    pytest.importorskip("tensorrt_rtx")
+    g = np.load(need_shared(GOLDEN / "aaclip_seed0.npz"))
+    folder, _ = golden_folder(tmp_path, g)
+    one = tmp_path / "verify"
+    one.mkdir()
+    os.symlink(folder / sorted(os.listdir(folder))[3], one / "crack.jpg")
+    model = tmp_path / "aa_fp16"
+    assert export_cli.main(["--model", "aaclip", "--ckpt", str(golden_weights / "aaclip_ckpt"), "--clip-weights",
+                            str(golden_weights / "ViT-L-14-336px-random.pt"), "--class-name", "bottle",
+                            "--verify-images", str(one), "--precision", "fp16", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "--output", str(model), "-q"]) == 0
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["precisions"]["fp16"]["gate"]["passed"]
+    assert manifest["precisions"]["fp16"]["gate"]["map_pearson_min"] >= 0.999
+    (engine,) = manifest["engines"]
+    assert engine["file"] == "model.fp16.rtx-sm86.engine" and engine["precision"] == "fp16"
+    assert (model / engine["file"]).stat().st_size == engine["bytes"] > 300e6  # ~0.6 GB of FP16 weights
