@@ -188,3 +188,27 @@ def test_runtime_works_where_torch_cannot_be_imported(model_dir, tmp_path):
     proc = subprocess.run([exe, "--model", str(model_dir), "--source", str(tmp_path / "z.png"), "-q"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    calls = {"n": 0}
+    original = Detector.predict
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Detector, "predict", interrupted)
+    jsonl = tmp_path / "r.jsonl"
+    rc = edge_detect(["--model", str(model_dir), "--source", str(folder), "--jsonl", str(jsonl),
+                      "--save-maps", str(tmp_path / "maps"), "-q"])
+    assert rc == 130
+    rows = read_jsonl(jsonl)  # every line complete and parseable
+    assert [os.path.basename(r["source"]) for r in rows] == ["0.png", "1.png"]
+    assert sorted(os.listdir(tmp_path / "maps")) == ["0.npy", "1.npy"]

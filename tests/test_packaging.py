@@ -27,3 +27,21 @@ def test_wheel_contents_and_lean_base_requirements(tmp_path):
     assert any(r.startswith("torch") and 'extra == "export"' in r for r in requires)
     assert "export-engine = clipad.export.cli:main" in entry_points
     assert "edge-detect = clipad.runtime.cli:main" in entry_points
+
+
+def test_regular_install_imports_and_runs(tmp_path):
+    """A non-editable install (wheel unpacked with pip --target) provides every module and console entry point."""
+    import os
+
+    subprocess.run([sys.executable, "-m", "pip", "install", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(tmp_path / "site")], check=True, capture_output=True, timeout=300)
+    code = ("import clipad, clipad.runtime.cli, clipad.runtime.backends.tensorrt, clipad.export.cli, "
+            "clipad.calibration.images, clipad.benchmarks.postprocess; print(clipad.__file__)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(tmp_path / "site"))
+    proc = subprocess.run([sys.executable, "-m", "clipad.runtime.cli", "--help"], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "--save-maps" in proc.stdout

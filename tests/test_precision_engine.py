@@ -180,3 +180,27 @@ def test_engine_bad_inputs(tiny_files, tmp_path, capsys):
         fh.truncate(1000)
     fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "sha256")
     assert not [f for f in os.listdir(out) if f.endswith(".engine")]
+
+
+def test_calibration_set_cache_and_holdout(tmp_path, monkeypatch):
+    from clipad.calibration import images as calib_images
+    from clipad.runtime.errors import ClipadError
+
+    folder = tmp_path / "imgs"
+    write_samples(str(folder), count=10, seed=1)
+    data, names = calib_images.load_set(str(folder), 56, str(tmp_path / "cache"))
+    assert data.shape == (10, 56, 56, 3) and data.dtype == np.uint8 and len(os.listdir(tmp_path / "cache")) == 1
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded again despite the cache")
+
+    monkeypatch.setattr(calib_images, "prepare", no_decoding)
+    again, _ = calib_images.load_set(str(folder), 56, str(tmp_path / "cache"))
+    assert np.array_equal(again, data)
+    calib, calib_names, held, held_names = calib_images.split_holdout(data, names)
+    assert len(held) == 3 and len(calib) == 7 and not set(calib_names) & set(held_names)
+    single = tmp_path / "one"
+    single.mkdir()
+    os.rename(folder / names[0], single / "a.png")
+    with pytest.raises(ClipadError, match="at least 2 needed"):
+        calib_images.load_set(str(single), 56)
