@@ -96,7 +96,8 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> d
         if -(-len(calib) // batch) % FLUSH_EVERY == 0:
             calib = np.concatenate([calib, calib[:1]])
     quantize_static(src, dst, _Reader(input_name, calib, batch), quant_format=QuantFormat.QDQ,
-                    nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                    nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                    per_channel=True, reduce_range=False,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
                     extra_options=options)
     restored = keep_float_consumers(dst, set(nodes))
