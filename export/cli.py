@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from clipad.runtime.errors import ClipadError, setup_logging
+from clipad.runtime.errors import run_cli
 
 EPILOG = """\
 examples:
@@ -97,23 +97,18 @@ def parse_args(argv):
     return args
 
 
+def dispatch(args) -> int:
+    if args.from_onnx:
+        from .engine_step import build_from_onnx
+
+        return build_from_onnx(args)
+    from .pipeline import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.quiet)
-    try:
-        if args.from_onnx:
-            from .engine_step import build_from_onnx
-
-            return build_from_onnx(args)
-        from .pipeline import run
-
-        return run(args)
-    except ClipadError as exc:
-        print(f"export-engine: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("export-engine: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_cli("export-engine", dispatch, parse_args(argv), "interrupted; nothing written")
 
 
 if __name__ == "__main__":

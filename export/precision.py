@@ -9,7 +9,6 @@ have a weight, i.e. the linear layers; residual Adds, LayerNorm, softmax, attent
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -171,7 +170,3 @@ def accuracy_gate(precision: str, fp32_path: str, low_path: str, data: np.ndarra
         ok = ok and rho is not None and rho >= GATES[precision]["score_spearman_min"]
     report["passed"] = bool(ok)
     return report
-
-
-def file_size_mb(path: str) -> float:
-    return os.path.getsize(path) / 1e6

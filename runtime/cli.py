@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .errors import ClipadError, setup_logging
+from .errors import ClipadError, run_cli
 
 EPILOG = """\
 examples:
@@ -172,16 +172,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.quiet)
-    try:
-        return run(args)
-    except ClipadError as exc:
-        print(f"edge-detect: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edge-detect: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("edge-detect", run, parse_args(argv))
 
 
 if __name__ == "__main__":

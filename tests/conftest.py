@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,3 @@ def tiny_files(tmp_path_factory):
     from tiny_fixtures import make_tiny_files
 
     return make_tiny_files(tmp_path_factory.mktemp("tiny"))
-
-
-def rng_images(n: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)

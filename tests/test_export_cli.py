@@ -11,17 +11,9 @@ import pytest
 from clipad.export import cli as export_cli
 from clipad.export import onnx_export
 from clipad.runtime import manifest as manifest_io
-from tiny_fixtures import TINY
+from tiny_fixtures import TINY, export_tiny as export
 
 
-def export(tiny_files, out, kind="aaclip", extra=()):
-    args = ["--model", kind, "--arch", TINY, "--image-size", "56", "--clip-weights", str(tiny_files["state_dict"]),
-            "--output", str(out), "-q"]
-    if kind in ("aaclip", "crane"):
-        args += ["--ckpt", str(tiny_files[kind])]
-    if kind != "crane":
-        args += ["--class-name", "bottle", "screw"]
-    return export_cli.main(args + list(extra))
 
 
 @pytest.mark.parametrize("kind", ["aaclip", "crane", "clip"])

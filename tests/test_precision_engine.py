@@ -11,19 +11,15 @@ import pytest
 from clipad.export import cli as export_cli
 from clipad.export import precision
 from clipad.runtime.samples import write_samples
-from tiny_fixtures import TINY
+from tiny_fixtures import export_tiny
+
+
+def export(tiny_files, out, kind="aaclip", extra=()):
+    return export_tiny(tiny_files, out, kind, extra, classes=("bottle",))
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
 
 
-def export(tiny_files, out, kind="aaclip", extra=()):
-    args = ["--model", kind, "--arch", TINY, "--image-size", "56", "--clip-weights", str(tiny_files["state_dict"]),
-            "--output", str(out), "-q"]
-    if kind in ("aaclip", "crane"):
-        args += ["--ckpt", str(tiny_files[kind])]
-    if kind != "crane":
-        args += ["--class-name", "bottle"]
-    return export_cli.main(args + list(extra))
 
 
 @pytest.fixture(scope="module")

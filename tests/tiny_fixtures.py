@@ -92,3 +92,16 @@ def make_tiny_files(root: Path) -> dict:
 
 def images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def export_tiny(tiny_files, out, kind="aaclip", extra=(), classes=("bottle", "screw")):
+    """Run export-engine on the tiny configuration at 56 px (``classes`` for aaclip/clip)."""
+    from clipad.export import cli as export_cli
+
+    args = ["--model", kind, "--arch", TINY, "--image-size", "56", "--clip-weights", str(tiny_files["state_dict"]),
+            "--output", str(out), "-q"]
+    if kind in ("aaclip", "crane"):
+        args += ["--ckpt", str(tiny_files[kind])]
+    if kind != "crane":
+        args += ["--class-name", *classes]
+    return export_cli.main(args + list(extra))
