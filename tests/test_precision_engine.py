@@ -134,10 +134,9 @@ def test_rtx_builds_all_three_precisions(tiny_files, tmp_path, calib_dir):
                                 "--compute-capability", "8.6", "-q"]) == 0
     m = manifest(out)
     assert "model.fp16.onnx" not in m["files"]
-    with pytest.raises(SystemExit):
-        pass_fp16 = export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--trt-flavor", "rtx",
-                                     "--compute-capability", "8.6", "-q"])
-        raise SystemExit(pass_fp16)
+    # No model.fp16.onnx in this export: building its engine is a one-line error, not a crash.
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 2
     fp16_dir = tmp_path / "f"
     assert export(tiny_files, fp16_dir, "aaclip", ["--precision", "fp16", "--trt-flavor", "rtx",
                                                    "--compute-capability", "8.9"]) == 0
