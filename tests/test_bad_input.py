@@ -56,10 +56,16 @@ def test_corrupt_or_truncated_checkpoint(tiny_files, tmp_path, damage):
     shutil.copytree(tiny_files["aaclip"], folder)
     target = folder / "image_adapter_7.pth"
     data = target.read_bytes()
-    target.write_bytes({"truncated": data[: len(data) // 2], "corrupt": os.urandom(4096), "empty": b""}[damage])
-    with pytest.raises(ClipadError) as e:
-        build(tiny_files, ckpt=str(folder))
-    assert "image_adapter_7.pth" in one_line(e)
+    # Many different damaged byte patterns: torch.load fails with varying exception types on them.
+    rng = __import__("numpy").random.default_rng(0)
+    variants = {"truncated": [data[:n] for n in (10, 100, len(data) // 3, len(data) // 2, len(data) - 10)],
+                "corrupt": [rng.integers(0, 256, 4096, dtype="uint8").tobytes() for _ in range(40)],
+                "empty": [b""]}[damage]
+    for blob in variants:
+        target.write_bytes(blob)
+        with pytest.raises(ClipadError) as e:
+            build(tiny_files, ckpt=str(folder))
+        assert "image_adapter_7.pth" in one_line(e)
 
 
 def test_truncated_and_corrupt_base_weights(tiny_files, tmp_path):
