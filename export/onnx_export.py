@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.preprocess import pad_batch
 
 from .models.factory import BuiltDetector
 
@@ -75,8 +76,8 @@ def parity_report(built: BuiltDetector, onnx_path: str, batch_u8: np.ndarray, ba
     ranges = []
     for start in range(0, len(batch_u8), batch_max):
         chunk = batch_u8[start:start + batch_max]
-        if len(chunk) < batch_max and session.get_inputs()[0].shape[0] == batch_max:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_max - len(chunk), 0)])
+        if session.get_inputs()[0].shape[0] == batch_max:
+            chunk = pad_batch(chunk, batch_max)
         torch_out = ref.run_batch(chunk)
         ort_out = session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
         for name, t, o in zip(OUTPUT_NAMES, torch_out, ort_out):

@@ -141,9 +141,7 @@ def precision_step(args, built, tmp: str, fp32_file: str, verify, hi: int) -> tu
     if args.precision == "fp32":
         return {}, {}
     gate_data, gate_names = verify
-    if args.precision == "int8":
-        if not args.calib_data:
-            raise ClipadError("--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)")
+    if args.precision == "int8":  # run() has already required --calib-data
         calib, names = load_set(args.calib_data, built.image_size, cache_dir(), min_images=2)
         if not args.verify_images:
             calib, names, gate_data, gate_names = split_holdout(calib, names)

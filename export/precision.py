@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.preprocess import pad_batch
 
 log = logging.getLogger("clipad")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
@@ -57,9 +58,7 @@ class _Reader:
             return None
         chunk = self.data[self.pos:self.pos + self.batch]
         self.pos += self.batch
-        if len(chunk) < self.batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - len(chunk), 0)])
-        return {self.input_name: chunk}
+        return {self.input_name: pad_batch(chunk, self.batch)}
 
     def rewind(self):
         self.pos = 0
@@ -138,9 +137,7 @@ def _run(path: str, data: np.ndarray, batch: int):
     for start in range(0, len(data), batch):
         chunk = data[start:start + batch]
         n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)])
-        m, s = sess.run(["anomaly_map", "image_score"], {"images": chunk})
+        m, s = sess.run(["anomaly_map", "image_score"], {"images": pad_batch(chunk, batch)})
         maps.append(m[:n])
         scores.append(s[:n])
     return np.concatenate(maps).astype(np.float64), np.concatenate(scores).astype(np.float64)

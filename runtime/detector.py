@@ -9,7 +9,7 @@ import numpy as np
 from . import manifest as manifest_io
 from .backends import open_backend
 from .errors import ClipadError
-from .preprocess import ImageLike, prepare
+from .preprocess import ImageLike, pad_batch, prepare
 
 
 @dataclass
@@ -83,9 +83,7 @@ class Detector:
         for start in range(0, len(batch_u8), hi):
             chunk = batch_u8[start:start + hi]
             n = len(chunk)
-            if n < lo:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - n, axis=0)])
-            m, s = self.backend.run(chunk)
+            m, s = self.backend.run(pad_batch(chunk, lo))
             maps.append(m[:n])
             scores.append(s[:n])
         return np.concatenate(maps), np.concatenate(scores)

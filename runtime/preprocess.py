@@ -104,3 +104,10 @@ def normalize(batch_u8: np.ndarray) -> np.ndarray:
     x = batch_u8.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def pad_batch(chunk: np.ndarray, size: int) -> np.ndarray:
+    """Pad a batch to ``size`` rows by repeating its last image (fixed-batch models; extra outputs are dropped)."""
+    if len(chunk) >= size:
+        return chunk
+    return np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
