@@ -16,6 +16,7 @@ examples:
   export-engine --model crane --ckpt epoch_5.pth --clip-weights ViT-L-14-336px.pt --precision int8 \
       --calib-data line3/good --output crane_int8                  # + an engine if TensorRT can build here
   export-engine --from-onnx crane_int8 --precision int8             # on the target: engine for its GPU
+  export-engine --from-onnx crane_l14 --precision int8 --calib-data line3/good   # add INT8 later, no torch needed
   export-engine --from-onnx crane_l14 --precision fp16 --trt-flavor rtx --compute-capability 8.6
 
 class names: AA-CLIP and zero-shot CLIP put the class name into their prompts. The official dataset names
@@ -73,12 +74,14 @@ def parse_args(argv):
                       help="also write model.fp16.onnx (mixed FP16/FP32) or model.int8.onnx (explicit Q/DQ)")
     prec.add_argument("--calib-data", metavar="DIR", help="INT8: folder of normal images (≥100 recommended)")
     prec.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
-                      help="INT8 activation range calibration (default minmax; entropy/percentile need much more "
-                           "memory on ViT-L)")
+                      help="INT8 activation range calibration (default minmax; entropy and percentile build "
+                           "onnxruntime's histograms, slower)")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
                       help="write FP16/INT8 files even when their accuracy gate fails (recorded in the manifest)")
     eng = ap.add_argument_group("TensorRT engine")
-    eng.add_argument("--from-onnx", metavar="DIR", help="build an engine from an existing export directory")
+    eng.add_argument("--from-onnx", metavar="DIR",
+                     help="work on an existing export directory: add model.fp16/int8.onnx when missing (or redo "
+                          "INT8 with --calib-data), then build the engine")
     eng.add_argument("--trt-flavor", choices=["auto", "tensorrt", "rtx"], default="auto",
                      help="tensorrt (on the target GPU) or rtx (TensorRT for RTX; ahead-of-time with "
                           "--compute-capability, no GPU needed); auto: whichever can build here")

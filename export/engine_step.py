@@ -50,8 +50,13 @@ def maybe_build_engine(args, model_dir: str) -> int:
 
 
 def build_from_onnx(args) -> int:
+    from .precision_step import add_precision, needs_precision_step
+
     model_dir = os.path.abspath(args.from_onnx)
-    manifest_io.read(model_dir)  # clear errors before importing TensorRT
+    manifest = manifest_io.read(model_dir)  # clear errors before importing TensorRT
+    if needs_precision_step(args, manifest):
+        add_precision(args, model_dir)
+        return 0 if args.no_engine else maybe_build_engine(args, model_dir)
     flavor, trt, gpu = resolve_flavor(args.trt_flavor, args.compute_capability)
     if flavor is None:
         raise ClipadError("TensorRT cannot build here: no GPU with the tensorrt package, and TensorRT-RTX needs "

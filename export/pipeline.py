@@ -122,63 +122,13 @@ def check_output(out: str) -> None:
         raise ClipadError(f"--output {out}: exists and is not an export-engine directory; refusing to replace it")
 
 
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "clipad", "calibration")
-
-
-def precision_step(args, built, tmp: str, fp32_file: str, verify, hi: int) -> tuple[dict, dict]:
-    """Write model.fp16.onnx / model.int8.onnx into ``tmp`` and gate them against FP32.
-
-    Returns (files entries, precisions report). The gate images are --verify-images if given; otherwise for INT8
-    every fifth calibration image is held back, and FP16 uses the parity images.
-    """
-    from clipad.calibration.images import load_set, split_holdout
-
-    from . import precision
-    from .onnx_export import file_entry
-
-    if args.precision == "fp32":
-        return {}, {}
-    gate_data, gate_names = verify
-    if args.precision == "int8":  # run() has already required --calib-data
-        calib, names = load_set(args.calib_data, built.image_size, cache_dir(), min_images=2)
-        if not args.verify_images:
-            calib, names, gate_data, gate_names = split_holdout(calib, names)
-        log.info("[3b] INT8 calibration (%s) on %d image(s) …", args.calib_method, len(calib))
-        info = precision.to_int8(fp32_file, os.path.join(tmp, "model.int8.onnx"), calib, args.calib_method, hi)
-    else:
-        log.info("[3b] FP16 conversion …")
-        info = precision.to_fp16(fp32_file, os.path.join(tmp, "model.fp16.onnx"))
-    name = f"model.{args.precision}.onnx"
-    log.info("[3c] %s accuracy gate on %d image(s) …", args.precision.upper(), len(gate_data))
-    gate = precision.accuracy_gate(args.precision, fp32_file, os.path.join(tmp, name), gate_data,
-                                   [os.path.basename(n) for n in gate_names], hi)
-    log.info("      map Pearson min %.5f, score Spearman %s, score max|Δ| %.2e", gate["map_pearson_min"],
-             "n/a" if gate["score_spearman_min"] is None else f"{gate['score_spearman_min']:.4f}",
-             gate["score_max_abs"])
-    if not gate["passed"]:
-        rho = gate["score_spearman_min"]
-        numbers = (f"map Pearson min {gate['map_pearson_min']:.5f} (need ≥ {gate['limits']['map_pearson_min']})"
-                   + ((f", score Spearman {rho:.4f}" if rho is not None else
-                       ", score Spearman not computable (fewer than 3 verify images)")
-                      + f" (need ≥ {gate['limits']['score_spearman_min']})"
-                      if "score_spearman_min" in gate["limits"] else ""))
-        if not args.accept_accuracy_loss:
-            raise ClipadError(f"{args.precision.upper()} accuracy gate failed: {numbers}; nothing written "
-                              f"(--accept-accuracy-loss to keep it anyway)")
-        log.warning("WARNING: %s accuracy gate failed (%s); kept because of --accept-accuracy-loss",
-                    args.precision.upper(), numbers)
-        gate["accepted_despite_failure"] = True
-    return {name: file_entry(os.path.join(tmp, name), args.precision)}, {args.precision: {**info, "gate": gate}}
-
-
 def run(args) -> int:
     import torch
 
     from .engine_step import maybe_build_engine
     from .models.factory import build_detector
     from .onnx_export import export_onnx, parity_report
+    from .precision_step import precision_step
 
     out = os.path.abspath(args.output)
     check_output(out)
@@ -215,7 +165,7 @@ def run(args) -> int:
                 f"parity gate failed: anomaly_map error {parity['map_error_over_range']:.2e} of range (limit 1e-4), "
                 f"image_score error {parity['image_score']['max_abs']:.2e} (limit 1e-5); nothing written")
         del built.module  # free the torch model before the ONNX-only steps
-        files, precisions = precision_step(args, built, tmp, onnx_file, (verify, verify_names), hi)
+        files, precisions = precision_step(args, built.image_size, tmp, onnx_file, (verify, verify_names), hi)
         log.info("[4/4] writing manifest …")
         manifest = build_manifest(args, built, lo, hi, onnx_file, parity, time.perf_counter() - started)
         manifest["files"].update(files)

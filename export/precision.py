@@ -9,6 +9,7 @@ have a weight, i.e. the linear layers; residual Adds, LayerNorm, softmax, attent
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -23,7 +24,6 @@ FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip",
 GATES = {"fp16": {"map_pearson_min": 0.999},
          "int8": {"map_pearson_min": 0.99, "score_spearman_min": 0.98}}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-FLUSH_EVERY = 4
 
 
 def _scopes(node) -> str:
@@ -47,23 +47,6 @@ def to_fp16(src: str, dst: str) -> dict:
     return {"fp32_ops": FP32_OPS, "fp32_head_nodes": len(keep), "converter": "onnxruntime.transformers.float16"}
 
 
-class _Reader:
-    """onnxruntime CalibrationDataReader over a uint8 image batch, one image per call."""
-
-    def __init__(self, input_name: str, data: np.ndarray, batch: int):
-        self.input_name, self.data, self.batch, self.pos = input_name, data, batch, 0
-
-    def get_next(self):
-        if self.pos >= len(self.data):
-            return None
-        chunk = self.data[self.pos:self.pos + self.batch]
-        self.pos += self.batch
-        return {self.input_name: pad_batch(chunk, self.batch)}
-
-    def rewind(self):
-        self.pos = 0
-
-
 def linear_nodes(model) -> list[str]:
     """MatMul/Gemm/Conv nodes with a constant weight input, outside the head."""
     consts = {i.name for i in model.graph.initializer}
@@ -72,36 +55,49 @@ def linear_nodes(model) -> list[str]:
             and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)]
 
 
+def _batches(input_name: str, data: np.ndarray, batch: int):
+    for start in range(0, len(data), batch):
+        yield {input_name: pad_batch(data[start:start + batch], batch)}
+
+
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> dict:
-    """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts, via onnxruntime.quantization."""
+    """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
+    collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static."""
+    import inspect
+    import tempfile
+
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from clipad.calibration.ranges import activation_tensors, collect_ranges
 
     if method not in CALIB_METHODS:
         raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
-    model = onnx.load(src, load_external_data=False)
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise ClipadError(f"INT8 export needs onnxruntime>=1.32 (installed {onnxruntime.__version__}): "
+                          "pip install -U 'onnxruntime>=1.32'")
+    model = onnx.load(src)
     nodes = linear_nodes(model)
+    tensors = activation_tensors(model, nodes)
     input_name = model.graph.input[0].name
     del model
-    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile}[method]
-    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True}
-    if method == "minmax":
-        # Bound memory on large models (ViT-L at 518 keeps ~GBs per batch otherwise). onnxruntime raises
-        # "No data is collected" when its last flush empties the buffer, so the batch count must not be a
-        # multiple of the flush size: one duplicated image cannot change a min/max.
-        options["CalibMaxIntermediateOutputs"] = FLUSH_EVERY
-        if -(-len(calib) // batch) % FLUSH_EVERY == 0:
-            calib = np.concatenate([calib, calib[:1]])
-    quantize_static(src, dst, _Reader(input_name, calib, batch), quant_format=QuantFormat.QDQ,
-                    nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                    per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
-                    extra_options=options)
+    ranges = collect_ranges(src, tensors, _batches(input_name, calib, batch), method, total=-(-len(calib) // batch))
+    with tempfile.TemporaryDirectory(prefix="clipad-int8-") as tmp:
+        cache = os.path.join(tmp, "ranges.json")
+        save_tensors_data(ranges, cache)
+        quantize_static(src, dst, None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=ranges.calibration_method, calibration_cache_path=cache,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     restored = keep_float_consumers(dst, set(nodes))
-    return {"quantized_nodes": len(nodes), "float_consumers_restored": restored,
+    return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors), "float_consumers_restored": restored,
             "calibration_images": int(len(calib)), "method": method,
-            "tool": "onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)"}
+            "tool": "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
+                    "per-channel)"}
 
 
 def keep_float_consumers(path: str, quantized: set[str]) -> int:

@@ -166,7 +166,7 @@ def test_engine_bad_inputs(tiny_files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
-    fails([str(out), "--precision", "int8", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "no model.int8")
+    fails([str(out), "--precision", "int8", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "--calib-data")
     fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--compute-capability", "8.7"], "Jetson")
     fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx"], "--compute-capability")
     fails([str(out), "--precision", "fp16", "--trt-flavor", "tensorrt"], "--trt-flavor tensorrt")
@@ -175,6 +175,40 @@ def test_engine_bad_inputs(tiny_files, tmp_path, capsys):
         fh.truncate(1000)
     fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "sha256")
     assert not [f for f in os.listdir(out) if f.endswith(".engine")]
+
+
+def test_from_onnx_adds_int8_without_torch_and_drops_stale_engines(tiny_files, tmp_path, calib_dir, monkeypatch,
+                                                                   caplog):
+    out = tmp_path / "m"
+    assert export(tiny_files, out, "clip", ["--precision", "int8", "--calib-data", str(calib_dir),
+                                            "--accept-accuracy-loss", "--trt-flavor", "rtx",
+                                            "--compute-capability", "8.6"]) == 0
+    before = manifest(out)
+    assert [e["file"] for e in before["engines"]] == ["model.int8.rtx-sm86.engine"]
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # the precision step must not need torch
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for f in sorted(os.listdir(calib_dir))[:9]:
+        os.symlink(calib_dir / f, fewer / f)
+    args = ["--from-onnx", str(out), "--precision", "int8", "--calib-data", str(fewer), "--accept-accuracy-loss",
+            "--no-engine", "-q"]
+    assert export_cli.main(args) == 0
+    after = manifest(out)
+    info = after["precisions"]["int8"]
+    assert info["calibration_images"] == 6 and info["calibration_data"] == str(fewer)  # 3 of 9 held back
+    assert after["files"]["model.int8.onnx"]["sha256"] != before["files"]["model.int8.onnx"]["sha256"]
+    assert after["engines"] == [] and not (out / "model.int8.rtx-sm86.engine").exists()
+    assert "removed model.int8.rtx-sm86.engine" in caplog.text
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--no-engine", "-q"]) == 0
+    assert manifest(out)["precisions"]["fp16"]["gate"]["passed"]
+    listing = sorted(os.listdir(out))
+    assert listing == ["manifest.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG truncated")
+    text = (out / "manifest.json").read_text()
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "int8", "--calib-data", str(broken), "-q"]) == 2
+    assert sorted(os.listdir(out)) == listing and (out / "manifest.json").read_text() == text
 
 
 def test_calibration_set_cache_and_holdout(tmp_path, monkeypatch):
