@@ -76,6 +76,10 @@ def parse_args(argv):
     prec.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                       help="INT8 activation range calibration (default minmax; entropy and percentile build "
                            "onnxruntime's histograms, slower)")
+    prec.add_argument("--int8-high-precision", choices=["fp16", "fp32"], default="fp16",
+                      help="INT8: type of everything that is not a quantized linear layer (attention, GELU, "
+                           "residual adds; LayerNorm, softmax and the head stay FP32 either way). Default fp16, "
+                           "as ModelOpt does: a strongly typed engine runs exactly these types")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
                       help="write FP16/INT8 files even when their accuracy gate fails (recorded in the manifest)")
     eng = ap.add_argument_group("TensorRT engine")

@@ -4,10 +4,12 @@ TensorRT 11 has no precision builder flags or implicit calibration: precision li
 explicit symmetric Q/DQ for INT8), which builds the same way on TensorRT 10.3 … 11.x. What stays FP32: the whole
 head (similarities, softmax/sigmoid, blur, resize) and every LayerNormalization and L2 norm (the residual stream of
 CLIP ViTs carries outliers that overflow FP16 once squared). INT8 quantizes only the inputs of MatMul/Conv nodes that
-have a weight, i.e. the linear layers; residual Adds, LayerNorm, softmax, attention products and the head stay float.
+have a weight, i.e. the linear layers; residual Adds, LayerNorm, softmax, attention products and the head stay float
+(FP16 by default, with the same FP32 keep-list).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -24,6 +26,7 @@ FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip",
 GATES = {"fp16": {"map_pearson_min": 0.999},
          "int8": {"map_pearson_min": 0.99, "score_spearman_min": 0.98}}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_FP16_OPSET = 19
 
 
 def _scopes(node) -> str:
@@ -34,17 +37,27 @@ def head_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if HEAD_SCOPE in _scopes(n)]
 
 
+def _half(model, opset: int | None = None):
+    """onnxruntime's float16 converter with our FP32 keep-list: the head and the FP32_OPS stay FP32; FP32 I/O."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    if opset:
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = max(entry.version, opset)
+    keep = head_nodes(model)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep,
+                                    min_positive_val=1e-7, max_finite_val=1e4)
+    return half, len(keep)
+
+
 def to_fp16(src: str, dst: str) -> dict:
     """Mixed precision with FP32 I/O via onnxruntime's float16 converter; returns what stayed FP32."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(src)
-    keep = head_nodes(model)
-    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep,
-                                    min_positive_val=1e-7, max_finite_val=1e4)
+    fp16, kept = _half(onnx.load(src))
     onnx.save(fp16, dst)
-    return {"fp32_ops": FP32_OPS, "fp32_head_nodes": len(keep), "converter": "onnxruntime.transformers.float16"}
+    return {"fp32_ops": FP32_OPS, "fp32_head_nodes": kept, "converter": "onnxruntime.transformers.float16"}
 
 
 def linear_nodes(model) -> list[str]:
@@ -55,22 +68,80 @@ def linear_nodes(model) -> list[str]:
             and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)]
 
 
+class _DropPreprocessAdvice(logging.Filter):
+    """quantize_static warns twice to run its CPU-oriented shape/fusion pre-processing; our graphs are meant for
+    TensorRT, which does its own fusion, so the advice does not apply."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Please consider")
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_advice():
+    root, drop = logging.getLogger(), _DropPreprocessAdvice()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _batches(input_name: str, data: np.ndarray, batch: int):
     for start in range(0, len(data), batch):
         yield {input_name: pad_batch(data[start:start + batch], batch)}
 
 
-def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> dict:
+def _ranges_key(src: str, calib: np.ndarray, method: str, batch: int) -> str:
+    import hashlib
+
+    from clipad.runtime.manifest import sha256_file
+
+    h = hashlib.sha256(f"{sha256_file(src)}|{method}|{batch}|{calib.shape}".encode())
+    h.update(np.ascontiguousarray(calib).data)
+    return h.hexdigest()[:24]
+
+
+def calibrate(src: str, calib: np.ndarray, method: str, batch: int, cache_dir: str | None):
+    """Activation ranges of the FP32 model's linear-layer tensors (cached per model, images and method)."""
+    import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+
+    from clipad.calibration.ranges import activation_tensors, collect_ranges
+
+    model = onnx.load(src, load_external_data=False)
+    nodes = linear_nodes(model)
+    tensors = activation_tensors(model, nodes)
+    input_name = model.graph.input[0].name
+    del model
+    cache = os.path.join(cache_dir, f"ranges-{_ranges_key(src, calib, method, batch)}.json") if cache_dir else None
+    if cache and os.path.isfile(cache):
+        try:
+            ranges = load_tensors_data(cache)
+            if set(ranges.keys()) == set(tensors):
+                log.info("      activation ranges from cache %s", cache)
+                return nodes, tensors, ranges
+        except (ValueError, KeyError, OSError):
+            pass  # unreadable cache: calibrate again and overwrite it
+    ranges = collect_ranges(src, tensors, _batches(input_name, calib, batch), method, total=-(-len(calib) // batch))
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        save_tensors_data(ranges, cache)  # atomic (temp file + rename)
+    return nodes, tensors, ranges
+
+
+def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = "fp16",
+            cache_dir: str | None = None) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
-    collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static."""
+    collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
+    quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
+    fp16 still applies) or fp32. A strongly typed TensorRT build runs exactly these types, so an FP32 remainder makes
+    attention, GELU and the residual stream FP32 on the GPU."""
     import inspect
     import tempfile
 
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
-
-    from clipad.calibration.ranges import activation_tensors, collect_ranges
 
     if method not in CALIB_METHODS:
         raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
@@ -79,34 +150,34 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int) -> d
 
         raise ClipadError(f"INT8 export needs onnxruntime>=1.32 (installed {onnxruntime.__version__}): "
                           "pip install -U 'onnxruntime>=1.32'")
-    model = onnx.load(src)
-    nodes = linear_nodes(model)
-    tensors = activation_tensors(model, nodes)
-    input_name = model.graph.input[0].name
-    del model
-    ranges = collect_ranges(src, tensors, _batches(input_name, calib, batch), method, total=-(-len(calib) // batch))
-    with tempfile.TemporaryDirectory(prefix="clipad-int8-") as tmp:
+    nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=os.path.dirname(os.path.abspath(dst))) as tmp, \
+            _quiet_preprocess_advice():
         cache = os.path.join(tmp, "ranges.json")
         save_tensors_data(ranges, cache)
-        quantize_static(src, dst, None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
+        quantized = os.path.join(tmp, "qdq.onnx")
+        quantize_static(src, quantized, None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=ranges.calibration_method, calibration_cache_path=cache,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    restored = keep_float_consumers(dst, set(nodes))
+        model = onnx.load(quantized)
+    restored = keep_float_consumers(model, set(nodes))
+    if high_precision == "fp16":
+        # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
+        model, _ = _half(model, opset=INT8_FP16_OPSET)
+    onnx.save(model, dst)
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors), "float_consumers_restored": restored,
-            "calibration_images": int(len(calib)), "method": method,
+            "calibration_images": int(len(calib)), "method": method, "high_precision": high_precision,
+            "fp32_ops": FP32_OPS if high_precision == "fp16" else "all",
             "tool": "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
-                    "per-channel)"}
+                    "per-channel)" + (" + onnxruntime.transformers.float16" if high_precision == "fp16" else "")}
 
 
-def keep_float_consumers(path: str, quantized: set[str]) -> int:
+def keep_float_consumers(model, quantized: set[str]) -> int:
     """onnxruntime's QDQ pass feeds *every* consumer of a quantized activation from its DequantizeLinear, which
     would push the residual stream (Adds, LayerNorms, AA-CLIP's adapter mix) through INT8. Rewire every node that
-    is not a quantized linear layer back to the float tensor; returns how many inputs were restored."""
-    import onnx
-
-    model = onnx.load(path)
+    is not a quantized linear layer back to the float tensor (in place); returns how many inputs were restored."""
     producers = {o: n for n in model.graph.node for o in n.output}
     float_source = {}
     for dq in model.graph.node:
@@ -121,7 +192,6 @@ def keep_float_consumers(path: str, quantized: set[str]) -> int:
             if name in float_source:
                 node.input[i] = float_source[name]
                 restored += 1
-    onnx.save(model, path)
     return restored
 
 
@@ -151,7 +221,9 @@ def accuracy_gate(precision: str, fp32_path: str, low_path: str, data: np.ndarra
     report = {"images": len(data), "verify_images": names[:50], "map_pearson_min": float(np.nanmin(pearson)),
               "map_pearson_mean": float(np.nanmean(pearson)),
               "map_max_abs": float(np.abs(ref_maps - maps).max()),
-              "score_max_abs": float(np.abs(ref_scores - scores).max()), "limits": GATES[precision]}
+              "score_max_abs": float(np.abs(ref_scores - scores).max()),
+              # How far apart the FP32 scores are: when their spread is near score_max_abs, ranks are near-ties.
+              "score_fp32_std": float(ref_scores.std(axis=0).min()), "limits": GATES[precision]}
     if len(data) >= 3:
         rho = [spearmanr(ref_scores[:, k], scores[:, k])[0] for k in range(ref_scores.shape[1])]
         report["score_spearman_min"] = float(np.nanmin(rho)) if not np.all(np.isnan(rho)) else float("nan")

@@ -27,7 +27,8 @@ def _gate_failure(gate: dict) -> str:
     if "score_spearman_min" in gate["limits"]:
         text += (f", score Spearman {rho:.4f}" if rho is not None else
                  ", score Spearman not computable (fewer than 3 verify images)")
-        text += f" (need ≥ {gate['limits']['score_spearman_min']})"
+        text += (f" (need ≥ {gate['limits']['score_spearman_min']}; FP32 score std over the images "
+                 f"{gate['score_fp32_std']:.2e}, max|Δscore| {gate['score_max_abs']:.2e})")
     return text
 
 
@@ -52,7 +53,8 @@ def precision_step(args, image_size: int, tmp: str, fp32_file: str, verify, hi: 
         if not args.verify_images:
             calib, names, gate_data, gate_names = split_holdout(calib, names)
         log.info("[3b] INT8 calibration (%s) on %d image(s) …", args.calib_method, len(calib))
-        info = precision.to_int8(fp32_file, os.path.join(tmp, "model.int8.onnx"), calib, args.calib_method, hi)
+        info = precision.to_int8(fp32_file, os.path.join(tmp, "model.int8.onnx"), calib, args.calib_method, hi,
+                                 high_precision=args.int8_high_precision, cache_dir=cache_dir())
         info["calibration_data"] = os.path.abspath(args.calib_data)
     else:
         log.info("[3b] FP16 conversion …")

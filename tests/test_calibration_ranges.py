@@ -95,3 +95,27 @@ def test_collector_keeps_no_tensors():
     assert all(np.ndim(v) == 0 for v in collector.absmax.values())
     result = collector.result()
     assert result["a"].range_value[1] == 3.0 and result["b"].range_value[0] == -6399.0
+
+
+def test_ranges_cache_and_fp32_remainder(tiny_onnx, tmp_path, monkeypatch):
+    path, tensors = tiny_onnx
+    data = images(3, 56, seed=8)
+    _, _, first = precision.calibrate(path, data, "minmax", 1, str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("ranges-*.json"))) == 1
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again despite the cache")
+
+    monkeypatch.setattr(ranges, "collect_ranges", no_calibration)
+    _, _, cached = precision.calibrate(path, data, "minmax", 1, str(tmp_path / "cache"))
+    for t in tensors:
+        np.testing.assert_array_equal(np.ravel(cached[t].range_value), np.ravel(first[t].range_value))
+    with pytest.raises(AssertionError, match="calibrated again"):  # other images: a different cache entry
+        precision.calibrate(path, images(3, 56, seed=9), "minmax", 1, str(tmp_path / "cache"))
+    dst = tmp_path / "int8_fp32.onnx"
+    info = precision.to_int8(path, str(dst), data, "minmax", 1, high_precision="fp32",
+                             cache_dir=str(tmp_path / "cache"))
+    model = onnx.load(str(dst))
+    assert info["high_precision"] == "fp32" and [o.version for o in model.opset_import if o.domain == ""] == [18]
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
