@@ -80,6 +80,9 @@ def parse_args(argv):
                       help="INT8: type of everything that is not a quantized linear layer (attention, GELU, "
                            "residual adds; LayerNorm, softmax and the head stay FP32 either way). Default fp16, "
                            "as ModelOpt does: a strongly typed engine runs exactly these types")
+    prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
+                      help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
+                           "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
                       help="write FP16/INT8 files even when their accuracy gate fails (recorded in the manifest)")
     eng = ap.add_argument_group("TensorRT engine")

@@ -60,12 +60,14 @@ def to_fp16(src: str, dst: str) -> dict:
     return {"fp32_ops": FP32_OPS, "fp32_head_nodes": kept, "converter": "onnxruntime.transformers.float16"}
 
 
-def linear_nodes(model) -> list[str]:
-    """MatMul/Gemm/Conv nodes with a constant weight input, outside the head."""
+def linear_nodes(model, keep_float: tuple[str, ...] = ()) -> list[str]:
+    """MatMul/Gemm/Conv nodes with a constant weight input, outside the head and outside any module whose scope
+    contains one of ``keep_float`` (e.g. "mlp.c_proj")."""
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
-            and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)]
+            and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)
+            and not any(k in _scopes(n) for k in keep_float)]
 
 
 class _DropPreprocessAdvice(logging.Filter):
@@ -130,7 +132,7 @@ def calibrate(src: str, calib: np.ndarray, method: str, batch: int, cache_dir: s
 
 
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = "fp16",
-            cache_dir: str | None = None) -> dict:
+            cache_dir: str | None = None, keep_float: tuple[str, ...] = ()) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
@@ -151,6 +153,13 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
         raise ClipadError(f"INT8 export needs onnxruntime>=1.32 (installed {onnxruntime.__version__}): "
                           "pip install -U 'onnxruntime>=1.32'")
     nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
+    if keep_float:
+        import onnx
+
+        kept = set(nodes) - set(linear_nodes(onnx.load(src, load_external_data=False), keep_float))
+        if not kept:
+            raise ClipadError(f"--int8-keep-float {' '.join(keep_float)}: matches no linear layer")
+        nodes = [n for n in nodes if n not in kept]
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=os.path.dirname(os.path.abspath(dst))) as tmp, \
             _quiet_preprocess_advice():
         cache = os.path.join(tmp, "ranges.json")
@@ -169,6 +178,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     onnx.save(model, dst)
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors), "float_consumers_restored": restored,
             "calibration_images": int(len(calib)), "method": method, "high_precision": high_precision,
+            "kept_float": list(keep_float),
             "fp32_ops": FP32_OPS if high_precision == "fp16" else "all",
             "tool": "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
                     "per-channel)" + (" + onnxruntime.transformers.float16" if high_precision == "fp16" else "")}

@@ -54,7 +54,8 @@ def precision_step(args, image_size: int, tmp: str, fp32_file: str, verify, hi: 
             calib, names, gate_data, gate_names = split_holdout(calib, names)
         log.info("[3b] INT8 calibration (%s) on %d image(s) …", args.calib_method, len(calib))
         info = precision.to_int8(fp32_file, os.path.join(tmp, "model.int8.onnx"), calib, args.calib_method, hi,
-                                 high_precision=args.int8_high_precision, cache_dir=cache_dir())
+                                 high_precision=args.int8_high_precision, cache_dir=cache_dir(),
+                                 keep_float=tuple(args.int8_keep_float))
         info["calibration_data"] = os.path.abspath(args.calib_data)
     else:
         log.info("[3b] FP16 conversion …")

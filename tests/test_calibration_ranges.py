@@ -119,3 +119,22 @@ def test_ranges_cache_and_fp32_remainder(tiny_onnx, tmp_path, monkeypatch):
     assert info["high_precision"] == "fp32" and [o.version for o in model.opset_import if o.domain == ""] == [18]
     assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_keep_float_leaves_named_layers_unquantized(tiny_onnx, tmp_path):
+    path, _ = tiny_onnx
+    data = images(3, 56, seed=8)
+    dst = tmp_path / "int8.onnx"
+    info = precision.to_int8(path, str(dst), data, "minmax", 1, cache_dir=str(tmp_path / "c"),
+                             keep_float=("mlp.c_proj",))
+    model = onnx.load(str(dst))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    fed_by_dq = lambda n: any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"  # noqa
+                              for i in n.input)
+    proj = [n for n in model.graph.node if "mlp.c_proj" in precision._scopes(n) and n.op_type == "MatMul"]
+    fc = [n for n in model.graph.node if "mlp.c_fc" in precision._scopes(n) and n.op_type == "MatMul"]
+    assert proj and fc and not any(fed_by_dq(n) for n in proj) and all(fed_by_dq(n) for n in fc)
+    assert info["kept_float"] == ["mlp.c_proj"] and info["quantized_nodes"] == len(
+        precision.linear_nodes(onnx.load(path))) - len(proj)
+    with pytest.raises(precision.ClipadError, match="matches no linear layer"):
+        precision.to_int8(path, str(tmp_path / "x.onnx"), data, "minmax", 1, keep_float=("no.such.module",))
