@@ -134,7 +134,9 @@ def test_keep_float_leaves_named_layers_unquantized(tiny_onnx, tmp_path):
     proj = [n for n in model.graph.node if "mlp.c_proj" in precision._scopes(n) and n.op_type == "MatMul"]
     fc = [n for n in model.graph.node if "mlp.c_fc" in precision._scopes(n) and n.op_type == "MatMul"]
     assert proj and fc and not any(fed_by_dq(n) for n in proj) and all(fed_by_dq(n) for n in fc)
-    assert info["kept_float"] == ["mlp.c_proj"] and info["quantized_nodes"] == len(
-        precision.linear_nodes(onnx.load(path))) - len(proj)
+    graph = onnx.load(path)
+    float_nodes = {n.name for n in proj} | (precision.head_feeding_linears(graph) & set(precision.linear_nodes(graph)))
+    assert info["kept_float"] == ["mlp.c_proj"] and set(info["kept_float_nodes"]) == float_nodes
+    assert info["quantized_nodes"] == len(precision.linear_nodes(graph)) - len(float_nodes)
     with pytest.raises(precision.ClipadError, match="matches no linear layer"):
         precision.to_int8(path, str(tmp_path / "x.onnx"), data, "minmax", 1, keep_float=("no.such.module",))
