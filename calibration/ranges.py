@@ -86,11 +86,11 @@ class RangeCollector:
 
 
 def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict], method: str, total: int | None = None,
-                   threads: int | None = None, optimize: bool = True):
+                   optimize: bool = True):
     """Run the FP32 model over ``batches`` (input feeds) and return onnxruntime ``TensorsData`` for ``tensors``.
 
-    ``optimize=False`` runs the graph unfused, as onnxruntime's calibrators do; fused kernels (the default, several
-    times faster on CPU) round some activations differently in the last bit."""
+    ``optimize=False`` runs the graph unfused, as onnxruntime's calibrators do; the default runs onnxruntime's fused
+    kernels, which round some activations differently in the last bit."""
     import onnxruntime as ort
     from tqdm import tqdm
 
@@ -102,8 +102,6 @@ def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict],
         opts.enable_cpu_mem_arena = False  # outputs are fresh each batch; an arena only grows
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         for feed in tqdm(batches, total=total, desc=f"INT8 calibration ({method})", unit="batch", leave=False):
             collector.add(dict(zip(tensors, sess.run(tensors, feed))))
