@@ -24,11 +24,16 @@ HISTOGRAM_DEFAULTS = {"entropy": {"num_bins": 128, "num_quantized_bins": 128, "p
                       "percentile": {"num_bins": 2048, "num_quantized_bins": 128, "percentile": 99.999}}
 
 
+def constant_names(model) -> set[str]:
+    """Initializers and Constant-node outputs: the tensors that are weights, not activations."""
+    return {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+
 def activation_tensors(model, node_names: Iterable[str]) -> list[str]:
     """The float activations (non-constant inputs and outputs) of the named nodes, in graph order."""
     wanted = set(node_names)
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(model)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
     seen, names = set(), []

@@ -68,8 +68,9 @@ def head_feeding_linears(model) -> set[str]:
     """Linear layers whose output reaches the head through data movement, L2 normalisation or a bias add only: the
     final projections into the text-anchor space. Their error lands on the anomaly map undamped, so INT8 leaves them float (Crane on
     magnetic_tile: map Pearson min 0.986 with them quantized, 0.998 kept float)."""
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    from clipad.calibration.ranges import constant_names
+
+    consts = constant_names(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     head = set(head_nodes(model))
     todo = [i for n in model.graph.node if n.name in head for i in n.input]
@@ -89,8 +90,9 @@ def head_feeding_linears(model) -> set[str]:
 def linear_nodes(model, keep_float: tuple[str, ...] = ()) -> list[str]:
     """MatMul/Gemm/Conv nodes with a constant weight input, outside the head and outside any module whose scope
     contains one of ``keep_float`` (e.g. "mlp.c_proj")."""
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    from clipad.calibration.ranges import constant_names
+
+    consts = constant_names(model)
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
             and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)
             and not any(k in _scopes(n) for k in keep_float)]
