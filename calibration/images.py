@@ -1,4 +1,5 @@
-"""Calibration image sets: the runtime's own preprocessing, a progress bar, and a cache of the prepared tensors."""
+"""Image sets prepared with the runtime's own preprocessing: INT8 calibration sets (progress bar, cache of the
+prepared tensors, hold-out for the accuracy gate) and the verify sets of the export's gates."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +8,7 @@ import os
 
 import numpy as np
 
+from clipad.runtime.atomic import write_atomic
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.preprocess import prepare
 
@@ -57,10 +59,24 @@ def load_set(folder: str, size: int, cache_dir: str | None = None, min_images: i
     for i, f in enumerate(tqdm(files, desc="preparing images", unit="img", leave=False)):
         out[i] = prepare(f, size)
     if cache:
-        tmp = cache + ".tmp.npy"
-        np.save(tmp, out)
-        os.replace(tmp, cache)
+        write_atomic(cache, lambda fh: np.save(fh, out, allow_pickle=False))
     return out, files
+
+
+def load_verify_set(folder: str | None, size: int) -> tuple[np.ndarray, list[str]]:
+    """The gates' verify images: every file of ``folder`` (sorted), or three generated sample images."""
+    from .samples import synthetic_image
+
+    if folder is None:
+        images = [synthetic_image(i, seed=7)[0] for i in range(3)]
+        return np.stack([prepare(im, size) for im in images]), [f"generated:{i}" for i in range(3)]
+    if not os.path.isdir(folder):
+        raise ClipadError(f"--verify-images {folder}: not a directory")
+    names = sorted(f for f in os.listdir(folder) if not f.startswith(".")
+                   and os.path.isfile(os.path.join(folder, f)))
+    if not names:
+        raise ClipadError(f"--verify-images {folder}: no files")
+    return np.stack([prepare(os.path.join(folder, f), size) for f in names]), names
 
 
 def split_holdout(data: np.ndarray, names: list[str], every: int = 5, minimum: int = 3):

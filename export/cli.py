@@ -7,6 +7,9 @@ import sys
 
 from clipad.runtime.errors import run_cli
 
+from .models.registry import KINDS
+from .options import CalibrationOptions, EngineOptions, ExportOptions, ModelOptions, parse_batch
+
 EPILOG = """\
 examples:
   export-engine --model crane --ckpt trained_on_mvtec_crane/epoch_5.pth --clip-weights ViT-L-14-336px.pt --output crane_l14
@@ -42,7 +45,8 @@ def parse_args(argv):
                                              "ONNX with baked text anchors, verified against the torch reference, "
                                              "optionally as FP16/INT8 ONNX and TensorRT engines.",
                                  epilog=EPILOG)
-    ap.add_argument("--model", choices=["aaclip", "crane", "clip"], help="model kind (required unless --from-onnx)")
+    ap.add_argument("--model", choices=list(KINDS), help="model kind (required unless --from-onnx): " + "; ".join(
+        f"{k.name}: {k.summary}" for k in KINDS.values()))
     ap.add_argument("--ckpt", help="AA-CLIP: the training save folder (text_adapter.pth + image_adapter_<N>.pth); "
                                    "Crane: an epoch_N.pth prompt checkpoint. Required for aaclip and crane.")
     ap.add_argument("--epoch", type=int, help="AA-CLIP: image_adapter epoch to use (default: the latest)")
@@ -107,14 +111,32 @@ def parse_args(argv):
     return args
 
 
-def dispatch(args) -> int:
-    if args.from_onnx:
-        from .engine_step import build_from_onnx
+def options(args) -> ExportOptions:
+    """The parsed command line as the orchestrator's typed options."""
+    model = None
+    if not args.from_onnx:
+        model = ModelOptions(kind=args.model, ckpt=args.ckpt, epoch=args.epoch, clip_weights=args.clip_weights,
+                             random_init=args.random_init, seed=args.seed, arch=args.arch,
+                             image_size=args.image_size, class_names=args.class_names, dataset=args.dataset,
+                             domain=args.domain,
+                             quick_gelu=None if args.activation is None else args.activation == "quick_gelu")
+    return ExportOptions(
+        output=args.from_onnx or args.output, model=model, batch=parse_batch(args.batch, args.dynamic_batch),
+        verify_images=args.verify_images, precision=args.precision,
+        calibration=CalibrationOptions(data=args.calib_data, method=args.calib_method,
+                                       high_precision=args.int8_high_precision,
+                                       keep_float=tuple(args.int8_keep_float)),
+        accept_accuracy_loss=args.accept_accuracy_loss,
+        engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
+                             compute_capability=args.compute_capability, workspace_gb=args.workspace,
+                             timing_cache=args.timing_cache, version_compatible=args.version_compatible),
+        threads=args.threads)
 
-        return build_from_onnx(args)
+
+def dispatch(args) -> int:
     from .pipeline import run
 
-    return run(args)
+    return run(options(args))
 
 
 def main(argv=None) -> int:

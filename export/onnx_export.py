@@ -1,4 +1,5 @@
-"""torch → ONNX (opset 18, explicit-matmul attention, single LayerNormalization nodes) and the parity gate."""
+"""torch → ONNX (opset 18, explicit-matmul attention, single LayerNormalization nodes) and the parity gate
+(torch reference vs ONNX Runtime through the one comparator, ``clipad.runtime.compare``)."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +9,15 @@ import warnings
 import numpy as np
 import torch
 
+from clipad.runtime.batching import run_batched
+from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare, gate
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.preprocess import pad_batch
 
 from .models.factory import BuiltDetector
 
 OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
-MAP_RANGE_TOLERANCE = 1e-4   # max |Δmap| / (max(map) − min(map))
-SCORE_TOLERANCE = 1e-5       # max |Δscore|
 
 
 def export_onnx(built: BuiltDetector, path: str, batch_min: int, batch_max: int) -> None:
@@ -57,47 +57,25 @@ def check_graph(path: str) -> None:
         raise ClipadError(f"exported graph breaks TensorRT rules: opset {opset}, ops {sorted(bad)}")
 
 
-def ort_session(path: str, threads: int | None = None):
+def run_onnx(path: str, data: np.ndarray, batch: tuple[int, int], threads: int | None = None):
+    """(anomaly_map, image_score) of an ONNX file on CPU ONNX Runtime, for any number of images."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    maps, scores = run_batched(lambda chunk: session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk}), data, *batch)
+    return maps, scores
 
 
-def parity_report(built: BuiltDetector, onnx_path: str, batch_u8: np.ndarray, batch_max: int) -> dict:
-    """Torch reference vs ONNX Runtime (CPU) on the verify images; raises ClipadError past the tolerances."""
+def parity_gate(built: BuiltDetector, onnx_path: str, data: np.ndarray, names: list[str],
+                batch: tuple[int, int]) -> GateReport:
+    """Torch reference vs ONNX Runtime (CPU) on the verify images, held to the parity limits."""
     from .reference import TorchReference
 
-    ref = TorchReference(built)
-    session = ort_session(onnx_path)
-    worst = {name: {"max_abs": 0.0, "max_rel": 0.0} for name in OUTPUT_NAMES}
-    ranges = []
-    for start in range(0, len(batch_u8), batch_max):
-        chunk = batch_u8[start:start + batch_max]
-        if session.get_inputs()[0].shape[0] == batch_max:
-            chunk = pad_batch(chunk, batch_max)
-        torch_out = ref.run_batch(chunk)
-        ort_out = session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
-        for name, t, o in zip(OUTPUT_NAMES, torch_out, ort_out):
-            diff = np.abs(t.astype(np.float64) - o)
-            worst[name]["max_abs"] = max(worst[name]["max_abs"], float(diff.max()))
-            worst[name]["max_rel"] = max(worst[name]["max_rel"],
-                                         float((diff / np.maximum(np.abs(t), 1e-12)).max()))
-        ranges.append(float(torch_out[0].max() - torch_out[0].min()))
-    map_range = max(max(ranges), 1e-12)
-    report = {"images": int(len(batch_u8)), "backend": "onnxruntime CPUExecutionProvider", **worst,
-              "map_range": map_range,
-              "map_error_over_range": worst["anomaly_map"]["max_abs"] / map_range,
-              "limits": {"map_error_over_range": MAP_RANGE_TOLERANCE, "image_score_max_abs": SCORE_TOLERANCE}}
-    report["passed"] = (report["map_error_over_range"] <= MAP_RANGE_TOLERANCE
-                        and worst["image_score"]["max_abs"] <= SCORE_TOLERANCE)
-    return report
-
-
-def file_entry(path: str, precision: str) -> dict:
-    from clipad.runtime.manifest import sha256_file
-
-    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path), "precision": precision,
-            "format": "onnx", "opset": OPSET}
+    reference = run_batched(TorchReference(built).run_batch, data, *batch)
+    candidate = run_onnx(onnx_path, data, batch)
+    comparison = compare(reference, candidate, names)
+    return gate(comparison, PARITY_LIMITS, "parity", "torch", "onnxruntime CPUExecutionProvider")

@@ -1,5 +1,10 @@
-"""The export run behind ``export-engine``: torch model → FP32 ONNX (+ FP16/INT8) → parity and accuracy gates →
-manifest, written atomically; then an engine build when TensorRT can run here (see engine_step)."""
+"""The one orchestrator behind ``export-engine``: it runs the steps in order and owns the manifest.
+
+From a checkpoint: torch model → FP32 ONNX → parity gate → FP16/INT8 ONNX + accuracy gate → manifest, written
+atomically as a whole folder; then a TensorRT engine when TensorRT can build here. From an existing export
+(``--from-onnx``): add or redo the precision's ONNX, then build its engine. The steps (``onnx_export``,
+``precision_step``, ``tensorrt_build``) take explicit parameters and never import this module.
+"""
 from __future__ import annotations
 
 import datetime
@@ -8,47 +13,112 @@ import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
 
-import numpy as np
-
 from clipad import __version__
-from clipad.runtime import manifest as manifest_io
+from clipad.runtime.atomic import make_temp_dir_beside, replace_dir
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, InputSpec, Manifest, ModelInfo,
+                                     TensorSpec, file_entry, sha256_file)
+
+from .options import ExportOptions
+from .precision_step import INT8_NEEDS_CALIBRATION, onnx_name
 
 log = logging.getLogger("clipad")
 
 
-def batch_range(args) -> tuple[int, int]:
-    if args.dynamic_batch:
-        try:
-            lo, hi = (int(v) for v in args.dynamic_batch.split(":"))
-        except ValueError:
-            raise ClipadError(f"--dynamic-batch {args.dynamic_batch!r}: expected MIN:MAX, e.g. 1:8") from None
-        if not 1 <= lo < hi:
-            raise ClipadError(f"--dynamic-batch {args.dynamic_batch}: need 1 <= MIN < MAX")
-        return lo, hi
-    n = 1 if args.batch is None else args.batch
-    if n < 1:
-        raise ClipadError(f"--batch {n}: must be at least 1")
-    return n, n
+def run(opts: ExportOptions) -> int:
+    return export_from_checkpoint(opts) if opts.model is not None else export_from_onnx(opts)
 
 
-def verify_batch(folder: str | None, size: int) -> tuple[np.ndarray, list[str]]:
-    from clipad.runtime.preprocess import prepare
-    from clipad.runtime.samples import synthetic_image
+# ---- from a training checkpoint --------------------------------------------------------------------------------------
+def export_from_checkpoint(opts: ExportOptions) -> int:
+    import torch
 
-    if folder is None:
-        images = [synthetic_image(i, seed=7)[0] for i in range(3)]
-        return np.stack([prepare(im, size) for im in images]), ["generated:3"]
-    if not os.path.isdir(folder):
-        raise ClipadError(f"--verify-images {folder}: not a directory")
-    names = sorted(f for f in os.listdir(folder) if not f.startswith(".")
-                   and os.path.isfile(os.path.join(folder, f)))
-    if not names:
-        raise ClipadError(f"--verify-images {folder}: no files")
-    return np.stack([prepare(os.path.join(folder, f), size) for f in names]), names
+    from clipad.calibration.images import load_verify_set
+
+    from .models.factory import build_detector
+    from .onnx_export import OPSET, export_onnx, parity_gate
+    from .precision_step import make_precision
+
+    m = opts.model
+    out = os.path.abspath(opts.output)
+    check_output(out)
+    lo, hi = opts.batch
+    require_calibration(opts)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if m.random_init:
+        log.warning("WARNING: --random-init: seeded RANDOM base weights (seed %d). The anomaly maps mean nothing; "
+                    "use this only to try the pipeline. The manifest records it.", m.seed)
+    started = time.perf_counter()
+    log.info("[1/4] building %s on %s at %d px …", m.kind, m.arch, m.image_size)
+    built = build_detector(m.kind, arch=m.arch, image_size=m.image_size, clip_weights=m.clip_weights,
+                           random_init=m.random_init, seed=m.seed, ckpt=m.ckpt, epoch=m.epoch,
+                           class_names=m.class_names, dataset=m.dataset, domain=m.domain, quick_gelu=m.quick_gelu)
+    verify = load_verify_set(opts.verify_images, m.image_size)
+    tmp = make_temp_dir_beside(out, "partial")
+    try:
+        onnx_file = os.path.join(tmp, "model.onnx")
+        t = time.perf_counter()
+        log.info("[2/4] exporting ONNX (opset %d, batch %s) …", OPSET, lo if lo == hi else f"{lo}:{hi}")
+        export_onnx(built, onnx_file, lo, hi)
+        log.info("      %.1f s, %.1f MB", time.perf_counter() - t, os.path.getsize(onnx_file) / 1e6)
+        log.info("[3/4] parity gate: torch reference vs ONNX Runtime on %d image(s) …", len(verify[0]))
+        parity = parity_gate(built, onnx_file, *verify, (lo, hi))
+        c = parity.comparison
+        log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e",
+                 c.anomaly_map.max_abs, c.map_error_over_range, c.image_score.max_abs)
+        if not parity.passed:
+            raise ClipadError(f"parity gate failed: {'; '.join(parity.failures)}; nothing written")
+        del built.module  # free the torch model before the ONNX-only steps
+        manifest = new_manifest(opts, built, onnx_file, parity, time.perf_counter() - started)
+        if opts.precision != "fp32":
+            name, entry, report = make_precision(opts.precision, onnx_file, tmp,
+                                                 None if gates_on_holdout(opts) else verify,
+                                                 (lo, hi), m.image_size, opts.calibration,
+                                                 opts.accept_accuracy_loss)
+            manifest.files[name] = entry
+            manifest.precisions[opts.precision] = report
+        log.info("[4/4] writing manifest …")
+        manifest.write(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info("ONNX export done in %.1f s (peak memory %.0f MB): %s", time.perf_counter() - started, peak_mb, out)
+    rc = engine_step(opts, out, required=False) if opts.engine.build else 0
+    log.info("next: edge-detect --model %s --source IMAGES_OR_VIDEO --save overlays/", opts.output)
+    return rc
+
+
+def new_manifest(opts: ExportOptions, built, onnx_file: str, parity, seconds: float) -> Manifest:
+    from clipad.runtime.preprocess import OPENAI_MEAN, OPENAI_STD
+
+    from .onnx_export import INPUT_NAME, OPSET
+
+    m, (lo, hi) = opts.model, opts.batch
+    s, k = built.image_size, len(built.class_names)
+    batch_dim = lo if lo == hi else "batch"
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(kind=built.kind, arch=built.arch, image_size=s, class_names=built.class_names,
+                        prompt_names=built.prompt_names, domain=built.domain, anchor_sha256=built.anchor_sha256,
+                        random_init=built.random_init, details=dict(built.info)),
+        input=InputSpec(name=INPUT_NAME, dtype="uint8", shape=[batch_dim, s, s, 3], layout="NHWC", color="RGB",
+                        host_preprocessing="PIL bicubic resize (antialiased when shrinking) to SxS, aspect squashed",
+                        in_graph={"scale": 1 / 255, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}),
+        outputs=[TensorSpec("anomaly_map", "float32", [batch_dim, k, s, s]),
+                 TensorSpec("image_score", "float32", [batch_dim, k])],
+        batch=BatchRange(min=lo, max=hi, opt=lo),
+        files={"model.onnx": file_entry(onnx_file, "fp32", OPSET)},
+        sources={"clip_weights": {"random_init": True, "seed": m.seed} if m.random_init else
+                 source_entry(m.clip_weights), "checkpoint": source_entry(m.ckpt)},
+        export={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "versions": versions(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 1), "host": platform.node()},
+        parity=parity)
 
 
 def source_entry(path: str | None) -> dict | None:
@@ -56,9 +126,8 @@ def source_entry(path: str | None) -> dict | None:
         return None
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-        return {"path": os.path.abspath(path),
-                "files": {f: manifest_io.sha256_file(os.path.join(path, f)) for f in files}}
-    return {"path": os.path.abspath(path), "sha256": manifest_io.sha256_file(path)}
+        return {"path": os.path.abspath(path), "files": {f: sha256_file(os.path.join(path, f)) for f in files}}
+    return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
 
 
 def versions() -> dict:
@@ -71,112 +140,104 @@ def versions() -> dict:
             "open_clip": open_clip.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def build_manifest(args, built, lo, hi, onnx_file, parity, seconds) -> dict:
-    from .onnx_export import INPUT_NAME, OPSET, file_entry
-    from clipad.runtime.preprocess import OPENAI_MEAN, OPENAI_STD
-
-    s, k = built.image_size, len(built.class_names)
-    batch_dim = lo if lo == hi else "batch"
-    return {
-        "schema_version": manifest_io.SCHEMA_VERSION,
-        "model": {"kind": built.kind, "arch": built.arch, "image_size": s, "class_names": built.class_names,
-                  "prompt_names": built.prompt_names, "domain": built.domain,
-                  "anchor_sha256": built.anchor_sha256, **built.info},
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": [batch_dim, s, s, 3],
-                  "color": "RGB",
-                  "host_preprocessing": "PIL bicubic resize (antialiased when shrinking) to SxS, aspect squashed",
-                  "in_graph": {"scale": 1 / 255, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}},
-        "outputs": [{"name": "anomaly_map", "dtype": "float32", "shape": [batch_dim, k, s, s]},
-                    {"name": "image_score", "dtype": "float32", "shape": [batch_dim, k]}],
-        "batch": {"min": lo, "max": hi, "opt": lo},
-        "files": {"model.onnx": file_entry(onnx_file, "fp32")},
-        "sources": {"clip_weights": source_entry(args.clip_weights) if not args.random_init else
-                    {"random_init": True, "seed": args.seed}, "checkpoint": source_entry(args.ckpt)},
-        "export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "versions": versions(),
-                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "seconds": round(seconds, 1), "host": platform.node()},
-        "parity": parity,
-        "thresholds": {},
-        "engines": [],
-    }
-
-
-def replace_dir(tmp: str, out: str) -> None:
-    """Swap the finished temp dir into place; an existing export is replaced, anything else is refused."""
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def check_output(out: str) -> None:
     parent = os.path.dirname(out) or "."
     if not os.path.isdir(parent):
         raise ClipadError(f"--output {out}: parent directory {parent} does not exist")
     if os.path.exists(out) and (not os.path.isdir(out) or (
-            os.listdir(out) and not os.path.isfile(os.path.join(out, manifest_io.MANIFEST_NAME)))):
+            os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST_NAME)))):
         raise ClipadError(f"--output {out}: exists and is not an export-engine directory; refusing to replace it")
 
 
-def run(args) -> int:
-    import torch
+# ---- shared by both paths --------------------------------------------------------------------------------------------
+def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -> None:
+    """INT8 ONNX is made from calibration data; only an export that already has model.int8.onnx can do without."""
+    if opts.precision != "int8" or opts.calibration.data:
+        return
+    if manifest is not None and "model.int8.onnx" in manifest.files:
+        return
+    raise ClipadError(INT8_NEEDS_CALIBRATION)
 
-    from .engine_step import maybe_build_engine
-    from .models.factory import build_detector
-    from .onnx_export import export_onnx, parity_report
-    from .precision_step import precision_step
 
-    out = os.path.abspath(args.output)
-    check_output(out)
-    lo, hi = batch_range(args)
-    if args.precision == "int8" and not args.calib_data:
-        raise ClipadError("--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.random_init:
-        log.warning("WARNING: --random-init: seeded RANDOM base weights (seed %d). The anomaly maps mean nothing; "
-                    "use this only to try the pipeline. The manifest records it.", args.seed)
-    started = time.perf_counter()
-    log.info("[1/4] building %s on %s at %d px …", args.model, args.arch, args.image_size)
-    quick = None if args.activation is None else args.activation == "quick_gelu"
-    built = build_detector(args.model, arch=args.arch, image_size=args.image_size, clip_weights=args.clip_weights,
-                           random_init=args.random_init, seed=args.seed, ckpt=args.ckpt, epoch=args.epoch,
-                           class_names=args.class_names, dataset=args.dataset, domain=args.domain,
-                           quick_gelu=quick)
-    verify, verify_names = verify_batch(args.verify_images, args.image_size)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+def gates_on_holdout(opts: ExportOptions) -> bool:
+    """The accuracy gate's images are --verify-images, else for INT8 a hold-out of the calibration set, else the
+    parity images."""
+    return opts.precision == "int8" and not opts.verify_images
+
+
+# ---- on an existing export -------------------------------------------------------------------------------------------
+def export_from_onnx(opts: ExportOptions) -> int:
+    model_dir = os.path.abspath(opts.output)
+    manifest = Manifest.read(model_dir)  # clear errors before importing TensorRT
+    precision_file = onnx_name(opts.precision)
+    if opts.precision != "fp32" and (precision_file not in manifest.files or opts.calibration.data):
+        require_calibration(opts, manifest)
+        add_precision(opts, model_dir, manifest)
+        return engine_step(opts, model_dir, required=False) if opts.engine.build else 0
+    if not opts.engine.build:
+        log.info("%s is already in %s and --no-engine was given: nothing to do", precision_file, model_dir)
+        return 0
+    return engine_step(opts, model_dir, required=True)
+
+
+def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> None:
+    """Add (or redo) model.<precision>.onnx in an existing export, atomically; engines built from the old file of
+    that precision are removed, since they no longer match it."""
+    from clipad.calibration.images import load_verify_set
+
+    from .precision_step import make_precision
+
+    fp32 = manifest.verify_file(model_dir, "model.onnx")
+    size, batch = manifest.image_size, (manifest.batch.min, manifest.batch.max)
+    verify = None if gates_on_holdout(opts) else load_verify_set(opts.verify_images, size)
+    tmp = make_temp_dir_beside(os.path.join(model_dir, "precision"), "partial")
     try:
-        onnx_file = os.path.join(tmp, "model.onnx")
-        t = time.perf_counter()
-        log.info("[2/4] exporting ONNX (opset 18, batch %s) …", lo if lo == hi else f"{lo}:{hi}")
-        export_onnx(built, onnx_file, lo, hi)
-        log.info("      %.1f s, %.1f MB", time.perf_counter() - t, os.path.getsize(onnx_file) / 1e6)
-        log.info("[3/4] parity gate: torch reference vs ONNX Runtime on %d image(s) …", len(verify))
-        parity = parity_report(built, onnx_file, verify, hi)
-        parity["verify_images"] = verify_names
-        log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e",
-                 parity["anomaly_map"]["max_abs"], parity["map_error_over_range"], parity["image_score"]["max_abs"])
-        if not parity["passed"]:
-            raise ClipadError(
-                f"parity gate failed: anomaly_map error {parity['map_error_over_range']:.2e} of range (limit 1e-4), "
-                f"image_score error {parity['image_score']['max_abs']:.2e} (limit 1e-5); nothing written")
-        del built.module  # free the torch model before the ONNX-only steps
-        files, precisions = precision_step(args, built.image_size, tmp, onnx_file, (verify, verify_names), hi)
-        log.info("[4/4] writing manifest …")
-        manifest = build_manifest(args, built, lo, hi, onnx_file, parity, time.perf_counter() - started)
-        manifest["files"].update(files)
-        manifest["precisions"] = precisions
-        manifest_io.write_json_atomic(os.path.join(tmp, manifest_io.MANIFEST_NAME), manifest)
-        replace_dir(tmp, out)
-    except BaseException:
+        name, entry, report = make_precision(opts.precision, fp32, tmp, verify, batch, size,
+                                             opts.calibration, opts.accept_accuracy_loss)
+        os.replace(os.path.join(tmp, name), os.path.join(model_dir, name))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log.info("ONNX export done in %.1f s (peak memory %.0f MB): %s", time.perf_counter() - started, peak_mb, out)
-    rc = 0 if args.no_engine else maybe_build_engine(args, out)
-    log.info("next: edge-detect --model %s --source IMAGES_OR_VIDEO --save overlays/", args.output)
-    return rc
+    stale = [e for e in manifest.engines if e.precision == opts.precision]
+    manifest.files[name] = entry
+    manifest.precisions[opts.precision] = report
+    manifest.engines = [e for e in manifest.engines if e not in stale]
+    manifest.write(model_dir)
+    for entry in stale:
+        log.warning("removed %s: it was built from the previous %s", entry.file, name)
+        try:
+            os.remove(os.path.join(model_dir, entry.file))
+        except FileNotFoundError:
+            pass
+    log.info("%s written into %s", name, model_dir)
+
+
+def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
+    """Build the precision's engine when TensorRT can build here and record it; otherwise print the command to run
+    on the target (or fail, when building was the whole request)."""
+    from .tensorrt_build import build_command, build_engine, resolve_flavor
+
+    e = opts.engine
+    flavor, trt, gpu = resolve_flavor(e.flavor, e.compute_capability)
+    if flavor is None:
+        if required:
+            raise ClipadError("TensorRT cannot build here: no GPU with the tensorrt package, and TensorRT-RTX needs "
+                              "--compute-capability X.Y (pip install tensorrt-rtx-cu13) for an ahead-of-time build")
+        # Printed even with --quiet: it is the one thing the user has to do next.
+        print("No TensorRT build here (no GPU with TensorRT, and no --trt-flavor rtx --compute-capability). "
+              f"On the target run:\n  {build_command(model_dir, opts.precision)}")
+        return 0
+    manifest = Manifest.read(model_dir)
+    name = onnx_name(opts.precision)
+    if name not in manifest.files:
+        raise ClipadError(f"{model_dir}: no {name} in this export; re-run export-engine with --precision "
+                          f"{opts.precision}")
+    onnx_path = manifest.verify_file(model_dir, name)
+    target = e.compute_capability or (gpu or {}).get("compute_capability", "?")
+    log.info("[engine] TensorRT %s %s: %s engine for %s …", flavor, trt.__version__, opts.precision.upper(),
+             f"sm {target}" if not gpu else f"{gpu.get('name')} (sm {gpu.get('compute_capability')})")
+    entry = build_engine(onnx_path, model_dir, opts.precision, manifest.batch, manifest.image_size, flavor, trt,
+                         gpu, e.compute_capability, e.workspace_gb, e.timing_cache, e.version_compatible)
+    manifest.engines = [x for x in manifest.engines if x.file != entry.file] + [entry]
+    manifest.write(model_dir)
+    log.info("         %s (%.1f MB, %.1f s)", entry.file, entry.bytes / 1e6, entry.build_seconds)
+    return 0

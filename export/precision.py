@@ -15,16 +15,15 @@ import os
 
 import numpy as np
 
+from clipad.runtime.batching import chunks
+from clipad.runtime.compare import PRECISION_LIMITS, GateReport, compare, gate
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.preprocess import pad_batch
 
 log = logging.getLogger("clipad")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 HEAD_SCOPE = "core.head"
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
-GATES = {"fp16": {"map_pearson_min": 0.999},
-         "int8": {"map_pearson_min": 0.99, "score_spearman_min": 0.98}}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_FP16_OPSET = 19
 
@@ -117,8 +116,8 @@ def _quiet_preprocess_advice():
 
 
 def _batches(input_name: str, data: np.ndarray, batch: int):
-    for start in range(0, len(data), batch):
-        yield {input_name: pad_batch(data[start:start + batch], batch)}
+    for chunk, _ in chunks(data, batch, batch):
+        yield {input_name: chunk}
 
 
 def _ranges_key(src: str, calib: np.ndarray, method: str, batch: int) -> str:
@@ -234,43 +233,10 @@ def keep_float_consumers(model, quantized: set[str]) -> int:
     return restored
 
 
-def _run(path: str, data: np.ndarray, batch: int):
-    import onnxruntime as ort
+def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np.ndarray, names: list[str],
+                   batch: tuple[int, int]) -> GateReport:
+    """FP32 ONNX vs the precision's ONNX (CPU ONNX Runtime) on the verify images, held to that precision's limits."""
+    from .onnx_export import run_onnx
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    maps, scores = [], []
-    for start in range(0, len(data), batch):
-        chunk = data[start:start + batch]
-        n = len(chunk)
-        m, s = sess.run(["anomaly_map", "image_score"], {"images": pad_batch(chunk, batch)})
-        maps.append(m[:n])
-        scores.append(s[:n])
-    return np.concatenate(maps).astype(np.float64), np.concatenate(scores).astype(np.float64)
-
-
-def accuracy_gate(precision: str, fp32_path: str, low_path: str, data: np.ndarray, names: list[str],
-                  batch: int) -> dict:
-    """Map Pearson per image and class (the minimum counts) and image-score Spearman against FP32."""
-    from scipy.stats import pearsonr, spearmanr
-
-    ref_maps, ref_scores = _run(fp32_path, data, batch)
-    maps, scores = _run(low_path, data, batch)
-    pearson = [float(pearsonr(r.ravel(), m.ravel())[0]) if r.std() > 0 and m.std() > 0 else float("nan")
-               for r, m in zip(ref_maps.reshape(-1, *ref_maps.shape[2:]), maps.reshape(-1, *maps.shape[2:]))]
-    report = {"images": len(data), "verify_images": names[:50], "map_pearson_min": float(np.nanmin(pearson)),
-              "map_pearson_mean": float(np.nanmean(pearson)),
-              "map_max_abs": float(np.abs(ref_maps - maps).max()),
-              "score_max_abs": float(np.abs(ref_scores - scores).max()),
-              # How far apart the FP32 scores are: when their spread is near score_max_abs, ranks are near-ties.
-              "score_fp32_std": float(ref_scores.std(axis=0).min()), "limits": GATES[precision]}
-    if len(data) >= 3:
-        rho = [spearmanr(ref_scores[:, k], scores[:, k])[0] for k in range(ref_scores.shape[1])]
-        report["score_spearman_min"] = float(np.nanmin(rho)) if not np.all(np.isnan(rho)) else float("nan")
-    else:
-        report["score_spearman_min"] = None
-    ok = report["map_pearson_min"] >= GATES[precision]["map_pearson_min"]
-    if "score_spearman_min" in GATES[precision]:
-        rho = report["score_spearman_min"]
-        ok = ok and rho is not None and rho >= GATES[precision]["score_spearman_min"]
-    report["passed"] = bool(ok)
-    return report
+    comparison = compare(run_onnx(fp32_path, data, batch), run_onnx(candidate_path, data, batch), names)
+    return gate(comparison, PRECISION_LIMITS[precision], precision, "onnxruntime fp32", f"onnxruntime {precision}")

@@ -1,17 +1,19 @@
-"""The FP16/INT8 step of ``export-engine``: write model.<precision>.onnx from the FP32 ONNX and gate it.
+"""The FP16/INT8 step: write model.<precision>.onnx from the FP32 ONNX into a folder and gate it against FP32.
 
-It runs inside a fresh export, or on an existing export directory (``--from-onnx DIR --precision int8 --calib-data
-…``: no torch needed), e.g. to calibrate INT8 on the production line's own normal images.
+A leaf of the orchestrator (``pipeline``): explicit parameters in, (file name, manifest entry, report) out. It needs
+no torch, so it also runs on an existing export (``--from-onnx DIR --precision int8 --calib-data …``).
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 
-from clipad.runtime import manifest as manifest_io
+import numpy as np
+
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
+
+from .options import CalibrationOptions
 
 log = logging.getLogger("clipad")
 
@@ -21,97 +23,59 @@ def cache_dir() -> str:
     return os.path.join(base, "clipad", "calibration")
 
 
-def _gate_failure(gate: dict) -> str:
-    rho = gate["score_spearman_min"]
-    text = f"map Pearson min {gate['map_pearson_min']:.5f} (need ≥ {gate['limits']['map_pearson_min']})"
-    if "score_spearman_min" in gate["limits"]:
-        text += (f", score Spearman {rho:.4f}" if rho is not None else
-                 ", score Spearman not computable (fewer than 3 verify images)")
-        text += (f" (need ≥ {gate['limits']['score_spearman_min']}; FP32 score std over the images "
-                 f"{gate['score_fp32_std']:.2e}, max|Δscore| {gate['score_max_abs']:.2e})")
-    return text
+def onnx_name(precision: str) -> str:
+    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
-def precision_step(args, image_size: int, tmp: str, fp32_file: str, verify, hi: int) -> tuple[dict, dict]:
-    """Write model.fp16.onnx / model.int8.onnx into ``tmp`` and gate them against FP32.
+def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[np.ndarray, list[str]],
+                   batch: tuple[int, int], image_size: int, calibration: CalibrationOptions,
+                   accept_accuracy_loss: bool) -> tuple[str, FileEntry, PrecisionReport]:
+    """Write ``out_dir/model.<precision>.onnx`` and gate it; a failing gate raises unless accepted.
 
-    Returns (files entries, precisions report). The gate images are --verify-images if given; otherwise for INT8
-    every fifth calibration image is held back, and FP16 uses the parity images.
+    The gate images are ``verify``; for INT8 without --verify-images (``verify`` is None) every fifth calibration
+    image is held back instead.
     """
     from clipad.calibration.images import load_set, split_holdout
 
-    from . import precision
-    from .onnx_export import file_entry
+    from . import precision as conversions
+    from .onnx_export import OPSET
 
-    if args.precision == "fp32":
-        return {}, {}
-    gate_data, gate_names = verify
-    if args.precision == "int8":
-        if not args.calib_data:
-            raise ClipadError("--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)")
-        calib, names = load_set(args.calib_data, image_size, cache_dir(), min_images=2)
-        if not args.verify_images:
-            calib, names, gate_data, gate_names = split_holdout(calib, names)
-        log.info("[3b] INT8 calibration (%s) on %d image(s) …", args.calib_method, len(calib))
-        info = precision.to_int8(fp32_file, os.path.join(tmp, "model.int8.onnx"), calib, args.calib_method, hi,
-                                 high_precision=args.int8_high_precision, cache_dir=cache_dir(),
-                                 keep_float=tuple(args.int8_keep_float))
-        info["calibration_data"] = os.path.abspath(args.calib_data)
+    name = onnx_name(precision)
+    dst = os.path.join(out_dir, name)
+    if precision == "int8":
+        if not calibration.data:
+            raise ClipadError(INT8_NEEDS_CALIBRATION)
+        calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
+        if verify is None:
+            calib, calib_names, gate_data, gate_names = split_holdout(calib, calib_names)
+        else:
+            gate_data, gate_names = verify
+        log.info("[3b] INT8 calibration (%s) on %d image(s) …", calibration.method, len(calib))
+        conversion = conversions.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
+                                         high_precision=calibration.high_precision, cache_dir=cache_dir(),
+                                         keep_float=tuple(calibration.keep_float))
+        conversion["calibration_data"] = os.path.abspath(calibration.data)
     else:
+        gate_data, gate_names = verify
         log.info("[3b] FP16 conversion …")
-        info = precision.to_fp16(fp32_file, os.path.join(tmp, "model.fp16.onnx"))
-    name = f"model.{args.precision}.onnx"
-    log.info("[3c] %s accuracy gate on %d image(s) …", args.precision.upper(), len(gate_data))
-    gate = precision.accuracy_gate(args.precision, fp32_file, os.path.join(tmp, name), gate_data,
-                                   [os.path.basename(n) for n in gate_names], hi)
-    log.info("      map Pearson min %.5f, score Spearman %s, score max|Δ| %.2e", gate["map_pearson_min"],
-             "n/a" if gate["score_spearman_min"] is None else f"{gate['score_spearman_min']:.4f}",
-             gate["score_max_abs"])
-    if not gate["passed"]:
-        if not args.accept_accuracy_loss:
-            raise ClipadError(f"{args.precision.upper()} accuracy gate failed: {_gate_failure(gate)}; nothing "
-                              f"written (--accept-accuracy-loss to keep it anyway)")
+        conversion = conversions.to_fp16(fp32_file, dst)
+    log.info("[3c] %s accuracy gate on %d image(s) …", precision.upper(), len(gate_data))
+    report = conversions.precision_gate(precision, fp32_file, dst, gate_data,
+                                        [os.path.basename(n) for n in gate_names], batch)
+    c = report.comparison
+    log.info("      map Pearson min %s, score Spearman %s, score max|Δ| %.2e",
+             "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
+             "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}", c.image_score.max_abs)
+    if not report.passed:
+        failures = "; ".join(report.failures)
+        if not accept_accuracy_loss:
+            raise ClipadError(f"{precision.upper()} accuracy gate failed: {failures}; nothing written "
+                              f"(--accept-accuracy-loss to keep it anyway)")
         log.warning("WARNING: %s accuracy gate failed (%s); kept because of --accept-accuracy-loss",
-                    args.precision.upper(), _gate_failure(gate))
-        gate["accepted_despite_failure"] = True
-    return {name: file_entry(os.path.join(tmp, name), args.precision)}, {args.precision: {**info, "gate": gate}}
+                    precision.upper(), failures)
+        report.accepted_despite_failure = True
+    opset = conversions.INT8_FP16_OPSET if precision == "int8" and calibration.high_precision == "fp16" else OPSET
+    return name, file_entry(dst, precision, opset), PrecisionReport(gate=report, conversion=conversion)
 
 
-def needs_precision_step(args, manifest: dict) -> bool:
-    """--from-onnx: (re)make the precision's ONNX when it is missing, or when new calibration data is given."""
-    if args.precision == "fp32":
-        return False
-    return f"model.{args.precision}.onnx" not in manifest["files"] or bool(args.calib_data)
-
-
-def add_precision(args, model_dir: str) -> None:
-    """Add (or redo) model.<precision>.onnx in an existing export, atomically; engines built from the old file of
-    that precision are removed, since they no longer match it."""
-    from .pipeline import verify_batch
-
-    manifest = manifest_io.read(model_dir)
-    if manifest["schema_version"] != manifest_io.SCHEMA_VERSION:
-        raise ClipadError(f"{model_dir}: manifest schema {manifest['schema_version']} was written by another "
-                          f"clipad-edge version; re-export with this one")
-    fp32 = manifest_io.verify_file(model_dir, manifest, "model.onnx")
-    size, hi = manifest["model"]["image_size"], manifest["batch"]["max"]
-    verify = verify_batch(args.verify_images, size)
-    tmp = tempfile.mkdtemp(prefix=".precision.partial-", dir=model_dir)
-    try:
-        files, report = precision_step(args, size, tmp, fp32, verify, hi)
-        name = f"model.{args.precision}.onnx"
-        stale = [e for e in manifest.get("engines", []) if e.get("precision") == args.precision]
-        os.replace(os.path.join(tmp, name), os.path.join(model_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    manifest["files"].update(files)
-    manifest.setdefault("precisions", {}).update(report)
-    manifest["engines"] = [e for e in manifest.get("engines", []) if e not in stale]
-    manifest_io.write_json_atomic(os.path.join(model_dir, manifest_io.MANIFEST_NAME), manifest)
-    for entry in stale:
-        log.warning("removed %s: it was built from the previous %s", entry["file"], name)
-        try:
-            os.remove(os.path.join(model_dir, entry["file"]))
-        except FileNotFoundError:
-            pass
-    log.info("%s written into %s", name, model_dir)
+INT8_NEEDS_CALIBRATION = "--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)"

@@ -11,10 +11,11 @@ import datetime
 import importlib
 import logging
 import os
-import tempfile
 import time
 
+from clipad.runtime.atomic import write_bytes_atomic
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.manifest import BatchRange, EngineEntry, EngineTarget, sha256_file
 
 log = logging.getLogger("clipad")
 FLAVORS = ("auto", "tensorrt", "rtx")
@@ -73,24 +74,10 @@ def engine_name(precision: str, flavor: str, cc: str) -> str:
     return f"model.{precision}.{flavor}-sm{cc.replace('.', '')}.engine"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".engine", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def build_engine(onnx_path: str, out_dir: str, precision: str, batch: dict, image_size: int, flavor: str, trt,
+def build_engine(onnx_path: str, out_dir: str, precision: str, batch: BatchRange, image_size: int, flavor: str, trt,
                  gpu: dict | None, compute_capability: str | None = None, workspace_gb: float = 4.0,
-                 timing_cache: str | None = None, version_compatible: bool = False) -> dict:
+                 timing_cache: str | None = None, version_compatible: bool = False) -> EngineEntry:
     """Build, write the plan atomically into ``out_dir``, and return its manifest entry."""
-    from clipad.runtime.manifest import sha256_file
-
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -103,7 +90,7 @@ def build_engine(onnx_path: str, out_dir: str, precision: str, batch: dict, imag
     profile = builder.create_optimization_profile()
     inp = network.get_input(0)
     shape = lambda n: (n, image_size, image_size, 3)  # noqa: E731
-    profile.set_shape(inp.name, shape(batch["min"]), shape(batch.get("opt", batch["min"])), shape(batch["max"]))
+    profile.set_shape(inp.name, shape(batch.min), shape(batch.opt), shape(batch.max))
     config.add_optimization_profile(profile)
 
     if flavor == "rtx":
@@ -137,14 +124,15 @@ def build_engine(onnx_path: str, out_dir: str, precision: str, batch: dict, imag
         raise ClipadError(f"TensorRT ({flavor} {trt.__version__}) failed to build an engine from {onnx_path}")
     name = engine_name(precision, flavor, cc)
     path = os.path.join(out_dir, name)
-    _write_atomic(path, bytes(plan))
+    write_bytes_atomic(path, bytes(plan), durable=True)
     if cache is not None:
-        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return {"file": name, "precision": precision, "flavor": flavor, "trt_version": trt.__version__,
-            "target": {"compute_capability": cc, "gpu_name": None if gpu is None else gpu.get("name"),
-                       "aot": flavor == "rtx" and gpu is None},
-            "onnx": os.path.basename(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-            "sha256": sha256_file(path), "bytes": os.path.getsize(path), "batch": dict(batch),
-            "version_compatible": bool(version_compatible), "build_seconds": round(seconds, 2),
-            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_command": build_command(out_dir, precision, flavor, compute_capability)}
+        write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()), durable=True)
+    return EngineEntry(
+        file=name, precision=precision, flavor=flavor, trt_version=str(trt.__version__),
+        target=EngineTarget(compute_capability=cc, gpu_name=None if gpu is None else gpu.get("name"),
+                            aot=flavor == "rtx" and gpu is None),
+        onnx=os.path.basename(onnx_path), onnx_sha256=sha256_file(onnx_path), sha256=sha256_file(path),
+        bytes=os.path.getsize(path), batch=BatchRange(batch.min, batch.max, batch.opt),
+        version_compatible=bool(version_compatible), build_seconds=round(seconds, 2),
+        built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        build_command=build_command(out_dir, precision, flavor, compute_capability))

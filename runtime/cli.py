@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 
+import numpy as np
+
+from .decision import check_threshold
 from .errors import ClipadError, run_cli
 
 EPILOG = """\
@@ -20,7 +24,9 @@ examples:
 outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
 writes the raw SxS float32 map of the selected class as .npy; --jsonl writes one JSON line per input or frame:
 {"source","frame","class_name","score","map_max","label","latency_ms":{"pre","infer","post"},"error"}.
-Unreadable inputs are reported (error set) and the run continues. Ctrl-C (or q/Esc in the window) stops cleanly.
+Unreadable inputs are reported (error set) and the run continues. A model output that is not finite (NaN/inf) is
+labelled NG with error set, never OK; its score and map_max are written as null (every line is strict JSON).
+Ctrl-C (or q/Esc in the window) stops cleanly.
 """
 
 log = logging.getLogger("clipad")
@@ -38,7 +44,9 @@ def parse_args(argv):
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
                     help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime)")
     ap.add_argument("--class-name", help="which baked class to report (default: the first)")
-    ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG (default: from calibration)")
+    ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG: NG when score >= threshold "
+                                                    "(default: the manifest's calibrated threshold if it has one, "
+                                                    "else no OK/NG)")
     ap.add_argument("--show", action="store_true", help="show a window with overlay, score, OK/NG and FPS")
     ap.add_argument("--save", metavar="DIR", help="write overlay images here")
     ap.add_argument("--save-maps", metavar="DIR", help="write raw SxS float32 maps (.npy) here")
@@ -47,7 +55,9 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
                                                      "best one for this GPU)")
-    ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph")
+    ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph "
+                                                              "(TensorRT-RTX: its built-in capture)")
+    ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return ap.parse_args(argv)
 
@@ -65,13 +75,18 @@ def open_window():
     return cv2
 
 
-def display_range(detector, anomaly_map):
-    """Fixed range from calibration when the manifest has one, else this frame's own min-max (relative map)."""
-    rng = detector.manifest.get("display_range", {}).get(detector.class_names[0]) \
-        if isinstance(detector.manifest.get("display_range"), dict) else None
-    if rng:
-        return float(rng[0]), float(rng[1])
-    return float(anomaly_map.min()), float(anomaly_map.max())
+def display_range(detector, class_name: str, anomaly_map):
+    """The selected class's fixed range from calibration when the manifest has one, else this frame's own min-max
+    (a relative map). Non-finite values are ignored."""
+    fixed = detector.manifest.class_thresholds(class_name).display_range
+    if fixed and len(fixed) == 2:
+        return float(fixed[0]), float(fixed[1])
+    finite = anomaly_map[np.isfinite(anomaly_map)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+def _finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None
 
 
 def record(frame, class_name, pred=None, error=None, post_ms=0.0):
@@ -80,8 +95,10 @@ def record(frame, class_name, pred=None, error=None, post_ms=0.0):
         lat["post"] = round(lat["post"] + post_ms, 3)
         lat = {k: round(v, 3) for k, v in lat.items()}
     return {"source": frame.source, "frame": frame.frame, "class_name": class_name,
-            "score": None if pred is None else pred.score, "map_max": None if pred is None else pred.map_max,
-            "label": None if pred is None else pred.label, "latency_ms": lat, "error": error}
+            "score": None if pred is None else _finite_or_none(pred.score),
+            "map_max": None if pred is None else _finite_or_none(pred.map_max),
+            "label": None if pred is None else pred.label, "latency_ms": lat,
+            "error": error if error is not None or pred is None else pred.error}
 
 
 def run(args) -> int:
@@ -91,18 +108,19 @@ def run(args) -> int:
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ClipadError("--max-frames must be at least 1")
+    check_threshold(args.threshold)
     for folder in (args.save, args.save_maps):
         if folder:
             os.makedirs(folder, exist_ok=True)
     detector = Detector.open(args.model, backend=args.backend, threads=args.threads, engine_file=args.engine,
-                             cuda_graph=args.cuda_graph or None)
+                             cuda_graph=args.cuda_graph or None, device=args.device)
     class_name = detector.class_names[detector.class_index(args.class_name)]
     threshold = detector.threshold(class_name, args.threshold)
     cv2 = open_window() if args.show else None
     source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames)
     if not args.quiet:
         log.info("model %s (%s, %s) on %s; class %r; threshold %s", args.model, detector.kind,
-                 detector.manifest["model"]["arch"], detector.backend.description, class_name,
+                 detector.manifest.model.arch, detector.backend.description, class_name,
                  "none (no OK/NG)" if threshold is None else threshold)
     jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
     progress = None
@@ -110,7 +128,7 @@ def run(args) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=source.total, unit="img", dynamic_ncols=True, file=sys.stderr)
-    done = errors = 0
+    done = errors = nonfinite = 0
     fps, last = 0.0, time.perf_counter()
     interrupted = False
     try:
@@ -134,7 +152,7 @@ def run(args) -> int:
                         lines.append(pred.label)
                     if source.is_live:
                         lines.append(f"{fps:.1f} FPS")
-                    low, high = display_range(detector, pred.anomaly_map)
+                    low, high = display_range(detector, class_name, pred.anomaly_map)
                     shown = postprocess.overlay(frame.image, pred.anomaly_map, low, high, text_lines=lines,
                                                 label=pred.label)
                     if args.save:
@@ -144,11 +162,14 @@ def run(args) -> int:
                         if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                             break
                 post_ms = 1e3 * (time.perf_counter() - t)
+                if pred.error is not None:
+                    nonfinite += 1
+                    log.debug("%s: %s", frame.source, pred.error)
             else:
                 errors += 1
                 log.debug("%s: %s", frame.source, error)
             if jsonl:
-                jsonl.write(json.dumps(record(frame, class_name, pred, error, post_ms)) + "\n")
+                jsonl.write(json.dumps(record(frame, class_name, pred, error, post_ms), allow_nan=False) + "\n")
             done += 1
             if progress:
                 progress.update(1)
@@ -164,7 +185,8 @@ def run(args) -> int:
             cv2.destroyAllWindows()
         detector.close()
     if not args.quiet:
-        log.info("%s%d input(s), %d unreadable%s", "stopped: " if interrupted else "", done, errors,
+        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted else "", done, errors,
+                 f", {nonfinite} with non-finite model output (labelled NG)" if nonfinite else "",
                  f"; JSONL: {args.jsonl}" if args.jsonl else "")
     if interrupted:
         return 0 if source.is_live else 130

@@ -1,21 +1,27 @@
-"""The versioned ``manifest.json`` sidecar: the only thing the runtime reads about a model.
+"""The versioned ``manifest.json`` sidecar, as one typed schema: the only thing the runtime reads about a model.
 
 Written by ``export-engine`` next to the model files (nothing is ever prepended to an ONNX or engine file, so
-trtexec / DeepStream can load them as they are). Hashes tie the manifest to the exact model files.
+trtexec / DeepStream load them as they are); hashes tie it to the exact files. Every writer and reader goes through
+``Manifest.read`` / ``Manifest.write``: one version check, one validation, one atomic writer.
+
+Versions: 2 is current. 1 (clipad-edge 0.1.0) is read and upgraded in memory (its reports get the comparator's shape);
+the next write stores version 2. A newer version than this runtime knows is refused with a one-line error.
+Fields added later without breaking readers keep the version; unknown keys are preserved on rewrite.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
-from typing import Any
+from dataclasses import dataclass, field
 
+from . import schema
+from .atomic import write_json_atomic
+from .compare import Comparison, GateLimits, GateReport, OutputError
 from .errors import ClipadError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-REQUIRED = ("schema_version", "model", "input", "outputs", "files")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -26,50 +32,252 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _plain_file_name(name: str, where: str) -> None:
+    """Model files live in the model folder itself: a path, '..' or an absolute name is refused."""
+    if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name or "\0" in name:
+        raise schema.SchemaError(f"{where}: {name!r} is not a plain file name inside the model folder")
 
 
-def read(model_dir: str) -> dict:
-    """Load and validate ``model_dir/manifest.json`` (schema only; see ``verify_file`` for hashes)."""
-    path = os.path.join(model_dir, MANIFEST_NAME)
-    if not os.path.isdir(model_dir):
-        raise ClipadError(f"--model {model_dir}: no such model directory")
-    if not os.path.isfile(path):
-        raise ClipadError(f"--model {model_dir}: no {MANIFEST_NAME} (not a directory written by export-engine)")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ClipadError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
-        missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
-        raise ClipadError(f"{path}: not a clipad manifest (missing {', '.join(missing)})")
-    version = data["schema_version"]
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ClipadError(f"{path}: schema_version {version} is newer than this runtime supports "
-                          f"({SCHEMA_VERSION}); upgrade clipad-edge")
-    return data
+@dataclass
+class BatchRange:
+    min: int
+    max: int
+    opt: int
+
+    def validate(self, where: str) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise schema.SchemaError(f"{where}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
 
 
-def verify_file(model_dir: str, manifest: dict, name: str) -> str:
-    """Path of a model file listed in the manifest, after checking its size and sha256."""
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise ClipadError(f"{model_dir}: manifest lists no file {name!r} (has: {', '.join(manifest['files'])})")
-    path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
-        raise ClipadError(f"{path}: listed in the manifest but missing")
-    if os.path.getsize(path) != entry.get("bytes", os.path.getsize(path)) or sha256_file(path) != entry["sha256"]:
-        raise ClipadError(f"{path}: sha256 does not match the manifest (file changed or truncated); re-export")
-    return path
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]      # "batch" for a dynamic batch dimension
+
+
+@dataclass
+class InputSpec(TensorSpec):
+    layout: str = "NHWC"
+    color: str = "RGB"
+    host_preprocessing: str = ""
+    in_graph: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelInfo:
+    kind: str
+    arch: str
+    image_size: int
+    class_names: list[str]
+    prompt_names: list[str] = field(default_factory=list)
+    domain: str | None = None
+    anchor_sha256: str = ""
+    random_init: bool = False
+    details: dict = field(default_factory=dict)   # model-kind provenance (weights format, checkpoint epoch, blur …)
+
+    def validate(self, where: str) -> None:
+        if not self.class_names:
+            raise schema.SchemaError(f"{where}.class_names: empty")
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    bytes: int
+    precision: str
+    format: str = "onnx"
+    opset: int | None = None
+
+
+@dataclass
+class EngineTarget:
+    compute_capability: str
+    gpu_name: str | None = None
+    aot: bool = False
+
+
+@dataclass
+class EngineEntry:
+    file: str
+    precision: str
+    flavor: str
+    trt_version: str
+    target: EngineTarget
+    sha256: str
+    bytes: int
+    batch: BatchRange
+    onnx: str = "model.onnx"
+    onnx_sha256: str = ""
+    version_compatible: bool = False
+    build_seconds: float | None = None
+    built: str | None = None
+    build_command: str | None = None
+
+    def validate(self, where: str) -> None:
+        _plain_file_name(self.file, f"{where}.file")
+
+
+@dataclass
+class PrecisionReport:
+    gate: GateReport
+    conversion: dict = field(default_factory=dict)   # what the converter did (tool, kept-float nodes, calibration …)
+
+
+@dataclass
+class ClassThresholds:
+    """Per class; the calibration step (edge-calibrate) fills these. ``display_range`` fixes the overlay colours."""
+    image: float | None = None
+    pixel: float | None = None
+    display_range: list[float] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    model: ModelInfo
+    input: InputSpec
+    outputs: list[TensorSpec]
+    batch: BatchRange
+    files: dict[str, FileEntry]
+    sources: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)
+    parity: GateReport | None = None
+    precisions: dict[str, PrecisionReport] = field(default_factory=dict)
+    thresholds: dict[str, ClassThresholds] = field(default_factory=dict)
+    engines: list[EngineEntry] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        for name in self.files:
+            _plain_file_name(name, f"{where}.files")
+        if "model.onnx" not in self.files:
+            raise schema.SchemaError(f"{where}.files: no model.onnx entry")
+
+    # ---- reading and writing ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data, where: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise ClipadError(f"{where}: not a clipad manifest (no schema_version)")
+        version = data["schema_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ClipadError(f"{where}: schema_version {version!r} is not a version number")
+        if version > SCHEMA_VERSION:
+            raise ClipadError(f"{where}: schema_version {version} is newer than this clipad-edge supports "
+                              f"({SCHEMA_VERSION}); upgrade clipad-edge")
+        if version == 1:
+            data = upgrade_v1(data)
+        try:
+            return schema.load(cls, data, "manifest")
+        except schema.SchemaError as exc:
+            raise ClipadError(f"{where}: invalid manifest: {exc}; re-export with export-engine") from None
+
+    def to_dict(self) -> dict:
+        out = schema.dump(self)
+        out["schema_version"] = SCHEMA_VERSION
+        return out
+
+    @classmethod
+    def read(cls, model_dir: str) -> "Manifest":
+        """``model_dir/manifest.json``, validated (schema only; ``verify_file`` checks hashes)."""
+        path = os.path.join(model_dir, MANIFEST_NAME)
+        if not os.path.isdir(model_dir):
+            raise ClipadError(f"--model {model_dir}: no such model directory")
+        if not os.path.isfile(path):
+            raise ClipadError(f"--model {model_dir}: no {MANIFEST_NAME} (not a directory written by export-engine)")
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ClipadError(f"{path}: unreadable manifest ({exc})") from None
+        return cls.from_dict(data, path)
+
+    def write(self, model_dir: str) -> str:
+        """Atomically (temp file + rename) replace ``model_dir/manifest.json``."""
+        return write_json_atomic(os.path.join(model_dir, MANIFEST_NAME), self.to_dict())
+
+    # ---- helpers every consumer needs ------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    def class_thresholds(self, class_name: str) -> ClassThresholds:
+        return self.thresholds.get(class_name) or ClassThresholds()
+
+    def verify_file(self, model_dir: str, name: str) -> str:
+        """Path of a model file listed in the manifest, after checking its size and sha256."""
+        entry = self.files.get(name)
+        if entry is None:
+            raise ClipadError(f"{model_dir}: manifest lists no file {name!r} (has: {', '.join(self.files)})")
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise ClipadError(f"{path}: listed in the manifest but missing")
+        if os.path.getsize(path) != entry.bytes or sha256_file(path) != entry.sha256:
+            raise ClipadError(f"{path}: sha256 does not match the manifest (file changed or truncated); re-export")
+        return path
+
+
+def file_entry(path: str, precision: str, opset: int | None) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), bytes=os.path.getsize(path), precision=precision, opset=opset)
+
+
+# ---- version 1 (clipad-edge 0.1.0) -----------------------------------------------------------------------------------
+_V1_MODEL_KEYS = ("kind", "arch", "image_size", "class_names", "prompt_names", "domain", "anchor_sha256",
+                  "random_init")
+
+
+def _v1_gate(old: dict, name: str, reference: str, candidate: str) -> dict:
+    """A version-1 parity or precision-gate report in the comparator's shape (per-image lists were not stored)."""
+    limits = old.get("limits") or {}
+    names = list(old.get("verify_images") or [])
+    amap, score = old.get("anomaly_map") or {}, old.get("image_score") or {}
+    comparison = Comparison(
+        images=int(old.get("images", 0)), names=names,
+        anomaly_map=OutputError(amap.get("max_abs", old.get("map_max_abs", 0.0)), amap.get("max_rel", 0.0)),
+        image_score=OutputError(score.get("max_abs", old.get("score_max_abs", 0.0)), score.get("max_rel", 0.0)),
+        map_range=old.get("map_range", 0.0), map_pearson=[],
+        map_pearson_min=old.get("map_pearson_min"), map_pearson_mean=old.get("map_pearson_mean"),
+        score_spearman=old.get("score_spearman_min"), score_reference_std=old.get("score_fp32_std", 0.0),
+        nonfinite_images={"reference": [], "candidate": []}, constant_map_images=[])
+    gate_limits = GateLimits(map_error_over_range=limits.get("map_error_over_range"),
+                             score_max_abs=limits.get("image_score_max_abs"),
+                             map_pearson_min=limits.get("map_pearson_min"),
+                             score_spearman_min=limits.get("score_spearman_min"))
+    report = GateReport(name=name, reference=reference, candidate=candidate, comparison=comparison,
+                        limits=gate_limits, passed=bool(old.get("passed")),
+                        accepted_despite_failure=bool(old.get("accepted_despite_failure", False)))
+    return schema.dump(report)
+
+
+def upgrade_v1(data: dict) -> dict:
+    """Version 1 → 2: model provenance moves under ``model.details``, reports take the comparator's shape."""
+    out = dict(data)
+    model = dict(data.get("model") or {})
+    out["model"] = {k: model[k] for k in _V1_MODEL_KEYS if k in model}
+    out["model"]["details"] = {k: v for k, v in model.items() if k not in _V1_MODEL_KEYS}
+    if "image_size" not in out["model"]:
+        shape = (data.get("input") or {}).get("shape") or [None, None]
+        out["model"]["image_size"] = shape[1]
+    if isinstance(data.get("parity"), dict):
+        out["parity"] = _v1_gate(data["parity"], "parity", "torch", data["parity"].get("backend", "onnxruntime"))
+    precisions = {}
+    for precision, info in (data.get("precisions") or {}).items():
+        info = dict(info)
+        gate = info.pop("gate", {})
+        precisions[precision] = {"gate": _v1_gate(gate, precision, "onnxruntime fp32",
+                                                  f"onnxruntime {precision}"), "conversion": info}
+    out["precisions"] = precisions
+    thresholds = {}
+    for name, value in (data.get("thresholds") or {}).items():
+        thresholds[name] = value if isinstance(value, dict) else {"image": value}
+    out["thresholds"] = thresholds
+    return out

@@ -1,4 +1,5 @@
-"""Display helpers for anomaly maps: resize, colorize, overlay with text/border, OK/NG decision, atomic saves.
+"""Display helpers for anomaly maps: resize, colorize, overlay with text/border, atomic saves (the OK/NG rule is
+``decision``).
 
 The map maths (upsampling to the model input, smoothing, normalisation) lives in the model graph; this module only
 resizes to the frame and draws. Everything is BGR uint8 as OpenCV uses; cv2 is imported lazily.
@@ -6,11 +7,11 @@ resizes to the frame and draws. Everything is BGR uint8 as OpenCV uses; cv2 is i
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import ClipadError
 
 RED = (0, 0, 255)      # BGR
@@ -124,37 +125,6 @@ def overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, low: float, high: fl
     return out
 
 
-def decide(score: float, threshold: float | None) -> str | None:
-    """"NG" when score >= threshold, "OK" below it, None without a threshold. A NaN score is NG (fail closed)."""
-    if threshold is None:
-        return None
-    score = float(score)
-    if np.isnan(score) or score >= float(threshold):
-        return "NG"
-    return "OK"
-
-
-def _temp_beside(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    return os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _write_atomic(path: str, write) -> str:
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as f:  # honours the umask, unlike tempfile's 0600
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def save_image_atomic(path: str, image_bgr: np.ndarray) -> str:
     """Encode by the path's extension (.png, .jpg, ...) and replace ``path`` atomically; returns the path."""
     import cv2
@@ -169,10 +139,7 @@ def save_image_atomic(path: str, image_bgr: np.ndarray) -> str:
         ok, buf = False, None
     if not ok:
         raise ClipadError(f"{path}: could not encode the image as {ext}")
-    try:
-        return _write_atomic(path, lambda f: f.write(buf.tobytes()))
-    except OSError as exc:
-        raise ClipadError(f"{path}: could not write ({exc.strerror or exc})") from None
+    return write_atomic(path, lambda f: f.write(buf.tobytes()))
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> str:
@@ -180,8 +147,4 @@ def save_npy_atomic(path: str, array: np.ndarray) -> str:
 
     np.save is given an open file, so it appends no ".npy" to the temp name; ``path`` is written exactly as given.
     """
-    path = os.fspath(path)
-    try:
-        return _write_atomic(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
-    except OSError as exc:
-        raise ClipadError(f"{path}: could not write ({exc.strerror or exc})") from None
+    return write_atomic(os.fspath(path), lambda f: np.save(f, np.asarray(array), allow_pickle=False))

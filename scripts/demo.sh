@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 OUT=${OUT:-demo-out}
 rm -rf "$OUT/samples"
-.venv/bin/python -m clipad.runtime.samples "$OUT/samples" --count 6 >/dev/null
+.venv/bin/python -m clipad.calibration.samples "$OUT/samples" --count 6 >/dev/null
 .venv/bin/export-engine --model clip --random-init --arch ViT-B-16 --image-size 224 \
     --class-name "textured surface" --output "$OUT/model"
 .venv/bin/edge-detect --model "$OUT/model" --source "$OUT/samples" \

@@ -40,3 +40,13 @@ def tiny_files(tmp_path_factory):
     from tiny_fixtures import make_tiny_files
 
     return make_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    """12 generated sample images (INT8 calibration set for the tiny models)."""
+    from clipad.calibration.samples import write_samples
+
+    folder = tmp_path_factory.mktemp("calib")
+    write_samples(str(folder), count=12, seed=3)
+    return folder

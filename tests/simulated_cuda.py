@@ -27,6 +27,7 @@ class cudaError_t(enum.IntEnum):
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
     cudaErrorInsufficientDriver = 35
+    cudaErrorInvalidDevice = 101
     cudaErrorInvalidResourceHandle = 400
     cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
@@ -68,10 +69,16 @@ class SimulatedCudaRuntime:
     cudaError_t = cudaError_t
     cudaMemcpyKind = cudaMemcpyKind
     cudaStreamCaptureMode = cudaStreamCaptureMode
+    cudaStreamNonBlocking = 1
 
     def __init__(self, name: str = "NVIDIA RTX A2000", compute_capability: tuple[int, int] = (8, 6),
-                 devices: int = 1, driver: int = 12060, runtime: int = 12060):
-        self.name, self.cc, self.devices, self.driver, self.runtime = name, compute_capability, devices, driver, runtime
+                 devices: int = 1, driver: int = 12060, runtime: int = 12060,
+                 gpus: list[tuple[str, tuple[int, int]]] | None = None):
+        self.gpus = list(gpus) if gpus else [(name, compute_capability)] * devices
+        self.devices, self.driver, self.runtime = len(self.gpus), driver, runtime
+        self.current_device = 0
+        self.stream_flags: dict[int, int] = {}        # handle -> flags given at creation
+        self.allocated_on: dict[int, int] = {}       # device pointer -> device that was current
         self.device: dict[int, np.ndarray] = {}      # fake address -> bytes
         self.pinned: dict[int, np.ndarray] = {}      # real host address -> bytes
         self.freed_pinned: list[np.ndarray] = []     # kept so a use-after-free cannot crash the test process
@@ -130,10 +137,17 @@ class SimulatedCudaRuntime:
 
     @_recorded
     def cudaGetDeviceProperties(self, device):
-        if device >= self.devices:
+        if not 0 <= device < self.devices:
             return cudaError_t.cudaErrorInvalidValue, None
-        return OK, SimpleNamespace(name=self.name.encode(), major=self.cc[0], minor=self.cc[1],
-                                   totalGlobalMem=4 << 30)
+        name, cc = self.gpus[device]
+        return OK, SimpleNamespace(name=name.encode(), major=cc[0], minor=cc[1], totalGlobalMem=4 << 30)
+
+    @_recorded
+    def cudaSetDevice(self, device):
+        if not 0 <= int(device) < self.devices:
+            return (cudaError_t.cudaErrorInvalidDevice,)
+        self.current_device = int(device)
+        return (OK,)
 
     @_recorded
     def cudaDriverGetVersion(self):
@@ -148,6 +162,7 @@ class SimulatedCudaRuntime:
         ptr = self._next_ptr
         self._next_ptr += (int(nbytes) + 0xFFFF) & ~0xFFFF  # 64 KiB apart, like a real allocator's granularity
         self.device[ptr] = np.zeros(int(nbytes), np.uint8)
+        self.allocated_on[ptr] = self.current_device
         return OK, ptr
 
     @_recorded
@@ -171,9 +186,10 @@ class SimulatedCudaRuntime:
         return (OK,)
 
     @_recorded
-    def cudaStreamCreate(self):
+    def cudaStreamCreateWithFlags(self, flags):
         handle = self._handle()
         self.streams[handle] = []
+        self.stream_flags[handle] = int(flags)
         return OK, handle
 
     @_recorded

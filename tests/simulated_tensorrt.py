@@ -13,7 +13,9 @@ like the real one. Execution reads the inputs from, and writes the outputs to, t
 ``tests/simulated_cuda.py`` (module attribute ``cuda``) through its stream queue, so forgotten copies, missing
 synchronization or too-small buffers show up as wrong numbers or CUDA errors.
 
-Tests set the state with ``reset(cuda, version)``; ``CALLS`` records ``(object, method, detail)`` in call order.
+Tests set the state with ``reset(cuda, version, rtx=False)``; ``CALLS`` records ``(object, method, detail)`` in call
+order. With ``rtx=True`` the module also has TensorRT-RTX's ``CudaGraphStrategy`` (built-in CUDA graphs, set on the
+runtime config an execution context is created with); such contexts tag their work "trt.execute(rtx graph)".
 """
 from __future__ import annotations
 
@@ -33,9 +35,21 @@ FORBIDDEN = frozenset({
 })
 
 
-def reset(cuda_runtime, version: str = "10.3.0.30") -> None:
-    global cuda, __version__
-    cuda, __version__ = cuda_runtime, version
+RTX = False
+
+
+class _CudaGraphStrategy(enum.Enum):
+    DISABLED = 0
+    WHOLE_GRAPH_CAPTURE = 1
+
+
+def reset(cuda_runtime, version: str = "10.3.0.30", rtx: bool = False) -> None:
+    global cuda, __version__, RTX
+    cuda, __version__, RTX = cuda_runtime, version, rtx
+    if rtx:
+        globals()["CudaGraphStrategy"] = _CudaGraphStrategy
+    else:
+        globals().pop("CudaGraphStrategy", None)
     CALLS.clear()
 
 
@@ -164,16 +178,29 @@ class ICudaEngine(_Recorded):
         shape = self.io[name][2]
         return [tuple(b if not isinstance(d, int) else d for d in shape) for b in self.header["batch"]]
 
-    def create_execution_context(self) -> "IExecutionContext":
-        self._rec("create_execution_context")
-        return IExecutionContext(self)
+    def create_runtime_config(self) -> "IRuntimeConfig":
+        """Full TensorRT 10.11+ has runtime configs too, but only TensorRT-RTX has ``CudaGraphStrategy``."""
+        self._rec("create_runtime_config")
+        return IRuntimeConfig()
+
+    def create_execution_context(self, runtime_config: "IRuntimeConfig | None" = None) -> "IExecutionContext":
+        self._rec("create_execution_context", None if runtime_config is None else
+                  runtime_config.cuda_graph_strategy.name)
+        return IExecutionContext(self, runtime_config)
+
+
+class IRuntimeConfig:
+    def __init__(self):
+        self.cuda_graph_strategy = _CudaGraphStrategy.DISABLED
 
 
 class IExecutionContext(_Recorded):
     _kind = "IExecutionContext"
 
-    def __init__(self, engine: ICudaEngine):
+    def __init__(self, engine: ICudaEngine, runtime_config: IRuntimeConfig | None = None):
         self.engine = engine
+        self.rtx_graph = runtime_config is not None and \
+            runtime_config.cuda_graph_strategy is _CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
 
@@ -221,7 +248,8 @@ class IExecutionContext(_Recorded):
             return False  # like an engine with layers that cannot be captured
         shapes = {n: self.get_tensor_shape(n) for n in io}
         addresses = dict(self.addresses)
-        cuda.enqueue(stream_handle, "trt.execute", lambda: self._run(shapes, addresses))
+        what = "trt.execute(rtx graph)" if self.rtx_graph else "trt.execute"
+        cuda.enqueue(stream_handle, what, lambda: self._run(shapes, addresses))
         return True
 
     def _run(self, shapes: dict, addresses: dict) -> None:

@@ -120,7 +120,8 @@ def test_video_source_frames(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["no_manifest", "hash_mismatch", "unknown_class", "missing_camera",
-                                     "bad_url", "missing_source", "no_display", "tensorrt_without_gpu"])
+                                     "bad_url", "missing_source", "no_display", "tensorrt_no_engine",
+                                     "tensorrt_without_gpu", "nan_threshold", "device_without_gpu"])
 def test_fatal_errors_are_one_line(model_dir, tmp_path, capsys, problem, monkeypatch):
     import shutil
 
@@ -147,15 +148,41 @@ def test_fatal_errors_are_one_line(model_dir, tmp_path, capsys, problem, monkeyp
         monkeypatch.delenv("DISPLAY", raising=False)
         monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
         args += ["--show"]
-    elif problem == "tensorrt_without_gpu":
+    elif problem == "tensorrt_no_engine":
         args += ["--backend", "tensorrt"]
+    elif problem in ("tensorrt_without_gpu", "device_without_gpu"):
+        from clipad.runtime.backends import cuda_buffers
+
+        if cuda_buffers.gpu_info() is not None:
+            pytest.skip("this machine has a GPU")
+        model = str(with_listed_engine(model_dir, tmp_path / "with_engine"))
+        args += ["--backend", "tensorrt"] + (["--device", "1"] if problem == "device_without_gpu" else [])
+    elif problem == "nan_threshold":
+        args += ["--threshold", "nan"]
     assert edge_detect(["--model", model, *args, "--jsonl", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edge-detect: error:") and "Traceback" not in err[0]
     expected = {"no_manifest": "manifest.json", "hash_mismatch": "sha256", "unknown_class": "bottel",
                 "missing_camera": "camera 97", "bad_url": "could not be opened", "missing_source": "nope.png",
-                "no_display": "--show", "tensorrt_without_gpu": "no TensorRT engine"}[problem]
+                "no_display": "--show", "tensorrt_no_engine": "lists no TensorRT engine",
+                "tensorrt_without_gpu": "no CUDA GPU/driver found", "device_without_gpu": "no CUDA GPU/driver found",
+                "nan_threshold": "--threshold nan: must be a finite number"}[problem]
     assert expected in err[0]
+
+
+def with_listed_engine(model_dir, copy):
+    """A copy of the model whose manifest lists an engine (for sm 8.6; the file itself is never reached)."""
+    import shutil
+
+    from clipad.runtime.manifest import BatchRange, EngineEntry, EngineTarget, Manifest
+
+    shutil.copytree(model_dir, copy)
+    manifest = Manifest.read(str(copy))
+    manifest.engines.append(EngineEntry(file="model.fp16.rtx-sm86.engine", precision="fp16", flavor="rtx",
+                                        trt_version="1.7.1.116", target=EngineTarget("8.6", aot=True),
+                                        sha256="0" * 64, bytes=1, batch=BatchRange(1, 1, 1)))
+    manifest.write(str(copy))
+    return copy
 
 
 def test_runtime_works_where_torch_cannot_be_imported(model_dir, tmp_path):

@@ -10,10 +10,9 @@ import pytest
 
 from clipad.export import cli as export_cli
 from clipad.export import onnx_export
-from clipad.runtime import manifest as manifest_io
+from clipad.runtime.compare import GateLimits
+from clipad.runtime.manifest import SCHEMA_VERSION, Manifest, sha256_file
 from tiny_fixtures import TINY, export_tiny as export
-
-
 
 
 @pytest.mark.parametrize("kind", ["aaclip", "crane", "clip"])
@@ -22,17 +21,19 @@ def test_export_writes_onnx_and_manifest(tiny_files, tmp_path, kind):
     assert export(tiny_files, out, kind, ["--dynamic-batch", "1:3"]) == 0
     assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
-    m = manifest_io.read(str(out))
+    m = Manifest.read(str(out))
     k = 1 if kind == "crane" else 2
-    assert m["schema_version"] == manifest_io.SCHEMA_VERSION
-    assert m["model"]["kind"] == kind and m["model"]["arch"] == TINY and len(m["model"]["class_names"]) == k
-    assert m["input"]["dtype"] == "uint8" and m["input"]["shape"] == ["batch", 56, 56, 3]
-    assert m["outputs"][0]["shape"] == ["batch", k, 56, 56] and m["batch"] == {"min": 1, "max": 3, "opt": 1}
-    assert m["files"]["model.onnx"]["sha256"] == manifest_io.sha256_file(str(out / "model.onnx"))
-    assert m["parity"]["passed"] and m["parity"]["map_error_over_range"] <= 1e-4
-    assert m["parity"]["image_score"]["max_abs"] <= 1e-5
-    assert m["sources"]["checkpoint"] is None or m["sources"]["checkpoint"]["path"]
-    assert len(m["model"]["anchor_sha256"]) == 64 and "torch" in m["export"]["versions"]
+    assert json.loads((out / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+    assert m.model.kind == kind and m.model.arch == TINY and len(m.model.class_names) == k
+    assert m.input.dtype == "uint8" and m.input.shape == ["batch", 56, 56, 3]
+    assert m.outputs[0].shape == ["batch", k, 56, 56] and (m.batch.min, m.batch.max, m.batch.opt) == (1, 3, 1)
+    assert m.files["model.onnx"].sha256 == sha256_file(str(out / "model.onnx"))
+    parity = m.parity
+    assert parity.passed and parity.comparison.map_error_over_range <= 1e-4 and parity.failures == []
+    assert parity.comparison.image_score.max_abs <= 1e-5 and parity.comparison.images == 3
+    assert len(parity.comparison.map_pearson) == 3 and min(parity.comparison.map_pearson) > 0.999999
+    assert m.sources["checkpoint"] is None or m.sources["checkpoint"]["path"]
+    assert len(m.model.anchor_sha256) == 64 and "torch" in m.export["versions"]
 
     graph = onnx.load(str(out / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
@@ -54,8 +55,8 @@ def test_random_init_is_loud_and_recorded(tiny_files, tmp_path, caplog):
             "--class-name", "tile", "--output", str(out)]
     assert export_cli.main(args) == 0
     assert "RANDOM" in caplog.text
-    m = manifest_io.read(str(out))
-    assert m["model"]["random_init"] is True and m["sources"]["clip_weights"] == {"random_init": True, "seed": 4}
+    m = Manifest.read(str(out))
+    assert m.model.random_init is True and m.sources["clip_weights"] == {"random_init": True, "seed": 4}
 
 
 def test_failed_export_leaves_previous_output_intact(tiny_files, tmp_path, capsys, monkeypatch):
@@ -66,14 +67,7 @@ def test_failed_export_leaves_previous_output_intact(tiny_files, tmp_path, capsy
     assert export(tiny_files, out, "aaclip", ["--epoch", "99"]) == 2
     assert "no image_adapter_99.pth" in capsys.readouterr().err
     # … and a failure in the middle of the export (here: the parity gate) leaves the old directory as it was.
-    original = onnx_export.parity_report
-
-    def failing(*a, **k):
-        report = original(*a, **k)
-        report["passed"] = False
-        return report
-
-    monkeypatch.setattr(onnx_export, "parity_report", failing)
+    monkeypatch.setattr(onnx_export, "PARITY_LIMITS", GateLimits(score_max_abs=-1.0))  # cannot pass
     assert export(tiny_files, out, "aaclip") == 2
     assert "parity gate failed" in capsys.readouterr().err
     assert (out / "manifest.json").read_text() == before
@@ -109,10 +103,10 @@ def test_bad_batch_arguments(tiny_files, tmp_path, capsys):
 
 
 def test_verify_images_folder(tiny_files, tmp_path):
-    from clipad.runtime.samples import write_samples
+    from clipad.calibration.samples import write_samples
 
     write_samples(str(tmp_path / "v"), count=3)
     assert export(tiny_files, tmp_path / "m", "clip", ["--verify-images", str(tmp_path / "v"), "--batch", "2"]) == 0
     m = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert m["parity"]["images"] == 3 and len(m["parity"]["verify_images"]) == 3
+    assert m["parity"]["comparison"]["images"] == 3 and len(m["parity"]["comparison"]["names"]) == 3
     assert m["input"]["shape"][0] == 2

@@ -50,7 +50,7 @@ def test_aaclip_onnx_via_edge_detect_matches_golden(golden_weights, tmp_path):
                             str(golden_weights / "ViT-L-14-336px-random.pt"), "--class-name", "bottle",
                             "--verify-images", str(folder), "--output", str(model), "-q"]) == 0
     manifest = json.loads((model / "manifest.json").read_text())
-    assert manifest["parity"]["passed"] and manifest["parity"]["images"] == 4
+    assert manifest["parity"]["passed"] and manifest["parity"]["comparison"]["images"] == 4
     maps_dir, rows = run_edge_detect(model, folder, tmp_path)
     tol = TOL["aaclip_seed0.npz"]
     maps = np.stack([np.load(maps_dir / f"{s}.npy") for s in stems])
@@ -95,7 +95,7 @@ def test_vit_l_aaclip_fp16_engine_builds_with_tensorrt_rtx(golden_weights, tmp_p
                             "--compute-capability", "8.6", "--output", str(model), "-q"]) == 0
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["precisions"]["fp16"]["gate"]["passed"]
-    assert manifest["precisions"]["fp16"]["gate"]["map_pearson_min"] >= 0.999
+    assert manifest["precisions"]["fp16"]["gate"]["comparison"]["map_pearson_min"] >= 0.999
     (engine,) = manifest["engines"]
     assert engine["file"] == "model.fp16.rtx-sm86.engine" and engine["precision"] == "fp16"
     assert (model / engine["file"]).stat().st_size == engine["bytes"] > 300e6  # ~0.6 GB of FP16 weights

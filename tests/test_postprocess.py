@@ -1,4 +1,4 @@
-"""Display helpers: map resize/scale/colorize, overlay drawing, OK/NG decision, atomic saves."""
+"""Display helpers: map resize/scale/colorize, overlay drawing, atomic saves (OK/NG: test_decision.py)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ cv2 = pytest.importorskip("cv2")
 
 from clipad.runtime.errors import ClipadError  # noqa: E402
 from clipad.runtime.postprocess import (  # noqa: E402
-    colorize, decide, overlay, resize_map, save_image_atomic, save_npy_atomic, scale_for_display)
+    colorize, overlay, resize_map, save_image_atomic, save_npy_atomic, scale_for_display)
 
 
 def hot_left_map(s: int = 16) -> np.ndarray:
@@ -83,13 +83,6 @@ def test_overlay_accepts_grey_frame():
     assert out.shape == (20, 30, 3)
     with pytest.raises(ClipadError):
         overlay(np.zeros((20, 30, 3), np.float32), hot_left_map(), 0.0, 1.0)
-
-
-@pytest.mark.parametrize("score, threshold, expected", [
-    (0.7, 0.5, "NG"), (0.5, 0.5, "NG"), (0.49, 0.5, "OK"), (0.9, None, None), (float("nan"), 0.5, "NG"),
-])
-def test_decide(score, threshold, expected):
-    assert decide(score, threshold) == expected
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg"])

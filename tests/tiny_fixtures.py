@@ -105,3 +105,14 @@ def export_tiny(tiny_files, out, kind="aaclip", extra=(), classes=("bottle", "sc
     if kind != "crane":
         args += ["--class-name", *classes]
     return export_cli.main(args + list(extra))
+
+
+def export_one_class(tiny_files, out, kind="aaclip", extra=()):
+    return export_tiny(tiny_files, out, kind, extra, classes=("bottle",))
+
+
+def manifest_json(out) -> dict:
+    """The manifest as stored on disk (the format other tools read)."""
+    import json
+
+    return json.loads((Path(out) / "manifest.json").read_text())

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from clipad.runtime.errors import ClipadError
 
-from ..checkpoints import AACLIPCheckpoint
+from ..checkpoints import AACLIPCheckpoint, load_aaclip
 from ..prompts import aaclip_sentences
 from . import vit
-from .heads import AACLIPHead
+from .heads import BLUR_BY_DOMAIN, AACLIPHead
 
 ADAPT_WEIGHT = 0.1   # image_adapt_weight = text_adapt_weight = 0.1
 LEAKY_SLOPE = 0.01
+QUICK_GELU = False   # exact erf-GELU in both towers: the official code builds a fresh CLIP without quick_gelu
 
 
 def residual_adapter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -109,13 +110,16 @@ class AACLIPVision(torch.nn.Module):
         return seg, det
 
 
-class AACLIPDetector(torch.nn.Module):
-    kind = "aaclip"
+def read_checkpoint(path: str, epoch: int | None, spec) -> AACLIPCheckpoint:
+    ckpt = load_aaclip(path, epoch)
+    check_shapes(ckpt, spec)
+    return ckpt
 
-    def __init__(self, vision: AACLIPVision, head: AACLIPHead):
-        super().__init__()
-        self.vision, self.head = vision, head
 
-    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
-        seg, det = self.vision(pixels, trace)
-        return self.head(seg, det, trace)
+def build(clip, spec, ckpt: AACLIPCheckpoint, classes, image_size: int, tokenize):
+    """(vision, head, anchors [K, 2, E], details for the manifest)."""
+    anchors = text_anchors(clip, ckpt, classes.prompt_names, tokenize)
+    vision = AACLIPVision(clip, spec, ckpt, image_size)
+    head = AACLIPHead(anchors, spec.grid(image_size), image_size, BLUR_BY_DOMAIN[classes.domain])
+    details = {"checkpoint_epoch": ckpt.epoch, "relu": ckpt.relu, "blur": list(BLUR_BY_DOMAIN[classes.domain])}
+    return vision, head, anchors, details

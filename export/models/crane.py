@@ -10,10 +10,12 @@ import torch
 
 from clipad.runtime.errors import ClipadError
 
-from ..checkpoints import CraneCheckpoint
+from ..checkpoints import CraneCheckpoint, load_crane
 from . import vit
+from .heads import CRANE_FILTER_SIGMA, CRANE_TEMPERATURE, PairSoftmaxHead
 
 POOLING_WEIGHT = 0.5  # ScoreBasePooling: g' = normalize(0.5·f + 0.5·ĝ)
+QUICK_GELU = True
 
 
 def eattn_layers(depth: int) -> int:
@@ -99,13 +101,13 @@ class CraneVision(torch.nn.Module):
         return vit.l2_normalize(patch_raw), vit.l2_normalize(image_raw)
 
 
-class CraneDetector(torch.nn.Module):
-    kind = "crane"
+def read_checkpoint(path: str, epoch: int | None, spec) -> CraneCheckpoint:
+    return load_crane(path)
 
-    def __init__(self, vision: CraneVision, head):
-        super().__init__()
-        self.vision, self.head = vision, head
 
-    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
-        patch_unit, global_unit = self.vision(pixels, trace)
-        return self.head(patch_unit, global_unit, trace)
+def build(clip, spec, ckpt: CraneCheckpoint, classes, image_size: int, tokenize):
+    """(vision, head, anchors [1, 2, E], details for the manifest); the prompts are learned, no tokenizer."""
+    anchors = text_anchors(clip, ckpt, spec)
+    head = PairSoftmaxHead(anchors, spec.grid(image_size), image_size, 1.0 / CRANE_TEMPERATURE, CRANE_FILTER_SIGMA,
+                           pooling_weight=POOLING_WEIGHT)
+    return CraneVision(clip, spec, image_size), head, anchors, {}

@@ -1,8 +1,13 @@
-"""One factory over the three model kinds: architecture config + local weights + checkpoint → an exportable module.
+"""One factory over the model kinds of ``registry``: architecture config + local weights + checkpoint → an exportable
+module.
 
 The module maps a uint8 NHWC RGB batch [B, S, S, 3] (already resized on the host with PIL bicubic) to
 ``anomaly_map`` [B, K, S, S] and ``image_score`` [B, K] float32, raw as the official test paths define them
 (K = classes baked in). Text anchors and the resized positional table are buffers, i.e. constants in the graph.
+
+A model file provides ``QUICK_GELU`` (True/False, or None for the user's --activation), ``read_checkpoint(path,
+epoch, spec)`` and ``build(clip, spec, checkpoint, classes, image_size, tokenize) -> (vision, head, anchors,
+details)``; every model is then ``head(*vision(pixels))``.
 """
 from __future__ import annotations
 
@@ -15,11 +20,21 @@ import torch
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.preprocess import OPENAI_MEAN, OPENAI_STD
 
-from .. import archs, checkpoints, prompts, weights
-from . import aaclip, crane, vit, zeroshot_clip
-from .heads import BLUR_BY_DOMAIN, CRANE_FILTER_SIGMA, CRANE_TEMPERATURE, AACLIPHead, PairSoftmaxHead
+from .. import archs, prompts, weights
+from . import vit
+from .heads import BLUR_BY_DOMAIN
+from .registry import ModelKind, get_kind, model_module
 
-MODEL_KINDS = ("aaclip", "crane", "clip")
+
+class AnomalyDetector(torch.nn.Module):
+    """Every model kind: a vision tower whose outputs feed a head. ``trace`` collects intermediates for tests."""
+
+    def __init__(self, kind: str, vision: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.kind, self.vision, self.head = kind, vision, head
+
+    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
+        return self.head(*self.vision(pixels, trace), trace)
 
 
 class ExportableDetector(torch.nn.Module):
@@ -45,6 +60,7 @@ class BuiltDetector:
     prompt_names: list[str]
     domain: str | None
     anchors: torch.Tensor
+    random_init: bool = False
     info: dict = field(default_factory=dict)  # provenance for the manifest (weights format, checkpoint epoch, …)
 
     @property
@@ -58,18 +74,26 @@ def _tokenizer(spec):
     return lambda texts: tokenize(texts, context_length=spec.context_length)
 
 
-def _resolve_classes(kind: str, class_names, dataset, domain):
-    if kind == "crane":
+@dataclass
+class ClassSetup:
+    class_names: list[str]     # output channel k = k-th name
+    prompt_names: list[str]    # what goes into the prompts (AA-CLIP's descriptions for official names)
+    domain: str | None         # AA-CLIP blur domain
+
+
+def _resolve_classes(kind: ModelKind, class_names, dataset, domain) -> ClassSetup:
+    if not kind.prompted_classes:
         names = list(class_names or ["object"])
         if len(names) != 1:
-            raise ClipadError("Crane's learned prompts are class-agnostic: give at most one --class-name (a label)")
-        return names, names, None
+            raise ClipadError(f"{kind.name}'s learned prompts are class-agnostic: give at most one --class-name "
+                              f"(a label)")
+        return ClassSetup(names, names, None)
     if not class_names:
-        raise ClipadError(f"--class-name is required for --model {kind} (the object name used in the prompts)")
+        raise ClipadError(f"--class-name is required for --model {kind.name} (the object name used in the prompts)")
     resolved = [prompts.resolve_class(n, dataset) for n in class_names]
     prompt_names = [r[0] for r in resolved]
-    if kind == "clip":
-        return list(class_names), prompt_names, None
+    if not kind.uses_domain:
+        return ClassSetup(list(class_names), prompt_names, None)
     if domain is None:
         domains = {r[1] for r in resolved}
         if len(domains) > 1:
@@ -77,32 +101,27 @@ def _resolve_classes(kind: str, class_names, dataset, domain):
         domain = domains.pop()
     if domain not in BLUR_BY_DOMAIN:
         raise ClipadError(f"unknown domain {domain!r}; use industrial or medical")
-    return list(class_names), prompt_names, domain
+    return ClassSetup(list(class_names), prompt_names, domain)
 
 
 def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 518, clip_weights: str | None = None,
                    random_init: bool = False, seed: int = 0, ckpt: str | None = None, epoch: int | None = None,
                    class_names: list[str] | None = None, dataset: str | None = None, domain: str | None = None,
                    quick_gelu: bool | None = None) -> BuiltDetector:
-    if kind not in MODEL_KINDS:
-        raise ClipadError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-    if kind in ("aaclip", "crane") and not ckpt:
+    model_kind = get_kind(kind)
+    if model_kind.needs_checkpoint and not ckpt:
         raise ClipadError(f"--ckpt is required for --model {kind}")
     if not clip_weights and not random_init:
         raise ClipadError("--clip-weights is required (a local CLIP weight file, e.g. ViT-L-14-336px.pt); "
                           "or pass --random-init to try the pipeline with seeded random weights")
     spec = archs.arch_spec(arch)
-    grid = spec.grid(image_size)
-    names, prompt_names, domain = _resolve_classes(kind, class_names, dataset, domain)
+    spec.grid(image_size)
+    classes = _resolve_classes(model_kind, class_names, dataset, domain)
+    module = model_module(model_kind)
 
     # Read the (small) checkpoint before the (large) base weights, so its errors come fast.
-    aa_ckpt = checkpoints.load_aaclip(ckpt, epoch) if kind == "aaclip" else None
-    crane_ckpt = checkpoints.load_crane(ckpt) if kind == "crane" else None
-    if aa_ckpt is not None:
-        aaclip.check_shapes(aa_ckpt, spec)
-
-    # AA-CLIP builds with erf-GELU (its quirk), Crane with QuickGELU; zero-shot defaults to QuickGELU (OpenAI weights).
-    act_quick = {"aaclip": False, "crane": True}.get(kind, True if quick_gelu is None else quick_gelu)
+    checkpoint = module.read_checkpoint(ckpt, epoch, spec) if model_kind.needs_checkpoint else None
+    act_quick = module.QUICK_GELU if module.QUICK_GELU is not None else (True if quick_gelu is None else quick_gelu)
     clip = archs.build_clip(arch, quick_gelu=act_quick)
     if random_init:
         sd, fmt, source = weights.random_state_dict(clip, seed), "random-init", f"random-init(seed={seed})"
@@ -112,26 +131,11 @@ def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 5
     weights.load_into(clip, sd, arch, source)
     del sd
 
-    info = {"weights_format": fmt, "random_init": bool(random_init), "seed": seed if random_init else None,
-            "activation": "quick_gelu" if act_quick else "gelu"}
-    if kind == "aaclip":
-        anchors = aaclip.text_anchors(clip, aa_ckpt, prompt_names, _tokenizer(spec))
-        vision = aaclip.AACLIPVision(clip, spec, aa_ckpt, image_size)
-        head = AACLIPHead(anchors, grid, image_size, BLUR_BY_DOMAIN[domain])
-        core = aaclip.AACLIPDetector(vision, head)
-        info.update(checkpoint_epoch=aa_ckpt.epoch, relu=aa_ckpt.relu, blur=list(BLUR_BY_DOMAIN[domain]))
-    elif kind == "crane":
-        anchors = crane.text_anchors(clip, crane_ckpt, spec)
-        vision = crane.CraneVision(clip, spec, image_size)
-        head = PairSoftmaxHead(anchors, grid, image_size, 1.0 / CRANE_TEMPERATURE, CRANE_FILTER_SIGMA,
-                               pooling_weight=crane.POOLING_WEIGHT)
-        core = crane.CraneDetector(vision, head)
-    else:
-        anchors = zeroshot_clip.text_anchors(clip, prompt_names, _tokenizer(spec))
-        vision = zeroshot_clip.ZeroShotVision(clip, spec, image_size)
-        head = PairSoftmaxHead(anchors, grid, image_size, float(clip.logit_scale.exp()), CRANE_FILTER_SIGMA)
-        core = zeroshot_clip.ZeroShotDetector(vision, head)
-
-    module = ExportableDetector(core, image_size).eval().requires_grad_(False)
-    return BuiltDetector(module=module, kind=kind, arch=arch, image_size=image_size, class_names=names,
-                         prompt_names=prompt_names, domain=domain, anchors=anchors.detach().clone(), info=info)
+    vision, head, anchors, details = module.build(clip, spec, checkpoint, classes, image_size, _tokenizer(spec))
+    info = {"weights_format": fmt, "seed": seed if random_init else None,
+            "activation": "quick_gelu" if act_quick else "gelu", **details}
+    core = AnomalyDetector(kind, vision, head)
+    exportable = ExportableDetector(core, image_size).eval().requires_grad_(False)
+    return BuiltDetector(module=exportable, kind=kind, arch=arch, image_size=image_size,
+                         class_names=classes.class_names, prompt_names=classes.prompt_names, domain=classes.domain,
+                         anchors=anchors.detach().clone(), random_init=bool(random_init), info=info)

@@ -10,6 +10,9 @@ import torch
 
 from ..prompts import zeroshot_sentences
 from . import vit
+from .heads import CRANE_FILTER_SIGMA, PairSoftmaxHead
+
+QUICK_GELU = None   # the user's choice (--activation); QuickGELU by default, as OpenAI weights need
 
 
 @torch.no_grad()
@@ -40,13 +43,13 @@ class ZeroShotVision(torch.nn.Module):
         return vit.l2_normalize(tokens[:, 1:]), vit.l2_normalize(tokens[:, 0])
 
 
-class ZeroShotDetector(torch.nn.Module):
-    kind = "clip"
+def read_checkpoint(path: str, epoch: int | None, spec):
+    return None
 
-    def __init__(self, vision: ZeroShotVision, head):
-        super().__init__()
-        self.vision, self.head = vision, head
 
-    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
-        patch_unit, global_unit = self.vision(pixels, trace)
-        return self.head(patch_unit, global_unit, trace)
+def build(clip, spec, ckpt, classes, image_size: int, tokenize):
+    """(vision, head, anchors [K, 2, E], details for the manifest)."""
+    anchors = text_anchors(clip, classes.prompt_names, tokenize)
+    head = PairSoftmaxHead(anchors, spec.grid(image_size), image_size, float(clip.logit_scale.exp()),
+                           CRANE_FILTER_SIGMA)
+    return ZeroShotVision(clip, spec, image_size), head, anchors, {}

@@ -1,4 +1,2 @@
-"""Inference backends behind one interface (base.Backend). Each imports its heavy library lazily."""
-from .base import Backend, open_backend
-
-__all__ = ["Backend", "open_backend"]
+"""Inference backends behind one interface (``base.Backend``); ``select.open_backend`` picks one. Each backend
+imports its heavy library lazily."""

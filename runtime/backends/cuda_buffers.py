@@ -1,15 +1,15 @@
 """Minimal CUDA runtime shim for the TensorRT backend: device/pinned buffers, a stream, async copies, CUDA graphs.
 
 Imported lazily and only by the TensorRT backend. Every CUDA call goes through ``cudart()`` + ``_call`` so tests can
-swap the whole runtime for ``tests/simulated_cuda.py`` (``cuda_buffers._rt = SimulatedCudaRuntime()``).
-Order of preference: ``cuda.bindings.runtime`` (cuda-python 12.x/13.x), ``cuda.cudart`` (the 12.x trampoline,
-removed in 13.0), then pycuda as a last resort (no CUDA graphs).
+swap the whole runtime for ``tests/simulated_cuda.py`` (``cuda_buffers._rt = SimulatedCudaRuntime()``), and so that
+any failure, including a runtime that lacks a call, is a one-line ClipadError. The runtime is cuda-python's
+``cuda.bindings.runtime`` (12.x and 13.x) or the 12.x ``cuda.cudart`` trampoline; pycuda is not supported (it builds
+only with the CUDA toolkit and a driver present, and NVIDIA's own samples dropped it).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,13 +38,7 @@ def _load():
         from cuda import cudart as runtime
         return runtime
     except ImportError:
-        pass
-    try:
-        rt = _Pycuda()
-    except Exception:  # ImportError, or pycuda's own errors when there is no driver
         raise ClipadError(NO_CUDA_PYTHON) from None
-    log.warning("using pycuda for TensorRT buffers (no CUDA graphs); cuda-python is the supported choice")
-    return rt
 
 
 def _err_name(err) -> str:
@@ -57,7 +51,7 @@ def _call(name: str, *args):
         out = getattr(cudart(), name)(*args)
     except ClipadError:
         raise
-    except Exception as exc:  # pycuda raises instead of returning codes; old bindings may lack a call
+    except Exception as exc:  # a binding that lacks the call, or raises instead of returning a code
         raise ClipadError(f"CUDA {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     err, values = out[0], out[1:]
     if int(err) != 0:
@@ -67,6 +61,28 @@ def _call(name: str, *args):
 
 def _version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _constant(name: str, fallback: int):
+    """A cudart enum/constant; ``fallback`` is its value in the CUDA headers (stable across CUDA 11-13)."""
+    try:
+        return getattr(cudart(), name)
+    except AttributeError:
+        return fallback
+
+
+def device_count() -> int:
+    """Number of CUDA GPUs; 0 without a GPU, driver or cuda-python."""
+    try:
+        err, count = cudart().cudaGetDeviceCount()
+        return int(count or 0) if int(err) == 0 else 0
+    except Exception:
+        return 0
+
+
+def set_device(device: int) -> None:
+    """Make ``device`` current for this thread: buffers, streams and the TensorRT context are created on it."""
+    _call("cudaSetDevice", int(device))
 
 
 def gpu_info(device: int = 0) -> dict | None:
@@ -80,7 +96,7 @@ def gpu_info(device: int = 0) -> dict | None:
         if int(err) != 0:
             return None
         driver, runtime = rt.cudaDriverGetVersion()[1], rt.cudaRuntimeGetVersion()[1]
-    except Exception:  # ClipadError (no cuda-python), DynamicLibNotFoundError (no libcuda), pycuda errors
+    except Exception:  # ClipadError (no cuda-python), DynamicLibNotFoundError (no libcuda)
         return None
     name = prop.name.split(b"\0")[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return {"count": int(count), "device": device, "name": name.strip(),
@@ -127,8 +143,11 @@ class PinnedHostArray:
 
 
 class Stream:
+    """A non-blocking stream: it does not synchronise with the legacy default stream, which other libraries in the
+    process may use, and TensorRT needs a non-default stream for graph capture."""
+
     def __init__(self):
-        self.stream = _call("cudaStreamCreate")
+        self.stream = _call("cudaStreamCreateWithFlags", _constant("cudaStreamNonBlocking", 1))
         self.handle = int(self.stream)
 
     def synchronize(self) -> None:
@@ -141,7 +160,10 @@ class Stream:
 
 
 def _kind(name: str):
-    return getattr(cudart().cudaMemcpyKind, name)
+    try:
+        return getattr(cudart().cudaMemcpyKind, name)
+    except AttributeError:
+        raise ClipadError(f"this CUDA binding has no {name}") from None
 
 
 def memcpy_htod_async(dst_ptr: int, host_array: np.ndarray, stream: Stream) -> None:
@@ -176,7 +198,10 @@ class Graph:
 
 
 def begin_capture(stream: Stream) -> None:
-    mode = cudart().cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+    try:
+        mode = cudart().cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+    except AttributeError:
+        raise ClipadError("this CUDA binding has no stream capture (cudaStreamCaptureMode)") from None
     _call("cudaStreamBeginCapture", stream.stream, mode)
 
 
@@ -188,64 +213,3 @@ def end_capture(stream: Stream) -> Graph:
         _call("cudaGraphDestroy", graph)
         raise
     return Graph(graph, graph_exec)
-
-
-class _Pycuda:
-    """The cudart calls above on top of pycuda (which raises instead of returning codes). Untested without a GPU."""
-
-    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self):
-        import pycuda.autoinit  # noqa: F401  (creates a context on device 0)
-        import pycuda.driver as drv
-
-        self.drv, self.keep = drv, {}
-
-    def _keep(self, key, obj):
-        self.keep[int(key)] = obj
-        return 0, int(key)
-
-    def cudaGetDeviceCount(self):
-        return 0, self.drv.Device.count()
-
-    def cudaGetDeviceProperties(self, i):
-        dev = self.drv.Device(i)
-        major, minor = dev.compute_capability()
-        return 0, SimpleNamespace(name=dev.name(), major=major, minor=minor, totalGlobalMem=dev.total_memory())
-
-    def cudaDriverGetVersion(self):
-        return 0, self.drv.get_driver_version()
-
-    def cudaRuntimeGetVersion(self):
-        major, minor = self.drv.get_version()[:2]
-        return 0, major * 1000 + minor * 10
-
-    def cudaMalloc(self, n):
-        buf = self.drv.mem_alloc(n)
-        return self._keep(int(buf), buf)
-
-    def cudaMallocHost(self, n):
-        arr = self.drv.pagelocked_empty(n, np.uint8)
-        return self._keep(arr.ctypes.data, arr)
-
-    def cudaStreamCreate(self):
-        stream = self.drv.Stream()
-        return self._keep(stream.handle, stream)
-
-    def cudaFree(self, key):  # also frees pinned memory and streams: pycuda releases those when collected
-        getattr(self.keep.pop(int(key)), "free", lambda: None)()
-        return (0,)
-
-    cudaFreeHost = cudaStreamDestroy = cudaFree
-
-    def cudaStreamSynchronize(self, handle):
-        self.keep[int(handle)].synchronize()
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, handle):
-        stream = self.keep[int(handle)]
-        if kind == 1:
-            self.drv.memcpy_htod_async(dst, (ctypes.c_char * n).from_address(src), stream)
-        else:
-            self.drv.memcpy_dtoh_async((ctypes.c_char * n).from_address(dst), src, stream)
-        return (0,)

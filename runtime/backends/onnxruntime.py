@@ -6,7 +6,7 @@ import logging
 import numpy as np
 
 from ..errors import ClipadError
-from ..manifest import verify_file
+from ..manifest import Manifest
 from .base import Backend
 
 log = logging.getLogger("clipad")
@@ -16,13 +16,13 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_dir: str, manifest: dict, model_file: str = "model.onnx",
+    def __init__(self, model_dir: str, manifest: Manifest, model_file: str = "model.onnx",
                  providers: list[str] | None = None, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise ClipadError("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
-        path = verify_file(model_dir, manifest, model_file)
+        path = manifest.verify_file(model_dir, model_file)
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED) if p in available]
         if not wanted:
@@ -47,8 +47,8 @@ class OnnxRuntimeBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         dim = self.session.get_inputs()[0].shape[0]
-        batch = manifest.get("batch", {})
-        self._range = (dim, dim) if isinstance(dim, int) else (batch.get("min", 1), batch.get("max", 1))
+        self._range = (dim, dim) if isinstance(dim, int) else (manifest.batch.min, manifest.batch.max)
+        self.image_size = manifest.image_size
 
     @property
     def description(self) -> str:
@@ -59,5 +59,6 @@ class OnnxRuntimeBackend(Backend):
         return self._range
 
     def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.check_batch(batch_u8, self.image_size)
         maps, scores = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch_u8)})
         return maps, scores

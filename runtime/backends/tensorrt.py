@@ -2,9 +2,12 @@
 
 One code path for tensorrt 10.3 … 11.x, tensorrt_lean / tensorrt_dispatch (version-compatible plans) and
 tensorrt_rtx: ``num_io_tensors`` / ``get_tensor_*`` / ``set_input_shape`` / ``set_tensor_address`` /
-``execute_async_v3`` only (``num_bindings``, ``get_binding_*``, ``execute_v2`` are gone or deprecated).
-Device memory, streams and CUDA graphs come from ``cuda_buffers`` (cuda-python), called through the module so tests
-can substitute a simulated CUDA runtime.
+``execute_async_v3`` only (``num_bindings`` and ``get_binding_*`` were removed in TensorRT 10; the synchronous
+``execute_v2`` still exists but is not used).
+Device memory, a non-blocking stream and CUDA graphs come from ``cuda_buffers`` (cuda-python), called through the
+module so tests can substitute a simulated CUDA runtime. ``cuda_graph``: TensorRT-RTX captures and replays the graph
+itself (``IRuntimeConfig.cuda_graph_strategy``, which also handles dynamic shapes); with full TensorRT the backend
+captures the enqueue on its stream and replays it while the input shape stays the same.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import re
 import numpy as np
 
 from ..errors import ClipadError
+from ..manifest import EngineEntry, Manifest
 from . import cuda_buffers as cb
 from .base import Backend
 
@@ -31,33 +35,27 @@ _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int
        "BOOL": np.bool_, "UINT8": np.uint8}
 
 
-def rebuild_command(model_dir: str, entry: dict | None = None) -> str:
-    return f"export-engine --from-onnx {model_dir} --precision {(entry or {}).get('precision') or 'fp16'}"
+def rebuild_command(model_dir: str, entry: EngineEntry | None = None) -> str:
+    return f"export-engine --from-onnx {model_dir} --precision {entry.precision if entry else 'fp16'}"
 
 
-def _target_cc(entry: dict) -> str | None:
-    cc = (entry.get("target") or {}).get("compute_capability")
-    return None if cc is None else str(cc)
-
-
-def select_engine(manifest: dict, gpu_cc: str | None) -> dict | None:
+def select_engine(manifest: Manifest, gpu_cc: str | None) -> EngineEntry | None:
     """The listed engine built for this compute capability ("8.6"), preferring fp16, then int8, then fp32."""
     if not gpu_cc:
         return None
-    fits = [e for e in manifest.get("engines") or [] if isinstance(e, dict) and e.get("file")
-            and _target_cc(e) == str(gpu_cc)]
+    fits = [e for e in manifest.engines if e.target.compute_capability == str(gpu_cc)]
     rank = {p: i for i, p in enumerate(PRECISIONS)}
-    return min(fits, key=lambda e: rank.get(e.get("precision"), len(PRECISIONS)), default=None)
+    return min(fits, key=lambda e: rank.get(e.precision, len(PRECISIONS)), default=None)
 
 
-def _module_names(entry: dict) -> tuple[str, ...]:
-    flavor = entry.get("flavor") or "tensorrt"
-    if flavor not in MODULES:
-        raise ClipadError(f"engine {entry.get('file')}: unknown flavor {flavor!r} (expected tensorrt or rtx)")
-    return VERSION_COMPATIBLE_MODULES if flavor == "tensorrt" and entry.get("version_compatible") else MODULES[flavor]
+def _module_names(entry: EngineEntry) -> tuple[str, ...]:
+    if entry.flavor not in MODULES:
+        raise ClipadError(f"engine {entry.file}: unknown flavor {entry.flavor!r} (expected tensorrt or rtx)")
+    return VERSION_COMPATIBLE_MODULES if entry.flavor == "tensorrt" and entry.version_compatible \
+        else MODULES[entry.flavor]
 
 
-def import_tensorrt(entry: dict):
+def import_tensorrt(entry: EngineEntry):
     """(module, import name) of the TensorRT flavor that runs this engine."""
     names, errors = _module_names(entry), []
     for name in names:
@@ -65,30 +63,32 @@ def import_tensorrt(entry: dict):
             return importlib.import_module(name), name
         except (ImportError, OSError) as exc:
             errors.append(f"{name}: {str(exc).splitlines()[0][:120]}" if str(exc) else name)
-    hint = INSTALL[entry.get("flavor") or "tensorrt"]
+    hint = INSTALL[entry.flavor]
     if len(names) > 1:
         hint += ", or the runtime-only tensorrt-lean-cu12/cu13"
-    raise ClipadError(f"engine {entry.get('file')} needs the {names[0]} Python module, which cannot be imported "
+    raise ClipadError(f"engine {entry.file} needs the {names[0]} Python module, which cannot be imported "
                       f"({'; '.join(errors)}): {hint}; or use --backend onnxruntime")
 
 
-def tensorrt_available(manifest: dict | None = None) -> bool:
+def tensorrt_available(manifest: Manifest | None = None, device: int = 0) -> bool:
     """A GPU is present and a TensorRT module imports (for ``manifest``: the module its engine for this GPU needs)."""
-    gpu = cb.gpu_info()
+    gpu = cb.gpu_info(device)
     if gpu is None:
         return False
     if manifest is not None:
-        entries = [select_engine(manifest, gpu["compute_capability"])]
-        if entries[0] is None:
+        entry = select_engine(manifest, gpu["compute_capability"])
+        if entry is None:
             return False
+        modules = [_module_names(entry)]
     else:
-        entries = [{"flavor": "tensorrt", "version_compatible": True}, {"flavor": "rtx"}]
-    for entry in entries:
-        try:
-            import_tensorrt(entry)
-            return True
-        except ClipadError:
-            pass
+        modules = [VERSION_COMPATIBLE_MODULES, MODULES["rtx"]]
+    for names in modules:
+        for name in names:
+            try:
+                importlib.import_module(name)
+                return True
+            except (ImportError, OSError):
+                pass
     return False
 
 
@@ -110,88 +110,100 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
 
 
+def _probe_gpu(device: int) -> dict:
+    """The GPU to run on, probed before anything touches TensorRT (the lean runtime segfaults without a GPU)."""
+    if not isinstance(device, int) or device < 0:
+        raise ClipadError(f"--device {device!r}: a GPU index 0, 1, …")
+    gpu = cb.gpu_info(device)
+    if gpu is None:
+        count = cb.device_count()
+        if count and device >= count:
+            raise ClipadError(f"--device {device}: this machine has {count} GPU(s) (0 … {count - 1})")
+        raise ClipadError(f"{cb.no_gpu_reason()}; use --backend onnxruntime")
+    return gpu
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, model_dir: str, manifest: dict, engine_file: str | None = None, cuda_graph: bool = False,
-                 **_):
+    def __init__(self, model_dir: str, manifest: Manifest, engine_file: str | None = None,
+                 cuda_graph: bool = False, device: int = 0, **_):
         self.runtime = self.engine = self.context = self.stream = self._graph = None
-        self.device: dict[str, cb.DeviceBuffer] = {}
+        self.device_buffers: dict[str, cb.DeviceBuffer] = {}
         self.host: dict[str, cb.PinnedHostArray] = {}
         self.model_dir, self.cuda_graph, self._graph_shape = model_dir, bool(cuda_graph), None
-        engines = [e for e in manifest.get("engines") or [] if isinstance(e, dict) and e.get("file")]
+        self.graph_mode = None   # "tensorrt-rtx" (its own capture), "stream capture", or None
+        engines = manifest.engines
         if not engines:
             raise ClipadError(f"{model_dir}: the manifest lists no TensorRT engine; build one on the target: "
                               f"{rebuild_command(model_dir)}")
         entry = None
         if engine_file is not None:
-            entry = next((e for e in engines if e["file"] in (engine_file, os.path.basename(engine_file))), None)
+            entry = next((e for e in engines if e.file in (engine_file, os.path.basename(engine_file))), None)
             if entry is None:
                 raise ClipadError(f"--engine {engine_file}: not listed in {model_dir}/manifest.json "
-                                  f"(listed: {', '.join(e['file'] for e in engines)})")
-        # Probe before touching TensorRT: the lean runtime segfaults when created without a GPU.
-        gpu = cb.gpu_info()
-        if gpu is None:
-            raise ClipadError(f"{cb.no_gpu_reason()}; use --backend onnxruntime")
+                                  f"(listed: {', '.join(e.file for e in engines)})")
+        gpu = _probe_gpu(device)
         cc = gpu["compute_capability"]
         if entry is None:
             entry = select_engine(manifest, cc)
             if entry is None:
-                listed = ", ".join(f"{e['file']} (sm {_target_cc(e)})" for e in engines)
+                listed = ", ".join(f"{e.file} (sm {e.target.compute_capability})" for e in engines)
                 raise ClipadError(f"{model_dir}: no engine for this GPU ({gpu['name']}, compute capability {cc}; "
                                   f"listed: {listed}); build one on this machine: {rebuild_command(model_dir)}")
         self.entry, self.gpu = entry, gpu
         cmd = rebuild_command(model_dir, entry)
-        path = os.path.join(model_dir, entry["file"])
+        path = os.path.join(model_dir, entry.file)
 
         trt, self.module_name = import_tensorrt(entry)
-        built, installed = entry.get("trt_version"), str(getattr(trt, "__version__", "?"))
+        built, installed = entry.trt_version, str(getattr(trt, "__version__", "?"))
         if built:
-            if entry.get("version_compatible") and _version(installed) < _version(built):
+            if entry.version_compatible and _version(installed) < _version(built):
                 raise ClipadError(f"{path}: version-compatible engine built with TensorRT {built} needs TensorRT "
                                   f">= {built}, but {self.module_name} {installed} is installed; rebuild: {cmd}")
-            if not entry.get("version_compatible") and _version(installed) != _version(built):
+            if not entry.version_compatible and _version(installed) != _version(built):
                 raise ClipadError(f"{path}: built with {self.module_name} {built} but {installed} is installed "
                                   f"(an engine only loads on the TensorRT version that built it); "
                                   f"rebuild on this machine: {cmd}")
-        target = entry.get("target") or {}
-        if _target_cc(entry) != cc:
-            raise ClipadError(f"{path}: built for compute capability {_target_cc(entry)}"
-                              f"{' (' + target['gpu_name'] + ')' if target.get('gpu_name') else ''} but this GPU is "
+        target = entry.target
+        if target.compute_capability != cc:
+            raise ClipadError(f"{path}: built for compute capability {target.compute_capability}"
+                              f"{' (' + target.gpu_name + ')' if target.gpu_name else ''} but this GPU is "
                               f"{gpu['name']} (compute capability {cc}); rebuild on this machine: {cmd}")
-        if target.get("gpu_name") and not target.get("aot") and target["gpu_name"] != gpu["name"]:
+        if target.gpu_name and not target.aot and target.gpu_name != gpu["name"]:
             log.warning("%s was built on %s, running on %s (same compute capability); rebuild for best results: %s",
-                        entry["file"], target["gpu_name"], gpu["name"], cmd)
+                        entry.file, target.gpu_name, gpu["name"], cmd)
         data = self._read_engine(path, entry, cmd)
         self.trt = trt
         try:
+            cb.set_device(device)
             self._load(trt, data, manifest, path, cmd)
         except BaseException:
             self.close()
             raise
 
     @staticmethod
-    def _read_engine(path: str, entry: dict, cmd: str) -> bytes:
+    def _read_engine(path: str, entry: EngineEntry, cmd: str) -> bytes:
         if not os.path.isfile(path):
             raise ClipadError(f"{path}: engine listed in the manifest but missing; rebuild: {cmd}")
         with open(path, "rb") as fh:
             data = fh.read()
-        if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise ClipadError(f"{path}: size/sha256 does not match the manifest (file changed or truncated); "
                               f"rebuild: {cmd}")
         return data
 
-    def _load(self, trt, data: bytes, manifest: dict, path: str, cmd: str) -> None:
+    def _load(self, trt, data: bytes, manifest: Manifest, path: str, cmd: str) -> None:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        if self.entry.get("version_compatible"):
+        if self.entry.version_compatible:
             self.runtime.engine_host_code_allowed = True  # the plan carries its own lean runtime (trusted file)
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ClipadError(f"{path}: {self.module_name} {trt.__version__} cannot deserialize the engine (built by "
                               f"another TensorRT version or for another GPU?); rebuild on this machine: {cmd}")
-        spec = {manifest["input"].get("name", "images"): (trt.TensorIOMode.INPUT, manifest["input"])}
-        spec.update({o["name"]: (trt.TensorIOMode.OUTPUT, o) for o in manifest["outputs"]})
+        spec = {manifest.input.name: (trt.TensorIOMode.INPUT, manifest.input)}
+        spec.update({o.name: (trt.TensorIOMode.OUTPUT, o) for o in manifest.outputs})
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if sorted(names) != sorted(spec):
             raise ClipadError(f"{path}: engine tensors {names} do not match the manifest's {list(spec)}; "
@@ -202,18 +214,18 @@ class TensorRTBackend(Backend):
             dtype = self.engine.get_tensor_dtype(name)
             shape = tuple(self.engine.get_tensor_shape(name))
             self.dtypes[name] = _np_dtype(trt, dtype)
-            wanted_shape = list(want.get("shape") or [])
-            if self.engine.get_tensor_mode(name) != mode or self.dtypes[name] != np.dtype(want.get("dtype")):
+            wanted_shape = list(want.shape)
+            if self.engine.get_tensor_mode(name) != mode or self.dtypes[name] != np.dtype(want.dtype):
                 raise ClipadError(f"{path}: engine tensor {name!r} is {self.engine.get_tensor_mode(name)} "
-                                  f"{_dtype_name(dtype)}, the manifest expects {mode} {want.get('dtype')}; "
+                                  f"{_dtype_name(dtype)}, the manifest expects {mode} {want.dtype}; "
                                   f"rebuild: {cmd}")
             if len(shape) != len(wanted_shape) or list(shape[1:]) != wanted_shape[1:]:
                 raise ClipadError(f"{path}: engine tensor {name!r} has shape {list(shape)}, the manifest says "
                                   f"{wanted_shape}; rebuild: {cmd}")
             shapes[name] = shape
         self.input_name = next(iter(spec))
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self.image_size = int(manifest["input"]["shape"][1])
+        self.output_names = [o.name for o in manifest.outputs]
+        self.image_size = manifest.image_size
         in_shape = shapes[self.input_name]
         if in_shape[0] < 0:
             lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
@@ -221,7 +233,7 @@ class TensorRTBackend(Backend):
         else:
             self._range = (in_shape[0], in_shape[0])
 
-        self.context = self.engine.create_execution_context()
+        self.context = self._create_context(trt)
         if self.context is None:
             raise ClipadError(f"{path}: cannot create a TensorRT execution context (out of GPU memory?)")
         # Buffers are sized once for the largest batch of the profile and reused for every run.
@@ -233,15 +245,28 @@ class TensorRTBackend(Backend):
         for name, shape in max_shapes.items():
             if min(shape) < 0:
                 raise ClipadError(f"{path}: cannot resolve the shape of {name!r} ({list(shape)}); rebuild: {cmd}")
-            self.device[name] = cb.DeviceBuffer(int(np.prod(shape)) * self.dtypes[name].itemsize)
+            self.device_buffers[name] = cb.DeviceBuffer(int(np.prod(shape)) * self.dtypes[name].itemsize)
             self.host[name] = cb.PinnedHostArray(shape, self.dtypes[name])
         self.stream = cb.Stream()
 
+    def _create_context(self, trt):
+        """With ``cuda_graph`` on TensorRT-RTX, its built-in whole-graph capture (one line, dynamic shapes included)
+        instead of our stream capture, which RTX engines support only when built for user allocation."""
+        if self.cuda_graph and hasattr(trt, "CudaGraphStrategy") and hasattr(self.engine, "create_runtime_config"):
+            config = self.engine.create_runtime_config()
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.graph_mode = "tensorrt-rtx"
+            return self.engine.create_execution_context(config)
+        if self.cuda_graph:
+            self.graph_mode = "stream capture"
+        return self.engine.create_execution_context()
+
     @property
     def description(self) -> str:
-        return (f"{self.module_name.replace('_', '-')} {self.trt.__version__} {self.entry.get('precision', '?')} on "
-                f"{self.gpu['name']} (sm {self.gpu['compute_capability']})"
-                + (", CUDA graph" if self.cuda_graph else ""))
+        graph = {"tensorrt-rtx": ", CUDA graph (TensorRT-RTX)", "stream capture": ", CUDA graph"}
+        return (f"{self.module_name.replace('_', '-')} {self.trt.__version__} {self.entry.precision} on "
+                f"{self.gpu['name']} (sm {self.gpu['compute_capability']}, device {self.gpu['device']})"
+                + graph.get(self.graph_mode, ""))
 
     @property
     def batch_range(self) -> tuple[int, int]:
@@ -251,12 +276,12 @@ class TensorRTBackend(Backend):
         return self.host[name].array.reshape(-1)[:int(np.prod(shape))]
 
     def _enqueue(self, shapes: dict) -> None:
-        cb.memcpy_htod_async(self.device[self.input_name].ptr, self._flat(self.input_name, shapes[self.input_name]),
+        cb.memcpy_htod_async(self.device_buffers[self.input_name].ptr, self._flat(self.input_name, shapes[self.input_name]),
                              self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
             raise ClipadError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
         for name in self.output_names:
-            cb.memcpy_dtoh_async(self._flat(name, shapes[name]), self.device[name].ptr, self.stream)
+            cb.memcpy_dtoh_async(self._flat(name, shapes[name]), self.device_buffers[name].ptr, self.stream)
 
     def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.context is None:
@@ -265,13 +290,13 @@ class TensorRTBackend(Backend):
         batch = np.ascontiguousarray(batch_u8)
         if not self.context.set_input_shape(self.input_name, batch.shape):
             raise ClipadError(f"TensorRT rejects input shape {list(batch.shape)} (batch range {self._range})")
-        for name, buf in self.device.items():
+        for name, buf in self.device_buffers.items():
             if not self.context.set_tensor_address(name, buf.ptr):
                 raise ClipadError(f"TensorRT rejects the address of tensor {name!r}")
         shapes = {self.input_name: batch.shape}
         shapes.update({o: tuple(self.context.get_tensor_shape(o)) for o in self.output_names})
         self._flat(self.input_name, batch.shape)[:] = batch.reshape(-1)
-        if self.cuda_graph:
+        if self.graph_mode == "stream capture":
             self._run_graph(shapes)
         else:
             self._enqueue(shapes)
@@ -309,7 +334,7 @@ class TensorRTBackend(Backend):
 
     def _no_graph(self, exc: Exception) -> None:
         log.warning("CUDA graph capture failed (%s); running without CUDA graphs", exc)
-        self.cuda_graph = False
+        self.cuda_graph, self.graph_mode = False, None
 
     def _drop_graph(self) -> None:
         graph, self._graph, self._graph_shape = self._graph, None, None
@@ -329,9 +354,9 @@ class TensorRTBackend(Backend):
         self.context = None  # TensorRT objects go in dependency order: context, engine, runtime
         self.engine = None
         self.runtime = None
-        for buf in [*self.host.values(), *self.device.values()]:
+        for buf in [*self.host.values(), *self.device_buffers.values()]:
             attempt(buf.close)
-        self.host, self.device = {}, {}
+        self.host, self.device_buffers = {}, {}
         stream, self.stream = self.stream, None
         if stream is not None:
             attempt(stream.close)

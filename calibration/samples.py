@@ -1,7 +1,7 @@
 """Deterministic synthetic inspection images (textured surfaces, some with a scratch or a blob defect).
 
-Used as default verify images for export parity and by the README demo; torch-free so both sides can use it.
-Usage: ``python -m clipad.runtime.samples OUT_DIR [--count N]``.
+The default verify images of the export's parity gate and the README demo's inputs; not part of the edge runtime's
+inference path. Usage: ``python -m clipad.calibration.samples OUT_DIR [--count N]``.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from clipad.runtime.atomic import write_atomic
 
 
 def synthetic_image(index: int, seed: int = 0) -> tuple[Image.Image, bool]:
@@ -44,15 +46,13 @@ def write_samples(folder: str, count: int = 6, seed: int = 0) -> list[str]:
     for i in range(count):
         im, defect = synthetic_image(i, seed)
         path = os.path.join(folder, f"sample_{i:02d}_{'defect' if defect else 'good'}.png")
-        tmp = path + ".tmp.png"
-        im.save(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda fh: im.save(fh, format="PNG"))
         paths.append(path)
     return paths
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clipad.runtime.samples", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m clipad.calibration.samples", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     ap.add_argument("--count", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,11 @@
-"""The TensorRT backend against SIMULATED tensorrt + CUDA modules (tests/simulated_*.py): ONNX Runtime runs
-underneath, so these tests check the backend's bookkeeping (engine choice, checks, name-based I/O, buffers, streams,
-CUDA graphs, cleanup), not TensorRT itself. Nothing here needs a GPU."""
+"""PLUMBING tests of the TensorRT backend against SIMULATED tensorrt + CUDA modules (tests/simulated_*.py). ONNX
+Runtime runs underneath, so "outputs match" here compares ONNX Runtime with ONNX Runtime: these tests check the
+backend's bookkeeping (engine choice, checks, name-based I/O, buffers, devices, streams, CUDA graphs, cleanup), not
+TensorRT's numbers. A real engine is compared with the FP32 ONNX in test_tensorrt_engine.py (needs TensorRT + GPU).
+Nothing here needs a GPU."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -14,12 +17,13 @@ import pytest
 
 import simulated_cuda
 import simulated_tensorrt as simtrt
-from clipad.runtime import manifest as manifest_io
 from clipad.runtime.backends import cuda_buffers as cb
 from clipad.runtime.backends import tensorrt as trt_backend
 from clipad.runtime.backends.tensorrt import TensorRTBackend, select_engine, tensorrt_available
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.manifest import (SCHEMA_VERSION, BatchRange, ClassThresholds, EngineEntry, EngineTarget,
+                                     FileEntry, InputSpec, Manifest, ModelInfo, TensorSpec)
 
 S, K = 8, 2
 ENGINE = "model.fp16.rtx-sm86.engine"
@@ -57,14 +61,13 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def engine_entry(data: bytes, onnx_bytes: bytes, **overrides) -> dict:
-    entry = {"file": ENGINE, "precision": "fp16", "flavor": "rtx", "trt_version": RTX_VERSION,
-             "target": {"compute_capability": "8.6", "gpu_name": "NVIDIA RTX A2000", "aot": True},
-             "onnx": "model.onnx", "onnx_sha256": sha(onnx_bytes), "sha256": sha(data), "bytes": len(data),
-             "batch": {"min": 1, "opt": 1, "max": 4}, "version_compatible": False,
-             "build_command": "export-engine --from-onnx DIR --precision fp16 --flavor rtx"}
-    entry.update(overrides)
-    return entry
+def engine_entry(data: bytes, onnx_bytes: bytes, **overrides) -> EngineEntry:
+    fields = dict(file=ENGINE, precision="fp16", flavor="rtx", trt_version=RTX_VERSION,
+                  target=EngineTarget("8.6", "NVIDIA RTX A2000", aot=True), onnx="model.onnx",
+                  onnx_sha256=sha(onnx_bytes), sha256=sha(data), bytes=len(data), batch=BatchRange(1, 4, 1),
+                  build_command="export-engine --from-onnx DIR --precision fp16 --flavor rtx")
+    fields.update(overrides)
+    return EngineEntry(**fields)
 
 
 def write_model(root, onnx_bytes: bytes | None = None, engine_data: bytes | None = None, **overrides):
@@ -74,21 +77,19 @@ def write_model(root, onnx_bytes: bytes | None = None, engine_data: bytes | None
     os.makedirs(root, exist_ok=True)
     (root / "model.onnx").write_bytes(onnx_bytes)
     entry = engine_entry(engine_data, onnx_bytes, **overrides)
-    (root / entry["file"]).write_bytes(engine_data)
-    manifest = {
-        "schema_version": manifest_io.SCHEMA_VERSION,
-        "model": {"kind": "clip", "arch": "tiny", "image_size": S, "class_names": ["tile", "screw"]},
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", S, S, 3], "color": "RGB"},
-        "outputs": [{"name": "anomaly_map", "dtype": "float32", "shape": ["batch", K, S, S]},
-                    {"name": "image_score", "dtype": "float32", "shape": ["batch", K]}],
-        "batch": {"min": 1, "max": 4, "opt": 1},
-        "files": {"model.onnx": {"sha256": sha(onnx_bytes), "bytes": len(onnx_bytes), "precision": "fp32",
-                                 "format": "onnx", "opset": 17}},
-        "thresholds": {"tile": {"image": 0.5}},
-        "engines": [entry],
-    }
-    manifest_io.write_json_atomic(str(root / manifest_io.MANIFEST_NAME), manifest)
-    return str(root), manifest_io.read(str(root))
+    (root / entry.file).write_bytes(engine_data)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(kind="clip", arch="tiny", image_size=S, class_names=["tile", "screw"]),
+        input=InputSpec("images", "uint8", ["batch", S, S, 3]),
+        outputs=[TensorSpec("anomaly_map", "float32", ["batch", K, S, S]),
+                 TensorSpec("image_score", "float32", ["batch", K])],
+        batch=BatchRange(1, 4, 1),
+        files={"model.onnx": FileEntry(sha(onnx_bytes), len(onnx_bytes), "fp32", opset=17)},
+        thresholds={"tile": ClassThresholds(image=0.5)},
+        engines=[entry])
+    manifest.write(str(root))
+    return str(root), Manifest.read(str(root))
 
 
 def reference(model_dir: str, batch: np.ndarray):
@@ -104,7 +105,8 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def sim(monkeypatch):
-    """Simulated CUDA (an RTX A2000, sm 8.6) in the shim, and the simulated TensorRT as tensorrt / tensorrt_rtx."""
+    """Simulated CUDA (an RTX A2000, sm 8.6) in the shim, and the simulated TensorRT as tensorrt / tensorrt_rtx
+    (without TensorRT-RTX's built-in CUDA graphs; ``rtx_sim`` has them)."""
     cuda = simulated_cuda.SimulatedCudaRuntime()
     monkeypatch.setattr(cb, "_rt", cuda)
     simtrt.reset(cuda, RTX_VERSION)
@@ -128,10 +130,10 @@ def test_outputs_match_onnxruntime_and_bookkeeping(sim, model):
     model_dir, manifest = model
     backend = TensorRTBackend(model_dir, manifest)
     assert backend.batch_range == (1, 4)
-    assert backend.description == "tensorrt-rtx 1.7.1.116 fp16 on NVIDIA RTX A2000 (sm 8.6)"
+    assert backend.description == "tensorrt-rtx 1.7.1.116 fp16 on NVIDIA RTX A2000 (sm 8.6, device 0)"
     # One device buffer and one pinned host array per tensor, sized for the profile's max batch, allocated once.
     expected = {"images": 4 * S * S * 3, "anomaly_map": 4 * K * S * S * 4, "image_score": 4 * K * 4}
-    assert {n: b.nbytes for n, b in backend.device.items()} == expected
+    assert {n: b.nbytes for n, b in backend.device_buffers.items()} == expected
     assert {n: h.nbytes for n, h in backend.host.items()} == expected
     assert backend.dtypes == {"images": np.uint8, "anomaly_map": np.float32, "image_score": np.float32}
     for n in (1, 3, 1):
@@ -161,7 +163,7 @@ def test_name_based_io_only_and_every_address_set_before_execute(sim, model):
     for _, method, detail in simtrt.CALLS:
         if method == "set_tensor_address":
             addressed.add(detail[0])
-            assert detail[1] == backend.device[detail[0]].ptr
+            assert detail[1] == backend.device_buffers[detail[0]].ptr
         elif method == "set_input_shape":
             shape_set = True
         elif method == "execute_async_v3":
@@ -186,6 +188,7 @@ def test_batch_outside_profile_and_bad_input(sim, model):
 
 def test_no_gpu_never_creates_a_tensorrt_runtime(sim, model, monkeypatch):
     monkeypatch.setattr(cb, "gpu_info", lambda device=0: None)
+    monkeypatch.setattr(cb, "device_count", lambda: 0)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # not even imported: the GPU is probed first
     with pytest.raises(ClipadError, match="no CUDA GPU/driver found; use --backend onnxruntime"):
         TensorRTBackend(*model)
@@ -279,7 +282,7 @@ def test_io_dtype_or_name_mismatch(sim, tmp_path):
     with pytest.raises(ClipadError, match="'image_score' is TensorIOMode.OUTPUT HALF, the manifest expects .*float32"):
         TensorRTBackend(model_dir, manifest)
     model_dir, manifest = write_model(tmp_path / "names")
-    manifest["outputs"][1]["name"] = "score"
+    manifest.outputs[1].name = "score"
     with pytest.raises(ClipadError, match="do not match the manifest"):
         TensorRTBackend(model_dir, manifest)
     assert sim.live()["device"] == 0
@@ -364,32 +367,100 @@ def test_engine_file_must_be_listed(sim, model):
     with pytest.raises(ClipadError, match="not listed"):
         TensorRTBackend(model_dir, manifest, engine_file="other.engine")
     backend = TensorRTBackend(model_dir, manifest, engine_file=os.path.join(model_dir, ENGINE))
-    assert backend.entry["file"] == ENGINE
+    assert backend.entry.file == ENGINE
     backend.close()
+    manifest.engines = []
     with pytest.raises(ClipadError, match=f"lists no TensorRT engine.*export-engine --from-onnx {model_dir}"):
-        TensorRTBackend(model_dir, dict(manifest, engines=[]))
+        TensorRTBackend(model_dir, manifest)
 
 
-def test_select_engine_by_compute_capability():
+def test_select_engine_by_compute_capability(model):
     def e(file, cc, precision):
-        return {"file": file, "precision": precision, "target": {"compute_capability": cc}}
+        return engine_entry(b"", b"", file=file, precision=precision, target=EngineTarget(cc))
 
-    manifest = {"engines": [e("a.fp32.sm86", "8.6", "fp32"), e("b.int8.sm86", "8.6", "int8"),
-                            e("c.fp16.sm89", "8.9", "fp16"), e("d.fp16.sm86", "8.6", "fp16"),
-                            e("e.fp32.sm87", "8.7", "fp32"), e("f.int8.sm87", "8.7", "int8")]}
-    assert select_engine(manifest, "8.6")["file"] == "d.fp16.sm86"
-    assert select_engine(manifest, "8.9")["file"] == "c.fp16.sm89"
-    assert select_engine(manifest, "8.7")["file"] == "f.int8.sm87"
+    manifest = model[1]
+    manifest.engines = [e("a.fp32.sm86", "8.6", "fp32"), e("b.int8.sm86", "8.6", "int8"),
+                        e("c.fp16.sm89", "8.9", "fp16"), e("d.fp16.sm86", "8.6", "fp16"),
+                        e("e.fp32.sm87", "8.7", "fp32"), e("f.int8.sm87", "8.7", "int8")]
+    assert select_engine(manifest, "8.6").file == "d.fp16.sm86"
+    assert select_engine(manifest, "8.9").file == "c.fp16.sm89"
+    assert select_engine(manifest, "8.7").file == "f.int8.sm87"
     assert select_engine(manifest, "7.5") is None
     assert select_engine(manifest, None) is None
-    assert select_engine({"engines": []}, "8.6") is None and select_engine({}, "8.6") is None
+    manifest.engines = []
+    assert select_engine(manifest, "8.6") is None
 
 
 def test_tensorrt_available(sim, model, monkeypatch):
     assert tensorrt_available() and tensorrt_available(model[1])
-    assert not tensorrt_available({"engines": [{"file": "x", "target": {"compute_capability": "9.0"}}]})
+    other = copy.deepcopy(model[1])
+    other.engines[0].target = EngineTarget("9.0")
+    assert not tensorrt_available(other)
     monkeypatch.setattr(cb, "gpu_info", lambda device=0: None)
     assert not tensorrt_available() and not tensorrt_available(model[1])
+
+
+def test_stream_is_non_blocking(sim, model):
+    backend = TensorRTBackend(*model)
+    assert sim.stream_flags == {backend.stream.handle: simulated_cuda.SimulatedCudaRuntime.cudaStreamNonBlocking}
+    assert "cudaStreamCreate" not in sim.calls  # the legacy blocking creation is never used
+    backend.close()
+
+
+def test_device_selects_the_gpu_and_its_engine(tmp_path, monkeypatch):
+    """Two GPUs: device 1 (sm 8.9) runs the sm 8.9 engine, everything is allocated on it."""
+    cuda = simulated_cuda.SimulatedCudaRuntime(gpus=[("NVIDIA RTX A2000", (8, 6)), ("NVIDIA GeForce RTX 4090", (8, 9))])
+    monkeypatch.setattr(cb, "_rt", cuda)
+    simtrt.reset(cuda, RTX_VERSION)
+    monkeypatch.setattr(simtrt, "__version__", RTX_VERSION)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", simtrt)
+    onnx_bytes = make_onnx()
+    model_dir, manifest = write_model(tmp_path / "m", onnx_bytes, file="model.fp16.rtx-sm89.engine",
+                                      target=EngineTarget("8.9", "NVIDIA GeForce RTX 4090", aot=True))
+    with pytest.raises(ClipadError, match="no engine for this GPU .NVIDIA RTX A2000, compute capability 8.6"):
+        TensorRTBackend(model_dir, manifest)          # device 0 by default
+    assert cuda.allocated_on == {}
+    backend = TensorRTBackend(model_dir, manifest, device=1)
+    assert backend.description.endswith("on NVIDIA GeForce RTX 4090 (sm 8.9, device 1)")
+    assert cuda.current_device == 1 and set(cuda.allocated_on.values()) == {1}
+    assert cuda.calls.index("cudaSetDevice") < cuda.calls.index("cudaMalloc")
+    batch = images(3)
+    np.testing.assert_allclose(backend.run(batch)[1], reference(model_dir, batch)[1], rtol=1e-6)
+    backend.close()
+    with pytest.raises(ClipadError, match=r"--device 5: this machine has 2 GPU\(s\) \(0 … 1\)"):
+        TensorRTBackend(model_dir, manifest, device=5)
+    with pytest.raises(ClipadError, match="--device -1"):
+        TensorRTBackend(model_dir, manifest, device=-1)
+
+
+def test_cuda_graph_with_a_binding_without_stream_capture(sim, model, caplog, monkeypatch):
+    """A CUDA binding that lacks cudaStreamCaptureMode (as the removed pycuda fallback did) used to crash with a
+    traceback inside begin_capture; now the backend warns once and runs without graphs."""
+    monkeypatch.delattr(simulated_cuda.SimulatedCudaRuntime, "cudaStreamCaptureMode")
+    backend = TensorRTBackend(*model, cuda_graph=True)
+    with caplog.at_level(logging.WARNING, logger="clipad"):
+        for seed in range(2):
+            batch = images(2, seed)
+            np.testing.assert_allclose(backend.run(batch)[1], reference(model[0], batch)[1], rtol=1e-6)
+    assert "no stream capture (cudaStreamCaptureMode)" in caplog.text and caplog.text.count("running without") == 1
+    assert backend.graph_mode is None and sim.live()["graphs"] == 0
+    backend.close()
+
+
+def test_tensorrt_rtx_uses_its_own_cuda_graphs(sim, model):
+    simtrt.reset(sim, RTX_VERSION, rtx=True)
+    backend = TensorRTBackend(*model, cuda_graph=True)
+    assert backend.graph_mode == "tensorrt-rtx" and backend.description.endswith(", CUDA graph (TensorRT-RTX)")
+    assert calls("create_execution_context") == [("ICudaEngine", "create_execution_context", "WHOLE_GRAPH_CAPTURE")]
+    for n in (2, 3, 2):  # dynamic shapes are TensorRT-RTX's business: no capture or replay of ours
+        batch = images(n, n)
+        np.testing.assert_allclose(backend.run(batch)[0], reference(model[0], batch)[0], rtol=1e-6, atol=1e-6)
+    assert "cudaStreamBeginCapture" not in sim.calls and "cudaGraphLaunch" not in sim.calls
+    assert sim.executed.count("trt.execute(rtx graph)") == 3
+    backend.close()
+    plain = TensorRTBackend(*model)  # without --cuda-graph the context gets no graph strategy
+    assert calls("create_execution_context")[-1][2] is None and plain.graph_mode is None
+    plain.close()
 
 
 # ---- the cuda-python shim itself ---------------------------------------------------------------------------------
@@ -435,6 +506,7 @@ def test_shim_on_simulated_cuda(monkeypatch):
     monkeypatch.setattr(cb, "_rt", cuda)
     assert cb.gpu_info() == {"count": 1, "device": 0, "name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7",
                              "total_memory": 4 << 30, "driver_version": "12.6", "runtime_version": "12.6"}
+    assert cb.device_count() == 1 and cb.gpu_info(1) is None
     src, dst = cb.PinnedHostArray((3, 5), np.float32), cb.PinnedHostArray((3, 5), np.float32)
     src.array[:] = np.arange(15, dtype=np.float32).reshape(3, 5)
     dev, stream = cb.DeviceBuffer(src.nbytes), cb.Stream()

@@ -1,36 +1,16 @@
-"""FP16 / INT8 ONNX with accuracy gates, INT8 calibration, and TensorRT-RTX engine builds (CPU-only, ahead of time)."""
+"""FP16 / INT8 ONNX with accuracy gates and INT8 calibration (no TensorRT needed; engine builds: test_engine_build)."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import onnx
 import pytest
 
-from clipad.export import cli as export_cli
+from clipad.calibration.samples import write_samples
 from clipad.export import precision
-from clipad.runtime.samples import write_samples
-from tiny_fixtures import export_tiny
-
-
-def export(tiny_files, out, kind="aaclip", extra=()):
-    return export_tiny(tiny_files, out, kind, extra, classes=("bottle",))
-
-trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
-
-
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib")
-    write_samples(str(folder), count=12, seed=3)
-    return folder
-
-
-def manifest(out):
-    return json.loads((out / "manifest.json").read_text())
+from clipad.runtime.compare import PRECISION_LIMITS, GateLimits
+from tiny_fixtures import export_one_class as export, manifest_json as manifest
 
 
 def value_types(model):
@@ -48,7 +28,7 @@ def test_fp16_export_keeps_sensitive_parts_fp32(tiny_files, tmp_path, kind):
     m = manifest(out)
     assert set(m["files"]) == {"model.onnx", "model.fp16.onnx"} and m["files"]["model.fp16.onnx"]["precision"] == "fp16"
     gate = m["precisions"]["fp16"]["gate"]
-    assert gate["passed"] and gate["map_pearson_min"] >= 0.999
+    assert gate["passed"] and gate["comparison"]["map_pearson_min"] >= 0.999 and gate["failures"] == []
     model = onnx.load(str(out / "model.fp16.onnx"))
     types = value_types(model)
     fp16 = onnx.TensorProto.FLOAT16
@@ -70,10 +50,12 @@ def test_int8_export_symmetric_qdq_linear_only(tiny_files, tmp_path, calib_dir, 
                                           "--accept-accuracy-loss"]) == 0
     assert "at least 100" in caplog.text and "Please consider" not in caplog.text  # ORT's CPU advice dropped
     m = manifest(out)
-    info = m["precisions"]["int8"]
-    assert info["calibration_images"] == 9 and info["gate"]["images"] == 3  # 3 of 12 held back
-    assert info["gate"]["map_pearson_min"] >= 0.99 and info["gate"]["score_spearman_min"] is not None
-    assert info["gate"]["passed"] or info["gate"]["accepted_despite_failure"]
+    info, gate = m["precisions"]["int8"]["conversion"], m["precisions"]["int8"]["gate"]
+    assert info["calibration_images"] == 9 and gate["comparison"]["images"] == 3  # 3 of 12 held back
+    assert gate["comparison"]["map_pearson_min"] >= 0.99 and gate["comparison"]["score_spearman"] is not None
+    # The verdict follows from the recorded numbers (whichever way it went on these near-tied tiny scores).
+    rho = gate["comparison"]["score_spearman"]
+    assert gate["passed"] == (rho >= 0.98) and gate["accepted_despite_failure"] == (not gate["passed"])
     model = onnx.load(str(out / "model.int8.onnx"))
     assert info["high_precision"] == "fp16" and [o.version for o in model.opset_import if o.domain == ""] == [19]
     types = value_types(model)
@@ -129,7 +111,7 @@ def test_int8_bad_inputs(tiny_files, tmp_path, capsys):
 
 
 def test_failing_gate_fails_export_unless_accepted(tiny_files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(precision.GATES, "fp16", {"map_pearson_min": 1.5})
+    monkeypatch.setitem(PRECISION_LIMITS, "fp16", GateLimits(map_pearson_min=1.5))
     assert export(tiny_files, tmp_path / "m", "clip", ["--precision", "fp16", "--no-engine"]) == 2
     assert "FP16 accuracy gate failed: map Pearson min" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
@@ -137,96 +119,6 @@ def test_failing_gate_fails_export_unless_accepted(tiny_files, tmp_path, monkeyp
                                                        "--accept-accuracy-loss"]) == 0
     gate = manifest(tmp_path / "m")["precisions"]["fp16"]["gate"]
     assert gate["passed"] is False and gate["accepted_despite_failure"] is True
-
-
-def test_rtx_builds_all_three_precisions(tiny_files, tmp_path, calib_dir):
-    out = tmp_path / "m"
-    cache = tmp_path / "timing.cache"
-    assert export(tiny_files, out, "aaclip", ["--precision", "int8", "--calib-data", str(calib_dir),
-                                              "--accept-accuracy-loss",
-                                              "--dynamic-batch", "1:2", "--trt-flavor", "rtx",
-                                              "--compute-capability", "8.6", "--timing-cache", str(cache)]) == 0
-    for prec in ("fp32",):
-        assert export_cli.main(["--from-onnx", str(out), "--precision", prec, "--trt-flavor", "rtx",
-                                "--compute-capability", "8.6", "-q"]) == 0
-    assert "model.fp16.onnx" not in manifest(out)["files"]
-    # --from-onnx adds the missing model.fp16.onnx (gated), then builds its engine.
-    assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--trt-flavor", "rtx",
-                            "--compute-capability", "8.6", "-q"]) == 0
-    m = manifest(out)
-    assert m["precisions"]["fp16"]["gate"]["passed"] and "model.fp16.onnx" in m["files"]
-    fp16_dir = tmp_path / "f"
-    assert export(tiny_files, fp16_dir, "aaclip", ["--precision", "fp16", "--trt-flavor", "rtx",
-                                                   "--compute-capability", "8.9"]) == 0
-    engines = {e["file"]: e for e in m["engines"] + manifest(fp16_dir)["engines"]}
-    assert set(engines) == {"model.int8.rtx-sm86.engine", "model.fp32.rtx-sm86.engine",
-                            "model.fp16.rtx-sm86.engine", "model.fp16.rtx-sm89.engine"}
-    for name, e in engines.items():
-        folder = out if "sm86" in name else fp16_dir
-        path = folder / name
-        assert path.stat().st_size == e["bytes"] > 100_000
-        assert e["flavor"] == "rtx" and e["trt_version"] == trt_rtx.__version__ and e["target"]["aot"]
-        assert e["onnx_sha256"] == manifest(folder)["files"][e["onnx"]]["sha256"]
-        assert "--from-onnx" in e["build_command"]
-    assert engines["model.int8.rtx-sm86.engine"]["batch"] == {"min": 1, "max": 2, "opt": 1}
-    assert cache.stat().st_size > 0
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
-
-
-def test_engine_bad_inputs(tiny_files, tmp_path, capsys):
-    out = tmp_path / "m"
-    assert export(tiny_files, out, "clip", ["--precision", "fp16"]) == 0   # no --compute-capability: no build
-    assert f"export-engine --from-onnx {out} --precision fp16" in capsys.readouterr().out
-    assert manifest(out)["engines"] == []
-
-    def fails(args, needle):
-        assert export_cli.main(["--from-onnx", *args, "-q"]) == 2
-        err = capsys.readouterr().err
-        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-    fails([str(out), "--precision", "int8", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "--calib-data")
-    fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--compute-capability", "8.7"], "Jetson")
-    fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx"], "--compute-capability")
-    fails([str(out), "--precision", "fp16", "--trt-flavor", "tensorrt"], "--trt-flavor tensorrt")
-    fails([str(tmp_path / "nowhere"), "--precision", "fp16"], "no such model directory")
-    with open(out / "model.fp16.onnx", "r+b") as fh:
-        fh.truncate(1000)
-    fails([str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--compute-capability", "8.6"], "sha256")
-    assert not [f for f in os.listdir(out) if f.endswith(".engine")]
-
-
-def test_from_onnx_adds_int8_without_torch_and_drops_stale_engines(tiny_files, tmp_path, calib_dir, monkeypatch,
-                                                                   caplog):
-    out = tmp_path / "m"
-    assert export(tiny_files, out, "clip", ["--precision", "int8", "--calib-data", str(calib_dir),
-                                            "--accept-accuracy-loss", "--trt-flavor", "rtx",
-                                            "--compute-capability", "8.6"]) == 0
-    before = manifest(out)
-    assert [e["file"] for e in before["engines"]] == ["model.int8.rtx-sm86.engine"]
-    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # the precision step must not need torch
-    fewer = tmp_path / "fewer"
-    fewer.mkdir()
-    for f in sorted(os.listdir(calib_dir))[:9]:
-        os.symlink(calib_dir / f, fewer / f)
-    args = ["--from-onnx", str(out), "--precision", "int8", "--calib-data", str(fewer), "--accept-accuracy-loss",
-            "--no-engine", "-q"]
-    assert export_cli.main(args) == 0
-    after = manifest(out)
-    info = after["precisions"]["int8"]
-    assert info["calibration_images"] == 6 and info["calibration_data"] == str(fewer)  # 3 of 9 held back
-    assert after["files"]["model.int8.onnx"]["sha256"] != before["files"]["model.int8.onnx"]["sha256"]
-    assert after["engines"] == [] and not (out / "model.int8.rtx-sm86.engine").exists()
-    assert "removed model.int8.rtx-sm86.engine" in caplog.text
-    assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--no-engine", "-q"]) == 0
-    assert manifest(out)["precisions"]["fp16"]["gate"]["passed"]
-    listing = sorted(os.listdir(out))
-    assert listing == ["manifest.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx"]
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "a.png").write_bytes(b"\x89PNG truncated")
-    text = (out / "manifest.json").read_text()
-    assert export_cli.main(["--from-onnx", str(out), "--precision", "int8", "--calib-data", str(broken), "-q"]) == 2
-    assert sorted(os.listdir(out)) == listing and (out / "manifest.json").read_text() == text
 
 
 def test_calibration_set_cache_and_holdout(tmp_path, monkeypatch):

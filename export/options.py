@@ -1,0 +1,70 @@
+"""What ``export-engine`` was asked to do, as typed values: the command line fills these, the orchestrator
+(``pipeline``) reads them, and hands each step only the explicit parameters it needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clipad.runtime.errors import ClipadError
+
+
+@dataclass
+class CalibrationOptions:
+    data: str | None = None            # folder of normal images (INT8)
+    method: str = "minmax"
+    high_precision: str = "fp16"       # type of everything that is not a quantized linear layer
+    keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
+
+
+@dataclass
+class EngineOptions:
+    build: bool = True                 # False: --no-engine
+    flavor: str = "auto"
+    compute_capability: str | None = None
+    workspace_gb: float = 4.0
+    timing_cache: str | None = None
+    version_compatible: bool = False
+
+
+@dataclass
+class ModelOptions:
+    kind: str
+    ckpt: str | None = None
+    epoch: int | None = None
+    clip_weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    arch: str = "ViT-L-14-336"
+    image_size: int = 518
+    class_names: list[str] | None = None
+    dataset: str | None = None
+    domain: str | None = None
+    quick_gelu: bool | None = None
+
+
+@dataclass
+class ExportOptions:
+    output: str                                   # the export folder (--output, or the --from-onnx folder)
+    model: ModelOptions | None = None             # None: work on the existing export in ``output``
+    batch: tuple[int, int] = (1, 1)
+    verify_images: str | None = None
+    precision: str = "fp32"
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    accept_accuracy_loss: bool = False
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    threads: int | None = None
+
+
+def parse_batch(batch: int | None, dynamic: str | None) -> tuple[int, int]:
+    """--batch N or --dynamic-batch MIN:MAX → (min, max)."""
+    if dynamic:
+        try:
+            lo, hi = (int(v) for v in dynamic.split(":"))
+        except ValueError:
+            raise ClipadError(f"--dynamic-batch {dynamic!r}: expected MIN:MAX, e.g. 1:8") from None
+        if not 1 <= lo < hi:
+            raise ClipadError(f"--dynamic-batch {dynamic}: need 1 <= MIN < MAX")
+        return lo, hi
+    n = 1 if batch is None else batch
+    if n < 1:
+        raise ClipadError(f"--batch {n}: must be at least 1")
+    return n, n

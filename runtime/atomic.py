@@ -1,0 +1,80 @@
+"""The one atomic file writer: write a temp file beside the target, then rename it over the target.
+
+A crash, Ctrl-C or full disk leaves either the old file or the new one, never a half-written file; the temp file is
+removed on failure. Files are created with ``open(..., "xb")`` so they honour the umask (tempfile's are 0600).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any, BinaryIO, Callable
+
+from .errors import ClipadError
+
+
+def temp_path_beside(path: str, suffix: str = ".tmp") -> str:
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], Any], durable: bool = False) -> str:
+    """Call ``write(binary_file)`` on a temp file beside ``path`` and rename it to ``path``; returns ``path``.
+
+    ``durable`` also fsyncs before the rename (manifests, engines; not per-frame outputs, where it costs latency).
+    OSError (full disk, permissions, missing folder) becomes a one-line ClipadError naming ``path``.
+    """
+    path = os.fspath(path)
+    tmp = temp_path_beside(path)
+    try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "xb") as fh:
+            write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise ClipadError(f"{path}: could not write ({exc.strerror or exc})") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: str, data: bytes, durable: bool = False) -> str:
+    return write_atomic(path, lambda fh: fh.write(data), durable)
+
+
+def write_json_atomic(path: str, data: Any) -> str:
+    """Strict JSON (NaN/inf are refused: they are not JSON), indented, newline-terminated."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode(), durable=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def make_temp_dir_beside(path: str, tag: str) -> str:
+    """A hidden work folder next to ``path`` (same file system, so the final rename is atomic)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return tempfile.mkdtemp(prefix=f".{base}.{tag}-", dir=folder)
+
+
+def replace_dir(tmp: str, out: str) -> None:
+    """Swap a finished temp folder into place; an existing ``out`` is moved aside first, then removed."""
+    if os.path.exists(out):
+        old = make_temp_dir_beside(out, "old")
+        os.rmdir(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,125 @@
+"""The typed manifest schema: round trip, one-line errors for bad documents, file names confined to the model
+folder, and an export written by the previous release (schema 1, checked in) that still reads, runs and upgrades."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from clipad.export import cli as export_cli
+from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detector import Detector
+from clipad.runtime.errors import ClipadError
+from clipad.runtime.manifest import SCHEMA_VERSION, Manifest
+from conftest import REPO
+
+RELEASE_0_1_0 = REPO / "tests" / "data" / "release-0.1.0-aaclip-tiny"
+
+
+@pytest.fixture
+def old_export(tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(RELEASE_0_1_0, copy)
+    return copy
+
+
+def test_previous_release_manifest_reads_typed():
+    m = Manifest.read(str(RELEASE_0_1_0))
+    assert m.model.kind == "aaclip" and m.class_names == ["bottle", "screw"] and m.image_size == 56
+    assert m.model.prompt_names == ["dark bottle", "screw"] and m.model.domain == "industrial"
+    assert m.model.details["checkpoint_epoch"] == 7 and m.model.details["blur"] == [7, 1.0]
+    assert m.parity.passed and m.parity.reference == "torch" and m.parity.comparison.images == 3
+    assert m.parity.comparison.anomaly_map.max_abs == pytest.approx(4.76837158203125e-06)
+    assert m.parity.limits.map_error_over_range == 1e-4 and m.parity.limits.score_max_abs == 1e-5
+    fp16 = m.precisions["fp16"]
+    assert fp16.gate.passed and fp16.gate.limits.map_pearson_min == 0.999
+    assert fp16.gate.comparison.map_pearson_min > 0.999 and "fp32_ops" in fp16.conversion
+    (engine,) = m.engines
+    assert engine.file == "model.fp16.rtx-sm86.engine" and engine.target.compute_capability == "8.6"
+    assert engine.batch.min == engine.batch.max == 1
+    assert m.files["model.onnx"].precision == "fp32"
+
+
+def test_previous_release_export_runs(old_export, tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    with Detector.open(str(old_export)) as det:
+        pred = det.predict(image, class_name="screw")
+    assert pred.anomaly_map.shape == (56, 56) and np.isfinite(pred.score)
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "x.png")
+    jsonl = tmp_path / "r.jsonl"
+    assert edge_detect(["--model", str(old_export), "--source", str(tmp_path / "x.png"), "--class-name", "screw",
+                        "--jsonl", str(jsonl), "-q"]) == 0
+    assert json.loads(jsonl.read_text())["score"] == pytest.approx(pred.score, abs=0)
+
+
+def test_previous_release_export_upgrades_on_the_next_write(old_export, calib_dir):
+    before = json.loads((old_export / "manifest.json").read_text())
+    assert before["schema_version"] == 1
+    assert export_cli.main(["--from-onnx", str(old_export), "--precision", "int8", "--calib-data", str(calib_dir),
+                            "--accept-accuracy-loss", "--no-engine", "-q"]) == 0
+    after = json.loads((old_export / "manifest.json").read_text())
+    assert after["schema_version"] == SCHEMA_VERSION
+    assert after["model"]["details"]["checkpoint_epoch"] == 7 and after["export"] == before["export"]
+    assert set(after["precisions"]) == {"fp16", "int8"} and "model.int8.onnx" in after["files"]
+    assert Manifest.read(str(old_export)).to_dict() == after
+
+
+def test_round_trip_keeps_unknown_keys(old_export):
+    m = Manifest.read(str(old_export))
+    data = m.to_dict()
+    data["from_a_newer_writer"] = {"kept": True}
+    data["thresholds"] = {"bottle": {"image": 0.7, "pixel": 1.5, "method": "conformal"}}
+    again = Manifest.from_dict(json.loads(json.dumps(data)))
+    assert again.thresholds["bottle"].image == 0.7 and again.thresholds["bottle"].extra == {"method": "conformal"}
+    out = again.to_dict()
+    assert out["from_a_newer_writer"] == {"kept": True} and out["thresholds"]["bottle"]["method"] == "conformal"
+    assert Manifest.from_dict(out).to_dict() == out
+
+
+def bad(data: dict, path: list, value):
+    data = json.loads(json.dumps(data))
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (["batch", "min"], "1", "manifest.batch.min: expected an integer"),
+    (["batch", "min"], 0, "need 1 <= min <= opt <= max"),
+    (["model", "class_names"], [], "class_names: empty"),
+    (["engines", 0, "file"], "../../etc/passwd", "not a plain file name inside the model folder"),
+    (["engines", 0, "file"], "/tmp/x.engine", "not a plain file name"),
+    (["files"], {"model.onnx": {"sha256": "x", "bytes": 1, "precision": "fp32"},
+                 "sub/dir.onnx": {"sha256": "x", "bytes": 1, "precision": "fp16"}}, "not a plain file name"),
+    (["files"], {}, "no model.onnx entry"),
+    (["engines", 0, "target"], None, "manifest.engines[0].target: expected an object"),
+    (["engines", 0, "unexpected"], 1, "unknown field(s) unexpected"),
+    (["schema_version"], 99, "newer than this clipad-edge supports"),
+    (["schema_version"], "2", "is not a version number"),
+])
+def test_bad_manifests_are_one_line_errors(path, value, message):
+    data = Manifest.read(str(RELEASE_0_1_0)).to_dict()
+    with pytest.raises(ClipadError) as err:
+        Manifest.from_dict(bad(data, path, value), "x/manifest.json")
+    text = str(err.value)
+    assert message in text and "\n" not in text and text.startswith("x/manifest.json")
+
+
+def test_written_manifest_is_strict_json_and_honours_the_umask(old_export):
+    m = Manifest.read(str(old_export))
+    m.parity.comparison.map_pearson_min = float("nan")   # never written as a bare NaN
+    m.write(str(old_export))
+    text = (old_export / "manifest.json").read_text()
+    json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert '"map_pearson_min": null' in text
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (os.stat(old_export / "manifest.json").st_mode & 0o777) == (0o666 & ~umask)
+    assert not [f for f in os.listdir(old_export) if f.startswith(".")]
