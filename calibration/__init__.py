@@ -1,1 +1,2 @@
-"""INT8 calibration data and normal-image thresholds (arrives with the calibration / precision issues)."""
+"""Image sets with the runtime's preprocessing (INT8 calibration, verify sets, samples), INT8 activation ranges, and
+OK/NG thresholds from normal images (``edge-calibrate``)."""

@@ -19,10 +19,10 @@ from clipad import __version__
 from clipad.runtime.atomic import make_temp_dir_beside, replace_dir
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, InputSpec, Manifest, ModelInfo,
-                                     TensorSpec, file_entry, sha256_file)
+                                     TensorSpec, file_entry, precision_file, sha256_file)
 
 from .options import ExportOptions
-from .precision_step import INT8_NEEDS_CALIBRATION, onnx_name
+from .precision_step import INT8_NEEDS_CALIBRATION
 
 log = logging.getLogger("clipad")
 
@@ -105,6 +105,7 @@ def new_manifest(opts: ExportOptions, built, onnx_file: str, parity, seconds: fl
         schema_version=SCHEMA_VERSION,
         model=ModelInfo(kind=built.kind, arch=built.arch, image_size=s, class_names=built.class_names,
                         prompt_names=built.prompt_names, domain=built.domain, anchor_sha256=built.anchor_sha256,
+                        decision_score=built.decision_score,
                         random_init=built.random_init, details=dict(built.info)),
         input=InputSpec(name=INPUT_NAME, dtype="uint8", shape=[batch_dim, s, s, 3], layout="NHWC", color="RGB",
                         host_preprocessing="PIL bicubic resize (antialiased when shrinking) to SxS, aspect squashed",
@@ -169,13 +170,13 @@ def gates_on_holdout(opts: ExportOptions) -> bool:
 def export_from_onnx(opts: ExportOptions) -> int:
     model_dir = os.path.abspath(opts.output)
     manifest = Manifest.read(model_dir)  # clear errors before importing TensorRT
-    precision_file = onnx_name(opts.precision)
-    if opts.precision != "fp32" and (precision_file not in manifest.files or opts.calibration.data):
+    file_name = precision_file(opts.precision)
+    if opts.precision != "fp32" and (file_name not in manifest.files or opts.calibration.data):
         require_calibration(opts, manifest)
         add_precision(opts, model_dir, manifest)
         return engine_step(opts, model_dir, required=False) if opts.engine.build else 0
     if not opts.engine.build:
-        log.info("%s is already in %s and --no-engine was given: nothing to do", precision_file, model_dir)
+        log.info("%s is already in %s and --no-engine was given: nothing to do", file_name, model_dir)
         return 0
     return engine_step(opts, model_dir, required=True)
 
@@ -198,10 +199,16 @@ def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     stale = [e for e in manifest.engines if e.precision == opts.precision]
+    stale_calibrations = [c for c in manifest.calibrations if c.precision == opts.precision]
     manifest.files[name] = entry
     manifest.precisions[opts.precision] = report
     manifest.engines = [e for e in manifest.engines if e not in stale]
+    manifest.calibrations = [c for c in manifest.calibrations if c not in stale_calibrations]
     manifest.write(model_dir)
+    for calibration in stale_calibrations:
+        log.warning("removed the %s thresholds calibrated on %s: they were measured on the previous %s; run "
+                    "edge-calibrate --precision %s again", calibration.precision, calibration.backend, name,
+                    calibration.precision)
     for entry in stale:
         log.warning("removed %s: it was built from the previous %s", entry.file, name)
         try:
@@ -227,7 +234,7 @@ def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
               f"On the target run:\n  {build_command(model_dir, opts.precision)}")
         return 0
     manifest = Manifest.read(model_dir)
-    name = onnx_name(opts.precision)
+    name = precision_file(opts.precision)
     if name not in manifest.files:
         raise ClipadError(f"{model_dir}: no {name} in this export; re-run export-engine with --precision "
                           f"{opts.precision}")

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
+from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry, precision_file
 
 from .options import CalibrationOptions
 
@@ -21,10 +21,6 @@ log = logging.getLogger("clipad")
 def cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "clipad", "calibration")
-
-
-def onnx_name(precision: str) -> str:
-    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
 def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[np.ndarray, list[str]],
@@ -40,7 +36,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     from . import precision as conversions
     from .onnx_export import OPSET
 
-    name = onnx_name(precision)
+    name = precision_file(precision)
     dst = os.path.join(out_dir, name)
     if precision == "int8":
         if not calibration.data:

@@ -63,9 +63,14 @@ def _remove(path: str) -> None:
 
 
 def make_temp_dir_beside(path: str, tag: str) -> str:
-    """A hidden work folder next to ``path`` (same file system, so the final rename is atomic)."""
+    """A hidden work folder next to ``path`` (same file system, so the final rename is atomic), with the umask's
+    permissions (mkdtemp's 0700 would make a finished export folder private)."""
     folder, base = os.path.split(os.path.abspath(path))
-    return tempfile.mkdtemp(prefix=f".{base}.{tag}-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.{tag}-", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def replace_dir(tmp: str, out: str) -> None:

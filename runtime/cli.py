@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from .cli_options import add_model_options, open_detector
 from .decision import check_threshold
 from .errors import ClipadError, run_cli
 
@@ -22,8 +23,13 @@ examples:
   edge-detect --model zs_tile --source rtsp://camera.local/stream1 --max-frames 1000 --jsonl live.jsonl
 
 outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
-writes the raw SxS float32 map of the selected class as .npy; --jsonl writes one JSON line per input or frame:
-{"source","frame","class_name","score","map_max","label","latency_ms":{"pre","infer","post"},"error"}.
+writes the raw SxS float32 map of the selected class as .npy; --save-masks writes binary defect masks (PNG, 255 =
+defect) at the input's size; --jsonl writes one JSON line per input or frame:
+{"source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","label","regions",
+ "latency_ms":{"pre","infer","post"},"error"}.
+OK/NG: with a calibration in the manifest (edge-calibrate) for the precision that runs, NG when the decision score
+reaches the calibrated threshold, and regions lists the defect regions (bbox [x, y, w, h], area in pixels of the
+input, max); --threshold T instead makes it NG when the raw score >= T; without either there is no label.
 Unreadable inputs are reported (error set) and the run continues. A model output that is not finite (NaN/inf) is
 labelled NG with error set, never OK; its score and map_max are written as null (every line is strict JSON).
 Ctrl-C (or q/Esc in the window) stops cleanly.
@@ -36,13 +42,11 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="edge-detect", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Anomaly maps, scores and OK/NG decisions from a model exported by "
                                              "export-engine.", epilog=EPILOG)
-    ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
+    add_model_options(ap)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV)")
     src.add_argument("--source", metavar="PATH_OR_URL",
                      help="image, folder, glob ('dir/*.png'), video file, or rtsp/http(s) stream URL")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
-                    help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime)")
     ap.add_argument("--class-name", help="which baked class to report (default: the first)")
     ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG: NG when score >= threshold "
                                                     "(default: the manifest's calibrated threshold if it has one, "
@@ -50,14 +54,14 @@ def parse_args(argv):
     ap.add_argument("--show", action="store_true", help="show a window with overlay, score, OK/NG and FPS")
     ap.add_argument("--save", metavar="DIR", help="write overlay images here")
     ap.add_argument("--save-maps", metavar="DIR", help="write raw SxS float32 maps (.npy) here")
+    ap.add_argument("--save-masks", metavar="DIR", help="write binary defect masks (PNG at the input's size) here; "
+                                                        "needs a calibrated pixel threshold")
     ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
     ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
-    ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
                                                      "best one for this GPU)")
     ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph "
                                                               "(TensorRT-RTX: its built-in capture)")
-    ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return ap.parse_args(argv)
 
@@ -76,11 +80,11 @@ def open_window():
 
 
 def display_range(detector, class_name: str, anomaly_map):
-    """The selected class's fixed range from calibration when the manifest has one, else this frame's own min-max
-    (a relative map). Non-finite values are ignored."""
-    fixed = detector.manifest.class_thresholds(class_name).display_range
-    if fixed and len(fixed) == 2:
-        return float(fixed[0]), float(fixed[1])
+    """The selected class's fixed range from calibration when the manifest has one (frames comparable), else this
+    frame's own min-max (a relative map). Non-finite values are ignored."""
+    cal = detector.class_calibration(class_name)
+    if cal is not None:
+        return float(cal.display_range[0]), float(cal.display_range[1])
     finite = anomaly_map[np.isfinite(anomaly_map)]
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
@@ -89,39 +93,47 @@ def _finite_or_none(value):
     return value if value is None or math.isfinite(value) else None
 
 
-def record(frame, class_name, pred=None, error=None, post_ms=0.0):
+def record(frame, class_name, pred=None, error=None, post_ms=0.0, regions=None):
     lat = dict(pred.latency_ms) if pred else {"pre": None, "infer": None, "post": None}
     if pred:
         lat["post"] = round(lat["post"] + post_ms, 3)
         lat = {k: round(v, 3) for k, v in lat.items()}
-    return {"source": frame.source, "frame": frame.frame, "class_name": class_name,
-            "score": None if pred is None else _finite_or_none(pred.score),
-            "map_max": None if pred is None else _finite_or_none(pred.map_max),
-            "label": None if pred is None else pred.label, "latency_ms": lat,
+
+    def value(name):
+        return None if pred is None else _finite_or_none(getattr(pred, name))
+
+    return {"source": frame.source, "frame": frame.frame, "class_name": class_name, "score": value("score"),
+            "decision_score": value("decision_score"), "normalized_score": value("normalized_score"),
+            "p_value": value("p_value"), "map_max": value("map_max"),
+            "label": None if pred is None else pred.label, "regions": regions, "latency_ms": lat,
             "error": error if error is not None or pred is None else pred.error}
 
 
 def run(args) -> int:
     from . import postprocess
-    from .detector import Detector
     from .sources import open_source
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ClipadError("--max-frames must be at least 1")
-    check_threshold(args.threshold)
-    for folder in (args.save, args.save_maps):
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-    detector = Detector.open(args.model, backend=args.backend, threads=args.threads, engine_file=args.engine,
-                             cuda_graph=args.cuda_graph or None, device=args.device)
-    class_name = detector.class_names[detector.class_index(args.class_name)]
-    threshold = detector.threshold(class_name, args.threshold)
-    cv2 = open_window() if args.show else None
-    source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames)
+    threshold = check_threshold(args.threshold)
+    detector = open_detector(args, engine_file=args.engine, cuda_graph=args.cuda_graph or None)
+    try:
+        class_name = detector.class_names[detector.class_index(args.class_name)]
+        calibrated = detector.class_calibration(class_name) is not None
+        if args.save_masks and not calibrated:
+            raise ClipadError(f"--save-masks needs a calibrated pixel threshold for {class_name!r}: run "
+                              f"edge-calibrate --model {args.model} --normal GOOD_IMAGES first")
+        for folder in (args.save, args.save_maps, args.save_masks):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        cv2 = open_window() if args.show else None
+        source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames)
+    except BaseException:
+        detector.close()
+        raise
     if not args.quiet:
-        log.info("model %s (%s, %s) on %s; class %r; threshold %s", args.model, detector.kind,
-                 detector.manifest.model.arch, detector.backend.description, class_name,
-                 "none (no OK/NG)" if threshold is None else threshold)
+        log.info("model %s (%s, %s) on %s; class %r; %s", args.model, detector.kind, detector.manifest.model.arch,
+                 detector.backend.description, class_name, detector.describe_decision(class_name, threshold))
     jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
     progress = None
     if not args.quiet and not source.is_live:
@@ -133,7 +145,7 @@ def run(args) -> int:
     interrupted = False
     try:
         for frame in source:
-            pred, error, post_ms = None, frame.error, 0.0
+            pred, error, post_ms, regions = None, frame.error, 0.0, None
             if error is None:
                 try:
                     pred = detector.predict(frame.image, class_name, color_order="bgr", threshold=threshold)
@@ -146,15 +158,23 @@ def run(args) -> int:
                 last = now
                 if args.save_maps:
                     postprocess.save_npy_atomic(os.path.join(args.save_maps, frame.stem + ".npy"), pred.anomaly_map)
+                regions = mask = None
+                if pred.pixel_threshold is not None:
+                    height, width = frame.image.shape[:2]
+                    mask, regions = postprocess.find_regions(pred.anomaly_map, pred.pixel_threshold, width, height)
+                    if args.save_masks:
+                        postprocess.save_image_atomic(os.path.join(args.save_masks, frame.stem + ".png"), mask)
                 if args.save or cv2 is not None:
                     lines = [f"{class_name}: score {pred.score:.4f}  map max {pred.map_max:.4f}"]
+                    if pred.p_value is not None:
+                        lines.append(f"decision {pred.decision_score:.4f}  p {pred.p_value:.3f}")
                     if pred.label:
                         lines.append(pred.label)
                     if source.is_live:
                         lines.append(f"{fps:.1f} FPS")
                     low, high = display_range(detector, class_name, pred.anomaly_map)
                     shown = postprocess.overlay(frame.image, pred.anomaly_map, low, high, text_lines=lines,
-                                                label=pred.label)
+                                                label=pred.label, region_mask=mask)
                     if args.save:
                         postprocess.save_image_atomic(os.path.join(args.save, frame.stem + ".jpg"), shown)
                     if cv2 is not None:
@@ -169,7 +189,8 @@ def run(args) -> int:
                 errors += 1
                 log.debug("%s: %s", frame.source, error)
             if jsonl:
-                jsonl.write(json.dumps(record(frame, class_name, pred, error, post_ms), allow_nan=False) + "\n")
+                line = record(frame, class_name, pred, error, post_ms, regions)
+                jsonl.write(json.dumps(line, allow_nan=False) + "\n")
             done += 1
             if progress:
                 progress.update(1)

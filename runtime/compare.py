@@ -71,7 +71,7 @@ def is_flat(x: np.ndarray) -> bool:
     return bool(np.ptp(x) <= CONSTANT_RTOL * max(float(np.abs(x).max()), 1e-30))
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def map_pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson of two maps; a map constant on one side only scores 0, two equal constant maps 1."""
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     da, db = a - a.mean(), b - b.mean()
@@ -132,7 +132,7 @@ def compare(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarra
             pearson.append(0.0)
             continue
         classes = range(ref_maps.shape[1])
-        per_class = [_pearson(ref_maps[i, k], maps[i, k]) for k in classes]
+        per_class = [map_pearson(ref_maps[i, k], maps[i, k]) for k in classes]
         if any(is_flat(ref_maps[i, k]) != is_flat(maps[i, k]) for k in classes):
             constant.append(names[i])
         pearson.append(min(per_class))

@@ -1,6 +1,8 @@
 """``Detector.open(DIR).predict(image)``: manifest + preprocessing + backend + decision, the API the CLI uses."""
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -9,10 +11,13 @@ import numpy as np
 from .backends.base import Backend
 from .backends.select import open_backend
 from .batching import run_batched
-from .decision import check_threshold, decide
+from .decision import (check_threshold, decide, decision_score, nonfinite_error, normalized_score, p_value,
+                       rule_for)
 from .errors import ClipadError
-from .manifest import Manifest
+from .manifest import Calibration, ClassCalibration, Manifest
 from .preprocess import ImageLike, prepare
+
+log = logging.getLogger("clipad")
 
 
 @dataclass
@@ -23,6 +28,10 @@ class Prediction:
     map_max: float
     label: str | None = None       # "OK" / "NG" with a threshold; "NG" whenever the outputs are not finite
     error: str | None = None       # set when the outputs are not finite (then label is "NG")
+    decision_score: float | None = None    # what OK/NG is decided on (None: needs calibration constants)
+    normalized_score: float | None = None  # 0.5 = calibrated threshold, clipped to [0, 1]
+    p_value: float | None = None           # conformal p-value against the calibration's normal images
+    pixel_threshold: float | None = None   # map values >= this are defect regions (calibrated)
     latency_ms: dict = field(default_factory=dict)
 
 
@@ -32,11 +41,21 @@ class Detector:
         self.kind = manifest.model.kind
         self.class_names: list[str] = list(manifest.class_names)
         self.image_size: int = manifest.image_size
+        self.rule = rule_for(self.kind, manifest.model.domain, manifest.model.decision_score)
+        self.calibration: Calibration | None
+        self.calibration, warning = manifest.calibration(backend.precision, backend.name)
+        if warning:
+            log.warning("WARNING: %s", warning)
 
     @classmethod
-    def open(cls, model_dir: str, backend: str = "auto", **options) -> "Detector":
+    def open(cls, model_dir: str, backend: str = "auto", precision: str | None = None, **options) -> "Detector":
+        """``precision``: which model file (ONNX Runtime) or engine (TensorRT) runs; default FP32 for ONNX Runtime,
+        the best engine for this GPU for TensorRT."""
         manifest = Manifest.read(model_dir)
-        return cls(model_dir, manifest, open_backend(backend, model_dir, manifest, **options))
+        return cls(model_dir, manifest, open_backend(backend, model_dir, manifest, precision=precision, **options))
+
+    def class_calibration(self, class_name: str) -> ClassCalibration | None:
+        return self.calibration.classes.get(class_name) if self.calibration else None
 
     def class_index(self, class_name: str | None) -> int:
         if class_name is None:
@@ -45,11 +64,16 @@ class Detector:
             raise ClipadError(f"unknown class name {class_name!r}; this model has: {', '.join(self.class_names)}")
         return self.class_names.index(class_name)
 
-    def threshold(self, class_name: str, override: float | None = None) -> float | None:
-        """``override`` (e.g. --threshold) if given, else the manifest's calibrated image threshold, else None."""
+    def describe_decision(self, class_name: str, override: float | None = None) -> str:
+        """One line on how OK/NG is decided for this class, for logs."""
         if override is not None:
-            return check_threshold(override)
-        return check_threshold(self.manifest.class_thresholds(class_name).image, f"manifest threshold of {class_name}")
+            return f"NG when the raw score >= {check_threshold(override)} (--threshold)"
+        cal = self.class_calibration(class_name)
+        if cal is None:
+            return "no OK/NG (no --threshold and no calibration; run edge-calibrate)"
+        c = self.calibration
+        return (f"NG when the {self.rule} decision score >= {cal.image_threshold:.6g} ({c.method}, target false-alarm "
+                f"rate {c.target_fpr:g}, calibrated on {c.images} normal images, {c.precision} on {c.backend})")
 
     def predict(self, image: ImageLike, class_name: str | None = None, color_order: str = "rgb",
                 threshold: float | None = None) -> Prediction:
@@ -59,23 +83,37 @@ class Detector:
                       threshold: float | None = None) -> list[Prediction]:
         k = self.class_index(class_name)
         name = self.class_names[k]
-        limit = self.threshold(name, threshold)
+        override = check_threshold(threshold)
+        cal = self.class_calibration(name)
         t0 = time.perf_counter()
         batch = np.stack([prepare(im, self.image_size, color_order) for im in images])
         t1 = time.perf_counter()
         maps, scores = self.run(batch)
         t2 = time.perf_counter()
-        out = []
-        for m, s in zip(maps[:, k], scores[:, k]):
-            score = float(s)
-            label, error = decide(score, limit, m)
-            out.append(Prediction(name, m, score, float(m.max()), label, error))
+        out = [self._decide(name, m, float(s), cal, override) for m, s in zip(maps[:, k], scores[:, k])]
         t3 = time.perf_counter()
         per = len(images)
         for p in out:
             p.latency_ms = {"pre": 1e3 * (t1 - t0) / per, "infer": 1e3 * (t2 - t1) / per,
                             "post": 1e3 * (t3 - t2) / per}
         return out
+
+    def _decide(self, name: str, amap: np.ndarray, score: float, cal: ClassCalibration | None,
+                override: float | None) -> Prediction:
+        map_max = float(amap.max())
+        value = decision_score(self.rule, cal.decision if cal else None, map_max, score)
+        if nonfinite_error(score, amap) is not None:   # the raw score too, whatever the decision score uses
+            label, error = "NG", nonfinite_error(score, amap)
+        elif override is not None:
+            label, error = decide(score, override, amap)
+        else:
+            label, error = decide(value if value is not None else score, cal.image_threshold if cal else None, amap)
+        pred = Prediction(name, amap, score, map_max, label, error, value)
+        if cal is not None and error is None and value is not None and math.isfinite(value):
+            pred.p_value = p_value(cal.normal_scores, value)
+            pred.normalized_score = normalized_score(value, cal.image_threshold, cal.normal_scores)
+            pred.pixel_threshold = cal.pixel_threshold
+        return pred
 
     def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run any number of preprocessed uint8 images, split and padded to the model's batch range."""

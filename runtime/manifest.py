@@ -76,6 +76,7 @@ class ModelInfo:
     class_names: list[str]
     prompt_names: list[str] = field(default_factory=list)
     domain: str | None = None
+    decision_score: str | None = None             # rule name (runtime.decision.RULES); None: derived from the kind
     anchor_sha256: str = ""
     random_init: bool = False
     details: dict = field(default_factory=dict)   # model-kind provenance (weights format, checkpoint epoch, blur …)
@@ -129,11 +130,42 @@ class PrecisionReport:
 
 
 @dataclass
-class ClassThresholds:
-    """Per class; the calibration step (edge-calibrate) fills these. ``display_range`` fixes the overlay colours."""
-    image: float | None = None
-    pixel: float | None = None
-    display_range: list[float] | None = None
+class ClassCalibration:
+    """One class's decision from normal images (``edge-calibrate``): OK/NG on the decision score, defect regions on
+    the map, p-values against the stored normal scores."""
+    decision: dict                   # the decision-score rule's constants, e.g. AA-CLIP's {"p_min","p_max","i_min","i_max"}
+    image_threshold: float           # NG when the decision score >= this
+    pixel_threshold: float           # map values >= this are defect regions
+    normal_scores: list[float]       # sorted decision scores of the calibration images (conformal p-values)
+    display_range: list[float]       # fixed overlay colour range [low, high]
+    holdout_images: int = 0
+    holdout_false_alarms: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def holdout_fpr(self) -> float | None:
+        return self.holdout_false_alarms / self.holdout_images if self.holdout_images else None
+
+    def validate(self, where: str) -> None:
+        if not self.normal_scores or list(self.normal_scores) != sorted(self.normal_scores):
+            raise schema.SchemaError(f"{where}.normal_scores: must be a non-empty ascending list")
+        if len(self.display_range) != 2:
+            raise schema.SchemaError(f"{where}.display_range: expected [low, high]")
+
+
+@dataclass
+class Calibration:
+    """Thresholds for one precision on one backend (a model folder can hold several)."""
+    precision: str
+    backend: str
+    method: str                      # conformal, quantile or meanstd
+    target_fpr: float
+    images: int                      # normal images the thresholds were fitted on
+    holdout: int                     # normal images held out to measure the false-alarm rate
+    normal: str                      # where the normal images came from
+    images_sha256: str               # over the sorted per-file sha256s of all normal images used
+    created: str
+    classes: dict[str, ClassCalibration]
     extra: dict = field(default_factory=dict)
 
 
@@ -149,7 +181,7 @@ class Manifest:
     export: dict = field(default_factory=dict)
     parity: GateReport | None = None
     precisions: dict[str, PrecisionReport] = field(default_factory=dict)
-    thresholds: dict[str, ClassThresholds] = field(default_factory=dict)
+    calibrations: list[Calibration] = field(default_factory=list)
     engines: list[EngineEntry] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -170,9 +202,9 @@ class Manifest:
         if version > SCHEMA_VERSION:
             raise ClipadError(f"{where}: schema_version {version} is newer than this clipad-edge supports "
                               f"({SCHEMA_VERSION}); upgrade clipad-edge")
-        if version == 1:
-            data = upgrade_v1(data)
         try:
+            if version == 1:
+                data = upgrade_v1(data)
             return schema.load(cls, data, "manifest")
         except schema.SchemaError as exc:
             raise ClipadError(f"{where}: invalid manifest: {exc}; re-export with export-engine") from None
@@ -210,8 +242,24 @@ class Manifest:
     def class_names(self) -> list[str]:
         return self.model.class_names
 
-    def class_thresholds(self, class_name: str) -> ClassThresholds:
-        return self.thresholds.get(class_name) or ClassThresholds()
+    def calibration(self, precision: str, backend: str) -> tuple[Calibration | None, str | None]:
+        """The calibration for this precision (this backend's if there is one), else another precision's with a
+        warning text, else (None, None)."""
+        same = [c for c in self.calibrations if c.precision == precision]
+        exact = [c for c in same if c.backend == backend]
+        if exact or same:
+            return (exact or same)[0], None
+        if self.calibrations:
+            other = self.calibrations[0]
+            return other, (f"no calibration for {precision}; using the {other.precision} thresholds (calibrated on "
+                           f"{other.backend}): run edge-calibrate --precision {precision} for this precision's own")
+        return None, None
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        """Add, replacing the one for the same precision and backend."""
+        self.calibrations = [c for c in self.calibrations
+                             if (c.precision, c.backend) != (calibration.precision, calibration.backend)]
+        self.calibrations.append(calibration)
 
     def verify_file(self, model_dir: str, name: str) -> str:
         """Path of a model file listed in the manifest, after checking its size and sha256."""
@@ -224,6 +272,16 @@ class Manifest:
         if os.path.getsize(path) != entry.bytes or sha256_file(path) != entry.sha256:
             raise ClipadError(f"{path}: sha256 does not match the manifest (file changed or truncated); re-export")
         return path
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def precision_file(precision: str) -> str:
+    """The ONNX file of a precision in an export folder."""
+    if precision not in PRECISIONS:
+        raise ClipadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
 def file_entry(path: str, precision: str, opset: int | None) -> FileEntry:
@@ -276,8 +334,7 @@ def upgrade_v1(data: dict) -> dict:
         precisions[precision] = {"gate": _v1_gate(gate, precision, "onnxruntime fp32",
                                                   f"onnxruntime {precision}"), "conversion": info}
     out["precisions"] = precisions
-    thresholds = {}
-    for name, value in (data.get("thresholds") or {}).items():
-        thresholds[name] = value if isinstance(value, dict) else {"image": value}
-    out["thresholds"] = thresholds
+    if data.get("thresholds"):  # version 1 had the field but nothing wrote it
+        raise schema.SchemaError("thresholds from an unknown writer; run edge-calibrate again")
+    out.pop("thresholds", None)
     return out

@@ -101,9 +101,32 @@ def draw_text_block(image: np.ndarray, lines: Sequence[str], origin: tuple[int, 
     return image
 
 
+def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int,
+                 max_regions: int = 50) -> tuple[np.ndarray, list[dict]]:
+    """Defect regions where the map, resized to the frame, reaches ``threshold``: (mask uint8 [height, width], 255 =
+    defect; regions, largest maximum first, at most ``max_regions``: {"bbox": [x, y, w, h], "area": pixels,
+    "max": map maximum inside}). Regions are 8-connected."""
+    import cv2
+
+    m = resize_map(anomaly_map, width, height)
+    mask = np.where(np.nan_to_num(m, nan=-np.inf) >= threshold, 255, 0).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions = []
+    if count > 1:
+        maxima = np.full(count, -np.inf)
+        np.maximum.at(maxima, labels.ravel(), m.ravel())
+        for i in range(1, count):
+            x, y, w, h, area = (int(v) for v in stats[i])
+            regions.append({"bbox": [x, y, w, h], "area": area, "max": float(maxima[i])})
+        regions.sort(key=lambda r: -r["max"])
+    return mask, regions[:max_regions]
+
+
 def overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5,
-            text_lines: list[str] | None = None, label: str | None = None) -> np.ndarray:
-    """Heat-map overlay on the frame (same size, BGR uint8), with text top-left and a red (NG) / green (OK) border."""
+            text_lines: list[str] | None = None, label: str | None = None,
+            region_mask: np.ndarray | None = None) -> np.ndarray:
+    """Heat-map overlay on the frame (same size, BGR uint8), with text top-left, a red (NG) / green (OK) border and
+    the contours of ``region_mask`` (the defect regions) in white."""
     import cv2
 
     frame = _as_bgr(frame_bgr)
@@ -111,6 +134,9 @@ def overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, low: float, high: fl
     heat = colorize(scale_for_display(resize_map(anomaly_map, w, h), low, high))
     a = float(np.clip(alpha, 0.0, 1.0))
     out = cv2.addWeighted(frame, 1.0 - a, heat, a, 0.0)
+    if region_mask is not None and region_mask.any():
+        contours, _ = cv2.findContours(region_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, WHITE, max(1, int(round(min(h, w) / 300))))
     border = max(2, int(round(min(h, w) / 80))) if label in ("OK", "NG") else 0
     if border:
         color = RED if label == "NG" else GREEN

@@ -15,7 +15,7 @@ from clipad.runtime.cli import main as edge_detect
 from clipad.runtime.decision import check_threshold, decide
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import ClassThresholds, Manifest
+from clipad.runtime.manifest import Calibration, ClassCalibration, Manifest
 from tiny_fixtures import export_tiny
 
 
@@ -122,7 +122,10 @@ def test_display_range_is_the_selected_class(model_dir, tmp_path):
     copy = tmp_path / "m"
     shutil.copytree(model_dir, copy)
     manifest = Manifest.read(str(copy))
-    manifest.thresholds["screw"] = ClassThresholds(display_range=[100.0, 200.0])
+    screw = ClassCalibration(decision={"rule": "map_max"}, image_threshold=300.0, pixel_threshold=200.0,
+                             normal_scores=[1.0, 2.0], display_range=[100.0, 200.0])
+    manifest.set_calibration(Calibration("fp32", "onnxruntime", "conformal", 0.1, 2, 0, "x", "0" * 64, "now",
+                                         {"screw": screw}))
     manifest.write(str(copy))
     amap = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     with Detector.open(str(copy)) as det:

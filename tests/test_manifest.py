@@ -73,11 +73,16 @@ def test_round_trip_keeps_unknown_keys(old_export):
     m = Manifest.read(str(old_export))
     data = m.to_dict()
     data["from_a_newer_writer"] = {"kept": True}
-    data["thresholds"] = {"bottle": {"image": 0.7, "pixel": 1.5, "method": "conformal"}}
+    data["calibrations"] = [{"precision": "fp32", "backend": "onnxruntime", "method": "conformal", "target_fpr": 0.01,
+                             "images": 99, "holdout": 25, "normal": "/x", "images_sha256": "0" * 64, "created": "now",
+                             "classes": {"bottle": {"decision": {"rule": "aaclip_industrial"}, "image_threshold": 0.7,
+                                                    "pixel_threshold": 1.5, "normal_scores": [0.1, 0.2],
+                                                    "display_range": [0.0, 1.5], "new_field": 3}}}]
     again = Manifest.from_dict(json.loads(json.dumps(data)))
-    assert again.thresholds["bottle"].image == 0.7 and again.thresholds["bottle"].extra == {"method": "conformal"}
+    bottle = again.calibrations[0].classes["bottle"]
+    assert bottle.image_threshold == 0.7 and bottle.extra == {"new_field": 3}
     out = again.to_dict()
-    assert out["from_a_newer_writer"] == {"kept": True} and out["thresholds"]["bottle"]["method"] == "conformal"
+    assert out["from_a_newer_writer"] == {"kept": True} and out["calibrations"][0]["classes"]["bottle"]["new_field"] == 3
     assert Manifest.from_dict(out).to_dict() == out
 
 
@@ -103,6 +108,7 @@ def bad(data: dict, path: list, value):
     (["engines", 0, "unexpected"], 1, "unknown field(s) unexpected"),
     (["schema_version"], 99, "newer than this clipad-edge supports"),
     (["schema_version"], "2", "is not a version number"),
+    (["calibrations"], [{"precision": "fp32"}], "manifest.calibrations[0]: missing backend"),
 ])
 def test_bad_manifests_are_one_line_errors(path, value, message):
     data = Manifest.read(str(RELEASE_0_1_0)).to_dict()

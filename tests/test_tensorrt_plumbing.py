@@ -22,7 +22,7 @@ from clipad.runtime.backends import tensorrt as trt_backend
 from clipad.runtime.backends.tensorrt import TensorRTBackend, select_engine, tensorrt_available
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import (SCHEMA_VERSION, BatchRange, ClassThresholds, EngineEntry, EngineTarget,
+from clipad.runtime.manifest import (SCHEMA_VERSION, BatchRange, EngineEntry, EngineTarget,
                                      FileEntry, InputSpec, Manifest, ModelInfo, TensorSpec)
 
 S, K = 8, 2
@@ -86,7 +86,6 @@ def write_model(root, onnx_bytes: bytes | None = None, engine_data: bytes | None
                  TensorSpec("image_score", "float32", ["batch", K])],
         batch=BatchRange(1, 4, 1),
         files={"model.onnx": FileEntry(sha(onnx_bytes), len(onnx_bytes), "fp32", opset=17)},
-        thresholds={"tile": ClassThresholds(image=0.5)},
         engines=[entry])
     manifest.write(str(root))
     return str(root), Manifest.read(str(root))

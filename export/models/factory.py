@@ -60,6 +60,7 @@ class BuiltDetector:
     prompt_names: list[str]
     domain: str | None
     anchors: torch.Tensor
+    decision_score: str = "image_score"   # the runtime's OK/NG decision-score rule for this model
     random_init: bool = False
     info: dict = field(default_factory=dict)  # provenance for the manifest (weights format, checkpoint epoch, …)
 
@@ -138,4 +139,5 @@ def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 5
     exportable = ExportableDetector(core, image_size).eval().requires_grad_(False)
     return BuiltDetector(module=exportable, kind=kind, arch=arch, image_size=image_size,
                          class_names=classes.class_names, prompt_names=classes.prompt_names, domain=classes.domain,
-                         anchors=anchors.detach().clone(), random_init=bool(random_init), info=info)
+                         anchors=anchors.detach().clone(), random_init=bool(random_init), info=info,
+                         decision_score=model_kind.decision_score.format(domain=classes.domain))

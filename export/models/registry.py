@@ -19,13 +19,16 @@ class ModelKind:
     summary: str               # one line for --help
     needs_checkpoint: bool     # --ckpt required
     prompted_classes: bool     # class names go into the text prompts (required); else at most one, a label
+    decision_score: str        # clipad.runtime.decision rule for OK/NG; "{domain}" is filled in
     uses_domain: bool = False  # industrial/medical domain from the class names (AA-CLIP's blur)
 
 
 KINDS = {k.name: k for k in (
-    ModelKind("aaclip", "aaclip", "AA-CLIP (CVPR 2025): adapters from a training save folder", True, True, True),
-    ModelKind("crane", "crane", "Crane (2025): learned prompts from an epoch_N.pth checkpoint", True, False),
-    ModelKind("clip", "zeroshot_clip", "zero-shot CLIP baseline: hand prompts, no training", False, True),
+    ModelKind("aaclip", "aaclip", "AA-CLIP (CVPR 2025): adapters from a training save folder", True, True,
+              "aaclip_{domain}", uses_domain=True),
+    ModelKind("crane", "crane", "Crane (2025): learned prompts from an epoch_N.pth checkpoint", True, False,
+              "image_score"),
+    ModelKind("clip", "zeroshot_clip", "zero-shot CLIP baseline: hand prompts, no training", False, True, "map_max"),
 )}
 
 

@@ -16,6 +16,7 @@ class Backend(abc.ABC):
     """
 
     name: str = "?"
+    precision: str = "fp32"   # of the model file or engine that runs
 
     @property
     @abc.abstractmethod

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 
 from ..errors import ClipadError
-from ..manifest import Manifest
+from ..manifest import Manifest, precision_file
 from .base import Backend
 
 log = logging.getLogger("clipad")
@@ -16,12 +16,17 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_dir: str, manifest: Manifest, model_file: str = "model.onnx",
+    def __init__(self, model_dir: str, manifest: Manifest, precision: str = "fp32", model_file: str | None = None,
                  providers: list[str] | None = None, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise ClipadError("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
+        model_file = model_file or precision_file(precision)
+        if model_file not in manifest.files:
+            raise ClipadError(f"{model_dir}: no {model_file} in this export (has {', '.join(manifest.files)}); add "
+                              f"it with: export-engine --from-onnx {model_dir} --precision {precision}")
+        self.precision = manifest.files[model_file].precision
         path = manifest.verify_file(model_dir, model_file)
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED) if p in available]
@@ -52,7 +57,7 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def description(self) -> str:
-        return f"onnxruntime ({', '.join(self.providers)})"
+        return f"onnxruntime {self.precision} ({', '.join(self.providers)})"
 
     @property
     def batch_range(self) -> tuple[int, int]:

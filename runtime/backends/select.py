@@ -9,12 +9,13 @@ from .base import Backend
 
 log = logging.getLogger("clipad")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-ORT_OPTIONS = ("providers", "threads", "model_file")
-TRT_OPTIONS = ("engine_file", "cuda_graph", "device")
+ORT_OPTIONS = ("providers", "threads", "model_file", "precision")
+TRT_OPTIONS = ("engine_file", "cuda_graph", "device", "precision")
 
 
 def open_backend(name: str, model_dir: str, manifest: Manifest, **options) -> Backend:
-    """``auto``: a TensorRT engine listed for this GPU when its TensorRT imports, else ONNX Runtime.
+    """``auto``: a TensorRT engine listed for this GPU (of ``precision`` when given) when its TensorRT imports, else
+    ONNX Runtime (on the ``precision``'s ONNX file; FP32 by default).
 
     Options a backend does not take are ignored (``threads`` means nothing to TensorRT); None means "default".
     """
@@ -27,7 +28,7 @@ def open_backend(name: str, model_dir: str, manifest: Manifest, **options) -> Ba
 
         if name == "tensorrt":
             return TensorRTBackend(model_dir, manifest, **trt_options)
-        if tensorrt_available(manifest, trt_options.get("device", 0)):
+        if tensorrt_available(manifest, trt_options.get("device", 0), trt_options.get("precision")):
             try:
                 return TensorRTBackend(model_dir, manifest, **trt_options)
             except ClipadError as exc:

@@ -35,15 +35,17 @@ _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int
        "BOOL": np.bool_, "UINT8": np.uint8}
 
 
-def rebuild_command(model_dir: str, entry: EngineEntry | None = None) -> str:
-    return f"export-engine --from-onnx {model_dir} --precision {entry.precision if entry else 'fp16'}"
+def rebuild_command(model_dir: str, entry: EngineEntry | None = None, precision: str | None = None) -> str:
+    return f"export-engine --from-onnx {model_dir} --precision {entry.precision if entry else precision or 'fp16'}"
 
 
-def select_engine(manifest: Manifest, gpu_cc: str | None) -> EngineEntry | None:
-    """The listed engine built for this compute capability ("8.6"), preferring fp16, then int8, then fp32."""
+def select_engine(manifest: Manifest, gpu_cc: str | None, precision: str | None = None) -> EngineEntry | None:
+    """The listed engine built for this compute capability ("8.6") in ``precision``, or by default preferring fp16,
+    then int8, then fp32."""
     if not gpu_cc:
         return None
-    fits = [e for e in manifest.engines if e.target.compute_capability == str(gpu_cc)]
+    fits = [e for e in manifest.engines if e.target.compute_capability == str(gpu_cc)
+            and (precision is None or e.precision == precision)]
     rank = {p: i for i, p in enumerate(PRECISIONS)}
     return min(fits, key=lambda e: rank.get(e.precision, len(PRECISIONS)), default=None)
 
@@ -70,13 +72,13 @@ def import_tensorrt(entry: EngineEntry):
                       f"({'; '.join(errors)}): {hint}; or use --backend onnxruntime")
 
 
-def tensorrt_available(manifest: Manifest | None = None, device: int = 0) -> bool:
+def tensorrt_available(manifest: Manifest | None = None, device: int = 0, precision: str | None = None) -> bool:
     """A GPU is present and a TensorRT module imports (for ``manifest``: the module its engine for this GPU needs)."""
     gpu = cb.gpu_info(device)
     if gpu is None:
         return False
     if manifest is not None:
-        entry = select_engine(manifest, gpu["compute_capability"])
+        entry = select_engine(manifest, gpu["compute_capability"], precision)
         if entry is None:
             return False
         modules = [_module_names(entry)]
@@ -127,7 +129,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, model_dir: str, manifest: Manifest, engine_file: str | None = None,
-                 cuda_graph: bool = False, device: int = 0, **_):
+                 cuda_graph: bool = False, device: int = 0, precision: str | None = None, **_):
         self.runtime = self.engine = self.context = self.stream = self._graph = None
         self.device_buffers: dict[str, cb.DeviceBuffer] = {}
         self.host: dict[str, cb.PinnedHostArray] = {}
@@ -146,12 +148,16 @@ class TensorRTBackend(Backend):
         gpu = _probe_gpu(device)
         cc = gpu["compute_capability"]
         if entry is None:
-            entry = select_engine(manifest, cc)
+            entry = select_engine(manifest, cc, precision)
             if entry is None:
                 listed = ", ".join(f"{e.file} (sm {e.target.compute_capability})" for e in engines)
-                raise ClipadError(f"{model_dir}: no engine for this GPU ({gpu['name']}, compute capability {cc}; "
-                                  f"listed: {listed}); build one on this machine: {rebuild_command(model_dir)}")
-        self.entry, self.gpu = entry, gpu
+                what = f"no {precision} engine" if precision else "no engine"
+                raise ClipadError(f"{model_dir}: {what} for this GPU ({gpu['name']}, compute capability {cc}; "
+                                  f"listed: {listed}); build one on this machine: "
+                                  f"{rebuild_command(model_dir, precision=precision)}")
+        elif precision is not None and entry.precision != precision:
+            raise ClipadError(f"--engine {entry.file} is {entry.precision}, not {precision}")
+        self.entry, self.gpu, self.precision = entry, gpu, entry.precision
         cmd = rebuild_command(model_dir, entry)
         path = os.path.join(model_dir, entry.file)
 

@@ -1,0 +1,139 @@
+"""``edge-eval``: the accuracy of a deployed model (the backend and precision that run on the box) on a test set in
+MVTec AD layout, and with ``--compare`` how far another precision or backend moves it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from clipad.runtime.cli_options import add_model_options, open_detector
+from clipad.runtime.errors import ClipadError, run_cli
+
+EPILOG = """\
+examples:
+  edge-eval --model crane_l14 --data mvtec_ad --json crane.json --markdown crane.md --plots plots/
+  edge-eval --model aa_tile --data ../shared/data --classes magnetic_tile --compare int8
+  edge-eval --model aa_line3 --data line3_test --class-map parts=screw --backend tensorrt --precision fp16
+
+data: ROOT/<class>/test/<defect>/<stem>.<ext>, masks ROOT/<class>/ground_truth/<defect>/<stem>_mask.png
+(defect where > 127), train/ ignored. Each data class runs as the model class of the same name, or the model's only
+class, or as --class-map DATA=MODEL says.
+
+metrics, per class and their unweighted mean: image AUROC, AP, F1-max on the decision score (the calibrated one, or
+for AA-CLIP without calibration the official per-class min-max over the test set); pixel AUROC, AP, F1-max and
+AUPRO up to FPR 0.3 as the MVTec AD evaluation defines it, at the model's SxS (masks thresholded, then resized with
+nearest neighbour), streamed so memory does not grow with the images; with calibration the OK/NG false-alarm and miss
+rates. --compare runs every image through a second precision or backend too: metric deltas, per-image map Pearson,
+score Spearman and the OK/NG agreement at each side's calibrated thresholds.
+"""
+
+log = logging.getLogger("clipad")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="edge-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Image and pixel metrics of a model exported by export-engine, as it "
+                                             "runs on this machine.", epilog=EPILOG)
+    add_model_options(ap)
+    ap.add_argument("--data", required=True, metavar="ROOT", help="test set root in MVTec AD layout")
+    ap.add_argument("--classes", nargs="+", metavar="NAME", help="data classes to evaluate (default: all)")
+    ap.add_argument("--class-map", nargs="+", default=[], metavar="DATA=MODEL",
+                    help="run data class DATA as the model's class MODEL")
+    ap.add_argument("--compare", metavar="PRECISION_OR_BACKEND",
+                    help="also run fp32/fp16/int8 (same backend) or onnxruntime/tensorrt (same precision)")
+    ap.add_argument("--json", metavar="FILE", help="full report (per class, mean, every image)")
+    ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
+    ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
+    ap.add_argument("--plots", metavar="DIR", help="ROC/PR curves, score histograms and worst cases as PNG")
+    ap.add_argument("--save-maps", metavar="DIR", help="raw maps as DIR/<class>/<defect>/<stem>.npy")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only the table")
+    return ap.parse_args(argv)
+
+
+def class_map(testset, model_classes: list[str], pairs: list[str]) -> dict[str, str]:
+    explicit = {}
+    for pair in pairs:
+        data, sep, model = pair.partition("=")
+        if not sep or model not in model_classes:
+            raise ClipadError(f"--class-map {pair}: expected DATA=MODEL with MODEL one of {', '.join(model_classes)}")
+        explicit[data] = model
+    out = {}
+    for cls in testset.classes:
+        if cls in explicit:
+            out[cls] = explicit[cls]
+        elif cls in model_classes:
+            out[cls] = cls
+        elif len(model_classes) == 1:
+            out[cls] = model_classes[0]
+        else:
+            raise ClipadError(f"data class {cls!r} is not a class of this model ({', '.join(model_classes)}); "
+                              f"map it with --class-map {cls}=MODEL_CLASS")
+    return out
+
+
+def _second(args, detector):
+    """The Detector that --compare asks for."""
+    from clipad.runtime.detector import Detector
+
+    options = dict(threads=args.threads, device=args.device)
+    if args.compare in ("fp32", "fp16", "int8"):
+        return Detector.open(args.model, backend=detector.backend.name, precision=args.compare, **options)
+    if args.compare in ("onnxruntime", "tensorrt"):
+        return Detector.open(args.model, backend=args.compare, precision=detector.backend.precision, **options)
+    raise ClipadError(f"--compare {args.compare}: give fp32, fp16, int8, onnxruntime or tensorrt")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
+    from clipad.runtime.schema import dump
+
+    from . import report as reports
+    from .dataset import scan
+    from .evaluate import evaluate
+
+    testset = scan(args.data, args.classes)
+    detector = open_detector(args)
+    other = None
+    try:
+        mapping = class_map(testset, detector.class_names, args.class_map)
+        other = _second(args, detector) if args.compare else None
+        total = sum(len(v) for v in testset.classes.values())
+        if not args.quiet:
+            log.info("evaluating %s on %s: %d image(s) in %d class(es)%s", args.model, detector.backend.description,
+                     total, len(testset.classes), f"; compared with {other.backend.description}" if other else "")
+        with tqdm(total=total, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            result = evaluate(detector, testset, mapping, other, args.save_maps, bar.update)
+        result.update(model=args.model, backend=detector.backend.description, precision=detector.backend.precision,
+                      random_weights=bool(detector.manifest.model.random_init), class_map=mapping)
+        if result["random_weights"]:
+            result["note"] = ("the manifest says this model has RANDOM weights: these numbers measure how faithfully "
+                              "the deployment reproduces the reference model, not detection quality")
+        if other is not None:
+            result["compare"]["candidate"] = other.backend.description
+        if not result["classes"]:
+            raise ClipadError("no class could be evaluated (every image unreadable?)")
+        if args.plots:
+            reports.plots(args.plots, result, detector)
+    finally:
+        detector.close()
+        if other is not None:
+            other.close()
+    text = reports.markdown(result)
+    print(text)
+    if args.json:
+        write_json_atomic(args.json, dump(result))
+    if args.csv:
+        reports.write_csv(args.csv, result)
+    if args.markdown:
+        write_bytes_atomic(args.markdown, text.encode())
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("edge-eval", run, parse_args(argv), "interrupted; no report written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The command-line options every command that runs an exported model shares (edge-detect, edge-calibrate,
+edge-eval), so they mean the same everywhere, and the one call that opens the model from them."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """--model, --backend, --precision, --threads, --device."""
+    ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+                    help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime)")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                    help="which model runs: ONNX Runtime runs model.<precision>.onnx (default fp32), TensorRT the "
+                         "engine of that precision (default: the best for this GPU: fp16, int8, fp32)")
+    ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
+    ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
+
+
+def open_detector(args, **extra):
+    """The Detector the options above ask for (``extra``: backend-specific options such as cuda_graph)."""
+    from .detector import Detector
+
+    return Detector.open(args.model, backend=args.backend, precision=args.precision, threads=args.threads,
+                         device=args.device, **extra)
