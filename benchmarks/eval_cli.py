@@ -40,7 +40,7 @@ def parse_args(argv):
     ap.add_argument("--class-map", nargs="+", default=[], metavar="DATA=MODEL",
                     help="run data class DATA as the model's class MODEL")
     ap.add_argument("--compare", metavar="PRECISION_OR_BACKEND",
-                    help="also run fp32/fp16/int8 (same backend) or onnxruntime/tensorrt (same precision)")
+                    help="also run fp32/fp16/int8/int8-cpu (same backend) or onnxruntime/tensorrt (same precision)")
     ap.add_argument("--json", metavar="FILE", help="full report (per class, mean, every image)")
     ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
@@ -76,7 +76,7 @@ def _second(args, detector):
     from clipad.runtime.detector import Detector
 
     options = dict(threads=args.threads, device=args.device)
-    if args.compare in ("fp32", "fp16", "int8"):
+    if args.compare in ("fp32", "fp16", "int8", "int8-cpu"):
         return Detector.open(args.model, backend=detector.backend.name, precision=args.compare, **options)
     if args.compare in ("onnxruntime", "tensorrt"):
         return Detector.open(args.model, backend=args.compare, precision=detector.backend.precision, **options)

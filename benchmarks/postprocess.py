@@ -1,6 +1,6 @@
 """Time the display post-processing of one frame: map resize to the frame + JET + blend + text.
 
-``python -m clipad.benchmarks.postprocess [--width 1920 --height 1080 --map-size 518 --repeat 200]``
+``python -m clipad.benchmarks.postprocess [--width 1920 --height 1080 --map-size 518 --repeat 200 --threads 1]``
 """
 from __future__ import annotations
 
@@ -39,7 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--map-size", type=int, default=518)
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (default 1: one core)")
     args = ap.parse_args(argv)
+    import cv2
+
+    cv2.setNumThreads(args.threads)
     for name, r in measure(args.width, args.height, args.map_size, args.repeat).items():
         print(f"{name:10s} {args.width}x{args.height} from {args.map_size}²: p50 {r['p50_ms']:.2f} ms, "
               f"p99 {r['p99_ms']:.2f} ms")

@@ -74,8 +74,10 @@ def parse_args(argv):
                     help="images for the torch-vs-ONNX parity gate and the FP16/INT8 accuracy gates "
                          "(default: generated images for parity, held-back calibration images for INT8)")
     prec = ap.add_argument_group("precision (the FP32 model.onnx is always written; it is the reference)")
-    prec.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                      help="also write model.fp16.onnx (mixed FP16/FP32) or model.int8.onnx (explicit Q/DQ)")
+    prec.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-cpu"], default="fp32",
+                      help="also write model.fp16.onnx (mixed FP16/FP32), model.int8.onnx (explicit Q/DQ for "
+                           "TensorRT; needs --calib-data) or model.int8-cpu.onnx (dynamic INT8 linear layers, FP32 "
+                           "rest: the fast INT8 for ONNX Runtime on CPUs; no calibration data needed)")
     prec.add_argument("--calib-data", metavar="DIR", help="INT8: folder of normal images (≥100 recommended)")
     prec.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                       help="INT8 activation range calibration (default minmax; entropy and percentile build "

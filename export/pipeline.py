@@ -224,6 +224,12 @@ def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
     from .tensorrt_build import build_command, build_engine, resolve_flavor
 
     e = opts.engine
+    if opts.precision == "int8-cpu":
+        if required:
+            raise ClipadError("int8-cpu is the INT8 model for CPU runtimes; TensorRT engines are built from "
+                              "--precision int8 (explicit Q/DQ)")
+        log.info("model.int8-cpu.onnx is for CPU runtimes: no TensorRT engine is built from it")
+        return 0
     flavor, trt, gpu = resolve_flavor(e.flavor, e.compute_capability)
     if flavor is None:
         if required:

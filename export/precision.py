@@ -212,6 +212,26 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
                     "per-channel)" + (" + onnxruntime.transformers.float16" if high_precision == "fp16" else "")}
 
 
+def to_int8_dynamic(src: str, dst: str) -> dict:
+    """The INT8 model for CPU runtimes: onnxruntime's dynamic quantization of the linear layers' MatMuls (INT8
+    weights per output channel, activations quantized per tensor at run time, so no calibration data), which ONNX
+    Runtime runs as integer MatMuls (VNNI where the CPU has it); everything else stays FP32. The head and the
+    projections that feed it stay float, as in the TensorRT INT8 model."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(src, load_external_data=False)
+    kept = head_feeding_linears(graph)
+    matmuls = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    nodes = [n for n in linear_nodes(graph) if n in matmuls and n not in kept]
+    del graph
+    with _quiet_preprocess_advice():
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
+                         op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    return {"quantized_nodes": len(nodes), "kept_float_nodes": sorted(kept), "high_precision": "fp32",
+            "target": "cpu", "tool": "onnxruntime.quantization.quantize_dynamic(MatMul, QInt8 weights per channel)"}
+
+
 def keep_float_consumers(model, quantized: set[str]) -> int:
     """onnxruntime's QDQ pass feeds *every* consumer of a quantized activation from its DequantizeLinear, which
     would push the residual stream (Adds, LayerNorms, AA-CLIP's adapter mix) through INT8. Rewire every node that

@@ -51,6 +51,10 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
                                          high_precision=calibration.high_precision, cache_dir=cache_dir(),
                                          keep_float=tuple(calibration.keep_float))
         conversion["calibration_data"] = os.path.abspath(calibration.data)
+    elif precision == "int8-cpu":
+        gate_data, gate_names = verify
+        log.info("[3b] INT8 for CPUs (dynamic quantization of the linear layers) …")
+        conversion = conversions.to_int8_dynamic(fp32_file, dst)
     else:
         gate_data, gate_names = verify
         log.info("[3b] FP16 conversion …")
@@ -71,7 +75,9 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
                     precision.upper(), failures)
         report.accepted_despite_failure = True
     opset = conversions.INT8_FP16_OPSET if precision == "int8" and calibration.high_precision == "fp16" else OPSET
-    return name, file_entry(dst, precision, opset), PrecisionReport(gate=report, conversion=conversion)
+    entry = file_entry(dst, "int8" if precision == "int8-cpu" else precision, opset)
+    entry.target = "cpu" if precision == "int8-cpu" else None
+    return name, entry, PrecisionReport(gate=report, conversion=conversion)
 
 
 INT8_NEEDS_CALIBRATION = "--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)"

@@ -30,8 +30,9 @@ class TorchReference:
     @torch.no_grad()
     def run_batch(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, S, S, 3] RGB → (anomaly_map [B, K, S, S], image_score [B, K]) as float32 numpy."""
-        maps, scores = self.built.module(torch.from_numpy(np.ascontiguousarray(batch_u8)))
-        return maps.numpy(), scores.numpy()
+        device = next(self.built.module.parameters()).device
+        maps, scores = self.built.module(torch.from_numpy(np.ascontiguousarray(batch_u8)).to(device))
+        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
     def predict(self, images: list[ImageLike] | ImageLike, color_order: str = "rgb") -> list[ReferenceOutput]:
         if not isinstance(images, list):
@@ -39,3 +40,50 @@ class TorchReference:
         batch = np.stack([prepare(im, self.built.image_size, color_order) for im in images])
         maps, scores = self.run_batch(batch)
         return [ReferenceOutput(m, s, m.reshape(m.shape[0], -1).max(axis=1)) for m, s in zip(maps, scores)]
+
+
+def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckpt: str | None = None,
+                            device: str = "cpu") -> TorchReference:
+    """The torch reference of an export, rebuilt from the source files its manifest records (checked by sha256), or
+    from ``clip_weights`` / ``ckpt`` when the files moved. One-line errors say what is missing."""
+    import os
+
+    from clipad.runtime.errors import ClipadError
+    from clipad.runtime.manifest import Manifest, sha256_file
+
+    from .models.factory import build_detector
+
+    manifest = Manifest.read(model_dir)
+    m, sources = manifest.model, manifest.sources or {}
+
+    def located(given: str | None, recorded: dict | None, what: str) -> str | None:
+        if given:
+            return given
+        if not recorded:
+            return None
+        path = recorded.get("path")
+        if not path or not os.path.exists(path):
+            raise ClipadError(f"{what} {path} recorded in the manifest is not here; pass --{what.replace('_', '-')}")
+        expected = recorded.get("sha256")
+        if expected and sha256_file(path) != expected:
+            raise ClipadError(f"{path}: sha256 differs from the one the export recorded; pass the original with "
+                              f"--{what.replace('_', '-')}")
+        for name, digest in (recorded.get("files") or {}).items():
+            if not os.path.isfile(os.path.join(path, name)) or sha256_file(os.path.join(path, name)) != digest:
+                raise ClipadError(f"{os.path.join(path, name)}: missing or changed since the export; pass --ckpt")
+        return path
+
+    base = sources.get("clip_weights") or {}
+    random_init = bool(base.get("random_init"))
+    weights = None if random_init else located(clip_weights, base, "clip_weights")
+    if not random_init and weights is None:
+        raise ClipadError("the manifest records no base weights; pass --clip-weights")
+    built = build_detector(
+        m.kind, arch=m.arch, image_size=m.image_size, clip_weights=weights, random_init=random_init,
+        seed=int(base.get("seed") or 0), ckpt=located(ckpt, sources.get("checkpoint"), "ckpt"),
+        epoch=m.details.get("checkpoint_epoch"), class_names=m.class_names,
+        domain=m.domain, quick_gelu=None if m.details.get("activation") is None
+        else m.details.get("activation") == "quick_gelu")
+    if device != "cpu":
+        built.module.to(device)
+    return TorchReference(built)

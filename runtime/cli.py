@@ -58,6 +58,9 @@ def parse_args(argv):
                                                         "needs a calibrated pixel threshold")
     ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
     ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
+    ap.add_argument("--batch", type=int, default=1, metavar="N",
+                    help="images per inference for files, folders and videos (live sources take what is ready); "
+                         "reading, inference and post-processing always overlap")
     ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
                                                      "best one for this GPU)")
     ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph "
@@ -110,7 +113,7 @@ def record(frame, class_name, pred=None, error=None, post_ms=0.0, regions=None):
 
 
 def run(args) -> int:
-    from . import postprocess
+    from .pipeline import StagedRun
     from .sources import open_source
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -134,84 +137,104 @@ def run(args) -> int:
     if not args.quiet:
         log.info("model %s (%s, %s) on %s; class %r; %s", args.model, detector.kind, detector.manifest.model.arch,
                  detector.backend.description, class_name, detector.describe_decision(class_name, threshold))
-    jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
-    progress = None
-    if not args.quiet and not source.is_live:
-        from tqdm import tqdm
-
-        progress = tqdm(total=source.total, unit="img", dynamic_ncols=True, file=sys.stderr)
-    done = errors = nonfinite = 0
-    fps, last = 0.0, time.perf_counter()
-    interrupted = False
+    outputs = FrameOutputs(args, detector, class_name, source, cv2)
+    interrupted = stopped = False
     try:
-        for frame in source:
-            pred, error, post_ms, regions = None, frame.error, 0.0, None
-            if error is None:
-                try:
-                    pred = detector.predict(frame.image, class_name, color_order="bgr", threshold=threshold)
-                except ClipadError as exc:
-                    error = str(exc)
-            if pred is not None:
-                t = time.perf_counter()
-                now = t
-                fps = 0.9 * fps + 0.1 / max(now - last, 1e-6) if fps else 1.0 / max(now - last, 1e-6)
-                last = now
-                if args.save_maps:
-                    postprocess.save_npy_atomic(os.path.join(args.save_maps, frame.stem + ".npy"), pred.anomaly_map)
-                regions = mask = None
-                if pred.pixel_threshold is not None:
-                    height, width = frame.image.shape[:2]
-                    mask, regions = postprocess.find_regions(pred.anomaly_map, pred.pixel_threshold, width, height)
-                    if args.save_masks:
-                        postprocess.save_image_atomic(os.path.join(args.save_masks, frame.stem + ".png"), mask)
-                if args.save or cv2 is not None:
-                    lines = [f"{class_name}: score {pred.score:.4f}  map max {pred.map_max:.4f}"]
-                    if pred.p_value is not None:
-                        lines.append(f"decision {pred.decision_score:.4f}  p {pred.p_value:.3f}")
-                    if pred.label:
-                        lines.append(pred.label)
-                    if source.is_live:
-                        lines.append(f"{fps:.1f} FPS")
-                    low, high = display_range(detector, class_name, pred.anomaly_map)
-                    shown = postprocess.overlay(frame.image, pred.anomaly_map, low, high, text_lines=lines,
-                                                label=pred.label, region_mask=mask)
-                    if args.save:
-                        postprocess.save_image_atomic(os.path.join(args.save, frame.stem + ".jpg"), shown)
-                    if cv2 is not None:
-                        cv2.imshow("edge-detect", shown)
-                        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                            break
-                post_ms = 1e3 * (time.perf_counter() - t)
-                if pred.error is not None:
-                    nonfinite += 1
-                    log.debug("%s: %s", frame.source, pred.error)
-            else:
-                errors += 1
-                log.debug("%s: %s", frame.source, error)
-            if jsonl:
-                line = record(frame, class_name, pred, error, post_ms, regions)
-                jsonl.write(json.dumps(line, allow_nan=False) + "\n")
-            done += 1
-            if progress:
-                progress.update(1)
+        stopped = StagedRun(detector, source, class_name, threshold, args.batch, outputs.handle,
+                            post_thread=cv2 is None).run()
     except KeyboardInterrupt:
         interrupted = True
     finally:
         source.close()
-        if progress:
-            progress.close()
-        if jsonl:
-            jsonl.close()
-        if cv2 is not None:
-            cv2.destroyAllWindows()
+        outputs.close()
         detector.close()
     if not args.quiet:
-        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted else "", done, errors,
-                 f", {nonfinite} with non-finite model output (labelled NG)" if nonfinite else "",
-                 f"; JSONL: {args.jsonl}" if args.jsonl else "")
+        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted or stopped else "", outputs.done,
+                 outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
+                 if outputs.nonfinite else "", f"; JSONL: {args.jsonl}" if args.jsonl else "")
     if interrupted:
         return 0 if source.is_live else 130
-    return 1 if done and errors == done else 0
+    return 1 if outputs.done and outputs.errors == outputs.done else 0
+
+
+class FrameOutputs:
+    """Everything edge-detect does with one result, in input order: maps, regions and masks, the overlay (file and
+    window), the JSONL record, the progress bar and the counts."""
+
+    def __init__(self, args, detector, class_name: str, source, cv2):
+        self.args, self.detector, self.class_name, self.cv2 = args, detector, class_name, cv2
+        self.live = source.is_live
+        self.jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
+        self.progress = None
+        if not args.quiet and not self.live:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=source.total, unit="img", dynamic_ncols=True, file=sys.stderr)
+        self.done = self.errors = self.nonfinite = 0
+        self.fps, self.last = 0.0, time.perf_counter()
+
+    def handle(self, work) -> bool:
+        from . import postprocess
+
+        args, frame, pred, error = self.args, work.frame, work.pred, work.error
+        regions, post_ms, keep_going = None, 0.0, True
+        if pred is not None:
+            t = now = time.perf_counter()
+            self.fps = 0.9 * self.fps + 0.1 / max(now - self.last, 1e-6) if self.fps else 1 / max(now - self.last, 1e-6)
+            self.last = now
+            if args.save_maps:
+                postprocess.save_npy_atomic(os.path.join(args.save_maps, frame.stem + ".npy"), pred.anomaly_map)
+            mask = None
+            if pred.pixel_threshold is not None:
+                height, width = frame.image.shape[:2]
+                mask, regions = postprocess.find_regions(pred.anomaly_map, pred.pixel_threshold, width, height)
+                if args.save_masks:
+                    postprocess.save_image_atomic(os.path.join(args.save_masks, frame.stem + ".png"), mask)
+            if args.save or self.cv2 is not None:
+                keep_going = self._overlay(frame, pred, mask)
+            post_ms = 1e3 * (time.perf_counter() - t)
+            if pred.error is not None:
+                self.nonfinite += 1
+                log.debug("%s: %s", frame.source, pred.error)
+        else:
+            self.errors += 1
+            log.debug("%s: %s", frame.source, error)
+        if self.jsonl:
+            line = record(frame, self.class_name, pred, error, post_ms, regions)
+            self.jsonl.write(json.dumps(line, allow_nan=False) + "\n")
+        self.done += 1
+        if self.progress:
+            self.progress.update(1)
+        return keep_going
+
+    def _overlay(self, frame, pred, mask) -> bool:
+        from . import postprocess
+
+        lines = [f"{self.class_name}: score {pred.score:.4f}  map max {pred.map_max:.4f}"]
+        if pred.p_value is not None:
+            lines.append(f"decision {pred.decision_score:.4f}  p {pred.p_value:.3f}")
+        if pred.label:
+            lines.append(pred.label)
+        if self.live:
+            lines.append(f"{self.fps:.1f} FPS")
+        low, high = display_range(self.detector, self.class_name, pred.anomaly_map)
+        shown = postprocess.overlay(frame.image, pred.anomaly_map, low, high, text_lines=lines, label=pred.label,
+                                    region_mask=mask)
+        if self.args.save:
+            postprocess.save_image_atomic(os.path.join(self.args.save, frame.stem + ".jpg"), shown)
+        if self.cv2 is not None:
+            self.cv2.imshow("edge-detect", shown)
+            if self.cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                return False
+        return True
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.cv2 is not None:
+            self.cv2.destroyAllWindows()
 
 
 def main(argv=None) -> int:

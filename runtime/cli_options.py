@@ -8,11 +8,14 @@ import argparse
 def add_model_options(ap: argparse.ArgumentParser) -> None:
     """--model, --backend, --precision, --threads, --device."""
     ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
-                    help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime)")
-    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"],
-                    help="which model runs: ONNX Runtime runs model.<precision>.onnx (default fp32), TensorRT the "
-                         "engine of that precision (default: the best for this GPU: fp16, int8, fp32)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino"],
+                    help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime; "
+                         "openvino: Intel CPUs, extra [openvino])")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "int8-cpu"],
+                    help="which model runs: ONNX Runtime runs model.<precision>.onnx (default fp32; int8 on a CPU "
+                         "runs model.int8-cpu.onnx when the export has it), TensorRT the engine of that precision "
+                         "(default: the best for this GPU: fp16, int8, fp32), OpenVINO fp32/bf16 on model.onnx or "
+                         "the fp16/int8 files")
     ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
 

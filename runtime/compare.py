@@ -63,7 +63,8 @@ class GateReport:
 
 PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)
 PRECISION_LIMITS = {"fp16": GateLimits(map_pearson_min=0.999),
-                    "int8": GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)}
+                    "int8": GateLimits(map_pearson_min=0.99, score_spearman_min=0.98),
+                    "int8-cpu": GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)}
 
 
 def is_flat(x: np.ndarray) -> bool:

@@ -84,13 +84,12 @@ class Detector:
         k = self.class_index(class_name)
         name = self.class_names[k]
         override = check_threshold(threshold)
-        cal = self.class_calibration(name)
         t0 = time.perf_counter()
         batch = np.stack([prepare(im, self.image_size, color_order) for im in images])
         t1 = time.perf_counter()
         maps, scores = self.run(batch)
         t2 = time.perf_counter()
-        out = [self._decide(name, m, float(s), cal, override) for m, s in zip(maps[:, k], scores[:, k])]
+        out = [self.to_prediction(name, m, float(s), override) for m, s in zip(maps[:, k], scores[:, k])]
         t3 = time.perf_counter()
         per = len(images)
         for p in out:
@@ -98,8 +97,9 @@ class Detector:
                             "post": 1e3 * (t3 - t2) / per}
         return out
 
-    def _decide(self, name: str, amap: np.ndarray, score: float, cal: ClassCalibration | None,
-                override: float | None) -> Prediction:
+    def to_prediction(self, name: str, amap: np.ndarray, score: float, override: float | None = None) -> Prediction:
+        """One class's outputs → Prediction with the decision (calibrated, or ``override`` on the raw score)."""
+        cal = self.class_calibration(name)
         map_max = float(amap.max())
         value = decision_score(self.rule, cal.decision if cal else None, map_max, score)
         if nonfinite_error(score, amap) is not None:   # the raw score too, whatever the decision score uses

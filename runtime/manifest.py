@@ -93,6 +93,7 @@ class FileEntry:
     precision: str
     format: str = "onnx"
     opset: int | None = None
+    target: str | None = None     # "cpu" for a variant made for CPU runtimes
 
 
 @dataclass
@@ -274,7 +275,7 @@ class Manifest:
         return path
 
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")   # int8: Q/DQ for TensorRT; int8-cpu: dynamic INT8 for CPUs
 
 
 def precision_file(precision: str) -> str:

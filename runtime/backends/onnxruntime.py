@@ -22,16 +22,24 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime as ort
         except ImportError:
             raise ClipadError("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
-        model_file = model_file or precision_file(precision)
-        if model_file not in manifest.files:
-            raise ClipadError(f"{model_dir}: no {model_file} in this export (has {', '.join(manifest.files)}); add "
-                              f"it with: export-engine --from-onnx {model_dir} --precision {precision}")
-        self.precision = manifest.files[model_file].precision
-        path = manifest.verify_file(model_dir, model_file)
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED) if p in available]
         if not wanted:
             raise ClipadError(f"none of the providers {providers} is available (have: {', '.join(available)})")
+        if precision == "bf16":
+            raise ClipadError("--precision bf16 runs on OpenVINO (--backend openvino); ONNX Runtime's CPU provider "
+                              "has no BF16 path for these models")
+        if model_file is None:
+            model_file = precision_file(precision)
+            cpu_variant = precision_file("int8-cpu")
+            if precision == "int8" and wanted == ["CPUExecutionProvider"] and cpu_variant in manifest.files:
+                model_file = cpu_variant   # the INT8 model made for CPUs, not the one made for TensorRT
+        if model_file not in manifest.files:
+            raise ClipadError(f"{model_dir}: no {model_file} in this export (has {', '.join(manifest.files)}); add "
+                              f"it with: export-engine --from-onnx {model_dir} --precision {precision}")
+        entry = manifest.files[model_file]
+        self.precision = "int8-cpu" if entry.precision == "int8" and entry.target == "cpu" else entry.precision
+        path = manifest.verify_file(model_dir, model_file)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -8,14 +8,15 @@ from ..manifest import Manifest
 from .base import Backend
 
 log = logging.getLogger("clipad")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino")
 ORT_OPTIONS = ("providers", "threads", "model_file", "precision")
 TRT_OPTIONS = ("engine_file", "cuda_graph", "device", "precision")
+OPENVINO_OPTIONS = ("threads", "precision")
 
 
 def open_backend(name: str, model_dir: str, manifest: Manifest, **options) -> Backend:
     """``auto``: a TensorRT engine listed for this GPU (of ``precision`` when given) when its TensorRT imports, else
-    ONNX Runtime (on the ``precision``'s ONNX file; FP32 by default).
+    ONNX Runtime (on the ``precision``'s ONNX file; FP32 by default). ``openvino`` only when asked for.
 
     Options a backend does not take are ignored (``threads`` means nothing to TensorRT); None means "default".
     """
@@ -23,6 +24,11 @@ def open_backend(name: str, model_dir: str, manifest: Manifest, **options) -> Ba
         raise ClipadError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     trt_options = {k: v for k, v in options.items() if k in TRT_OPTIONS and v is not None}
     ort_options = {k: v for k, v in options.items() if k in ORT_OPTIONS and v is not None}
+    if name == "openvino":
+        from .openvino import OpenVINOBackend
+
+        return OpenVINOBackend(model_dir, manifest, **{k: v for k, v in options.items()
+                                                       if k in OPENVINO_OPTIONS and v is not None})
     if name in ("auto", "tensorrt"):
         from .tensorrt import TensorRTBackend, tensorrt_available
 

@@ -1,0 +1,208 @@
+"""``edge-bench``: latency, throughput, memory and accuracy of every backend × precision × batch on this machine, in
+one table (ratios within one run are the comparable numbers)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+
+from clipad.runtime.errors import ClipadError, run_cli
+
+from .latency import BACKENDS, PRECISIONS
+
+EPILOG = """\
+examples:
+  edge-bench --model aa_tile --json bench.json --markdown bench.md --plot bench.png
+  edge-bench --model crane_l14 --backends onnxruntime,openvino --precisions fp32,bf16,int8 --batch 1,4
+  edge-bench --model aa_tile --source line3/good --iters 20 --threads 4
+
+rows: every backend x precision x batch. status ok, or skipped / failed with the reason (no GPU, TensorRT not
+installed, no engine for this GPU, a precision the backend cannot run, a batch outside the export's range). Each row
+runs in its own process on the same images (--source, default: 4 generated samples): p50/p90/p99 per image, batch
+p50, throughput, median stage split (pre = resize, infer, post = decision + a 1920x1080 overlay), peak RSS, and its
+accuracy against the FP32 reference on those images (map Pearson min, max |delta score|) with the verdict of its
+precision's gate (fp16/bf16: Pearson >= 0.999; int8: Pearson >= 0.99 and score Spearman >= 0.98). The torch row
+rebuilds the reference model (needs the export extra) from the files the manifest records, checked by sha256, or
+from --clip-weights/--ckpt.
+"""
+
+log = logging.getLogger("clipad")
+GATE_PRECISION = {"fp16": "fp16", "bf16": "fp16", "int8": "int8", "int8-cpu": "int8-cpu"}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="edge-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Latency, throughput, memory and accuracy of a model exported by "
+                                             "export-engine on every backend and precision here.", epilog=EPILOG)
+    ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated (default {','.join(BACKENDS)})")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS),
+                    help=f"comma-separated (default {','.join(PRECISIONS)})")
+    ap.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    ap.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per row (default 1)")
+    ap.add_argument("--iters", type=int, default=5, metavar="N", help="timed runs per row (default 5)")
+    ap.add_argument("--threads", type=int, help="CPU threads for every backend (default: each library's own)")
+    ap.add_argument("--source", metavar="IMAGES", help="folder or glob of input images (default: 4 generated)")
+    ap.add_argument("--clip-weights", help="torch row: the base weights, when the recorded file moved")
+    ap.add_argument("--ckpt", help="torch row: the checkpoint, when the recorded file moved")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--markdown", metavar="FILE")
+    ap.add_argument("--plot", metavar="FILE.png")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def _list(text: str, allowed, what: str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad or not items:
+        raise ClipadError(f"--{what} {text!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ClipadError(f"--batch {text!r}: comma-separated sizes >= 1, e.g. 1,4")
+    return sizes
+
+
+def _images(source: str | None, tmp: str) -> list[str]:
+    if source is None:
+        from clipad.calibration.samples import write_samples
+
+        return write_samples(tmp, count=4, seed=11)
+    from clipad.calibration.cli import list_normal_images
+
+    return list_normal_images(source)[:16]
+
+
+def _accuracy(rows, outputs) -> None:
+    """Each row against the FP32 reference (ONNX Runtime fp32, else torch fp32) on the same inputs."""
+    from clipad.runtime.compare import PRECISION_LIMITS, compare, gate
+
+    reference = next((outputs[i] for i, r in enumerate(rows) if r.status == "ok" and r.precision == "fp32"
+                      and r.backend == "onnxruntime"), None) or \
+        next((outputs[i] for i, r in enumerate(rows) if r.status == "ok" and r.precision == "fp32"), None)
+    if reference is None:
+        return
+    for row, out in zip(rows, outputs):
+        if out is None:
+            continue
+        c = compare(reference, out)
+        row.map_pearson, row.score_max_abs = c.map_pearson_min, c.image_score.max_abs
+        limits = PRECISION_LIMITS.get(GATE_PRECISION.get(row.precision, ""))
+        if limits is not None:
+            row.gate = "passed" if gate(c, limits, row.precision, "fp32", row.backend).passed else "failed"
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [f"**{report['model']}** — {env['cpu']}, {env['cores']} cores; threads: {env['threads']}", "",
+             "| backend | precision | batch | status | p50 ms/img | p90 | p99 | img/s | pre / infer / post ms | "
+             "peak RSS MB | map Pearson | max Δscore | gate |", "|" + "---|" * 13]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['status']}: {r['reason']} |"
+                         + " |" * 9)
+            continue
+        st = r["stages_ms"]
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | ok ({r['device']}) | {r['p50_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput_ips']:.3g} | {st['pre']:.1f} / "
+                     f"{st['infer']:.1f} / {st['post']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{'–' if r['map_pearson'] is None else format(r['map_pearson'], '.5f')} | "
+                     f"{'–' if r['score_max_abs'] is None else format(r['score_max_abs'], '.2e')} | "
+                     f"{r['gate'] or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, report: dict) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipad.runtime.atomic import write_bytes_atomic
+
+    rows = [r for r in report["rows"] if r["status"] == "ok"]
+    if not rows:
+        raise ClipadError("--plot: no row ran")
+    labels = [f"{r['backend']}\n{r['precision']} b{r['batch']}" for r in rows]
+    p50 = [r["p50_ms"] for r in rows]
+    err = [[0] * len(rows), [r["p99_ms"] - r["p50_ms"] for r in rows]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows)) * 1.6, 4.8),
+                                      gridspec_kw={"width_ratios": [2, 1]})
+    left.bar(labels, p50, yerr=err, capsize=4, color=["tab:green" if r["gate"] != "failed" else "tab:red"
+                                                      for r in rows])
+    left.set(ylabel="ms per image (p50, whisker to p99)", title=report["model"])
+    right.bar(labels, [r["map_pearson"] or 0 for r in rows],
+              color=["tab:red" if r["gate"] == "failed" else "tab:blue" for r in rows])
+    low = min([r["map_pearson"] for r in rows if r["map_pearson"]] + [0.99])
+    right.set(ylim=(low - 0.05 * (1 - low) - 0.001, 1.0005), ylabel="map Pearson vs FP32",
+              title="accuracy (red: gate failed)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def run(args) -> int:
+    import tempfile
+
+    from tqdm import tqdm
+
+    from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
+    from clipad.runtime.manifest import Manifest
+    from clipad.runtime.schema import dump
+
+    from .latency import Row, RowSpec, environment, measure_in_child, not_applicable
+
+    Manifest.read(args.model)   # a clear error before anything runs
+    backends = _list(args.backends, BACKENDS, "backends")
+    precisions = _list(args.precisions, PRECISIONS, "precisions")
+    sizes = _batches(args.batch)
+    if args.iters < 1 or args.warmup < 0:
+        raise ClipadError("--iters must be >= 1 and --warmup >= 0")
+    with tempfile.TemporaryDirectory(prefix="clipad-bench-") as tmp:
+        images = _images(args.source, tmp)
+        specs = [(b, p, n) for b in backends for p in precisions for n in sizes]
+        rows, outputs = [], []
+        for backend, precision, batch in tqdm(specs, desc="edge-bench rows", unit="row", disable=args.quiet,
+                                              file=sys.stderr):
+            reason = not_applicable(backend, precision)
+            if reason:
+                row, out = Row(backend, precision, batch, "skipped", reason), None
+            else:
+                row, out = measure_in_child(RowSpec(backend, precision, batch, args.model, images, args.warmup,
+                                                    args.iters, args.threads, args.clip_weights, args.ckpt))
+            rows.append(row)
+            outputs.append(out)
+    _accuracy(rows, outputs)
+    report = {"model": args.model, "env": environment(args.threads), "images": len(images),
+              "rows": [asdict(r) for r in rows]}
+    text = markdown(report)
+    print(text)
+    if args.json:
+        write_json_atomic(args.json, dump(report))
+    if args.markdown:
+        write_bytes_atomic(args.markdown, text.encode())
+    if args.plot:
+        plot(args.plot, report)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("edge-bench", run, parse_args(argv), "interrupted; no report written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""``edge-bench``'s measurement: one row = one backend × precision × batch, measured in its own process (so peak
+memory is the row's own and a crash fails only that row) on the same input images, with the stages the live path
+runs: preprocessing, inference, and post-processing including the decision and a 1080p overlay."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-cpu")
+FRAME = (1920, 1080)
+
+
+@dataclass
+class RowSpec:
+    backend: str
+    precision: str
+    batch: int
+    model_dir: str
+    images: list[str]            # input files; they are cycled through
+    warmup: int = 1
+    iters: int = 5
+    threads: int | None = None
+    clip_weights: str | None = None   # torch row: when the recorded source files moved
+    ckpt: str | None = None
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    batch: int
+    status: str                  # ok, skipped, failed
+    reason: str | None = None
+    device: str | None = None
+    p50_ms: float | None = None  # per image
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    batch_p50_ms: float | None = None
+    throughput_ips: float | None = None
+    stages_ms: dict = field(default_factory=dict)     # median per image: pre, infer, post
+    peak_rss_mb: float | None = None
+    peak_device_mb: float | None = None
+    map_pearson: float | None = None
+    score_max_abs: float | None = None
+    gate: str | None = None      # passed / failed (the precision's accuracy gate against the FP32 reference)
+
+
+def not_applicable(backend: str, precision: str) -> str | None:
+    """Why a backend cannot run a precision at all (the row is skipped), or None."""
+    if backend == "torch" and precision not in ("fp32", "fp16"):
+        return "the torch reference runs fp32 (and fp16 on CUDA)"
+    if backend == "onnxruntime" and precision == "bf16":
+        return "ONNX Runtime's CPU provider has no BF16 path for these models; use openvino"
+    if backend == "openvino" and precision == "int8-cpu":
+        return "int8-cpu is onnxruntime's dynamic INT8 (MatMulInteger); OpenVINO runs the Q/DQ int8 model"
+    if backend == "tensorrt" and precision in ("bf16", "int8-cpu"):
+        return f"no TensorRT engine is built for {precision}"
+    return None
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    return tuple(float(np.percentile(values, q)) for q in (50, 90, 99))
+
+
+def _open(spec: RowSpec):
+    """(run(batch) -> (maps, scores), description, batch range, image size, detector or None)."""
+    if spec.backend == "torch":
+        import torch
+
+        from clipad.export.reference import reference_from_manifest
+        from clipad.runtime.manifest import Manifest
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if spec.precision == "fp16" and device == "cpu":
+            raise LookupError("torch fp16 needs a CUDA GPU")
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        reference = reference_from_manifest(spec.model_dir, spec.clip_weights, spec.ckpt, device)
+        if spec.precision == "fp16":
+            reference.built.module.half()
+        manifest = Manifest.read(spec.model_dir)
+        return reference.run_batch, f"torch {torch.__version__} {spec.precision} ({device})", \
+            (1, 1 << 16), manifest.image_size, None
+    from clipad.runtime.backends import cuda_buffers
+    from clipad.runtime.detector import Detector
+
+    if spec.backend == "tensorrt" and cuda_buffers.gpu_info() is None:
+        raise LookupError(f"{cuda_buffers.no_gpu_reason()} here: TensorRT rows need a GPU")
+    det = Detector.open(spec.model_dir, backend=spec.backend, precision=spec.precision, threads=spec.threads)
+    return det.run, det.backend.description, det.backend.batch_range, det.image_size, det
+
+
+def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
+    """Run one row in this process; returns the row and the outputs on the first len(images) inputs."""
+    import resource
+
+    from clipad.runtime.errors import ClipadError
+    from clipad.runtime.postprocess import overlay
+    from clipad.runtime.preprocess import load_image, resize_for_model
+
+    row = Row(spec.backend, spec.precision, spec.batch, "ok")
+    try:
+        run, row.device, (lo, hi), size, det = _open(spec)
+    except (ClipadError, LookupError, ImportError, OSError) as exc:
+        row.status, row.reason = "skipped", str(exc).splitlines()[0][:300]
+        return row, None
+    if not lo <= spec.batch <= hi:
+        row.status = "skipped"
+        row.reason = f"the export runs batches {lo}..{hi}; re-export with --dynamic-batch 1:{spec.batch}"
+        return row, None
+    pictures = [load_image(p) for p in spec.images]
+    frame = np.ascontiguousarray(np.asarray(pictures[0].resize(FRAME))[:, :, ::-1])
+    outputs = run(np.stack([resize_for_model(p, size) for p in pictures]))  # also the first warm-up
+    timings = {"pre": [], "infer": [], "post": []}
+    batches = []
+    for i in range(spec.warmup + spec.iters):
+        chosen = [pictures[(i * spec.batch + j) % len(pictures)] for j in range(spec.batch)]
+        t0 = time.perf_counter()
+        batch = np.stack([resize_for_model(p, size) for p in chosen])
+        t1 = time.perf_counter()
+        maps, scores = run(batch)
+        t2 = time.perf_counter()
+        for m, s in zip(maps[:, 0], scores[:, 0]):
+            if det is not None:
+                det.to_prediction(det.class_names[0], m, float(s))
+            overlay(frame, m, float(np.nanmin(m)), float(np.nanmax(m)), text_lines=[f"score {float(s):.4f}"])
+        t3 = time.perf_counter()
+        if i >= spec.warmup:
+            for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
+                timings[key].append(1e3 * seconds / spec.batch)
+            batches.append(1e3 * (t3 - t0))
+    if det is not None:
+        det.close()
+    per_image = [b / spec.batch for b in batches]
+    row.p50_ms, row.p90_ms, row.p99_ms = _percentiles(per_image)
+    row.batch_p50_ms = float(np.median(batches))
+    row.throughput_ips = 1e3 * spec.batch / row.batch_p50_ms
+    row.stages_ms = {k: float(np.median(v)) for k, v in timings.items()}
+    row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row, outputs
+
+
+def measure_in_child(spec: RowSpec) -> tuple[Row, tuple | None]:
+    """``measure`` in a fresh process (spawn): its peak RSS is the row's own; a crash fails only this row."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(measure, (spec,))
+        except Exception as exc:  # anything the row raised that is not a clean skip
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            return Row(spec.backend, spec.precision, spec.batch, "failed", f"{type(exc).__name__}: {text}"), None
+
+
+def environment(threads: int | None) -> dict:
+    """CPU/GPU and library versions for the report."""
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for package in ("clipad-edge", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-rtx-cu13",
+                    "torch", "numpy", "opencv-python-headless"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    from clipad.runtime.backends import cuda_buffers
+
+    gpu = cuda_buffers.gpu_info()
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "gpu": None if gpu is None else {k: gpu[k] for k in ("name", "compute_capability", "driver_version")},
+            "versions": versions, "threads": threads or "library default"}

@@ -1,0 +1,104 @@
+"""edge-bench on a tiny model: the row schema, skipped rows with their reasons, accuracy columns and gates, the INT8
+variant picked for the CPU, batch rows, the report files, and bad arguments. Nothing here asserts a speed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipad.benchmarks.bench_cli import main as edge_bench
+from clipad.benchmarks.latency import Row, not_applicable
+from tiny_fixtures import export_tiny
+
+KEYS = {"backend", "precision", "batch", "status", "reason", "device", "p50_ms", "p90_ms", "p99_ms", "batch_p50_ms",
+        "throughput_ips", "stages_ms", "peak_rss_mb", "peak_device_mb", "map_pearson", "score_max_abs", "gate"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "aa"
+    assert export_tiny(tiny_files, out, "aaclip", ["--dynamic-batch", "1:2", "--precision", "int8-cpu",
+                                                   "--accept-accuracy-loss"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert edge_bench(["--model", str(model), "--backends", "torch,onnxruntime,openvino,tensorrt", "--precisions",
+                       "fp32,bf16,int8", "--batch", "1,2", "--iters", "2", "--json", str(out / "b.json"),
+                       "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "-q"]) == 0
+    return json.loads((out / "b.json").read_text()), out
+
+
+def rows(report_, backend, precision, batch=1):
+    return next(r for r in report_["rows"] if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch))
+
+
+def test_row_schema_and_environment(report):
+    data, out = report
+    assert len(data["rows"]) == 4 * 3 * 2 and all(set(r) == KEYS for r in data["rows"])
+    assert {"cpu", "cores", "versions", "threads", "gpu"} <= set(data["env"]) and "onnxruntime" in data["env"]["versions"]
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    for r in ok:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0 and r["peak_rss_mb"] > 50
+        assert set(r["stages_ms"]) == {"pre", "infer", "post"} and r["map_pearson"] is not None
+    assert (out / "b.png").stat().st_size > 10_000 and "| onnxruntime | fp32 | 1 | ok" in (out / "b.md").read_text()
+
+
+def test_skipped_rows_say_why(report):
+    data, _ = report
+    assert "no BF16 path" in rows(data, "onnxruntime", "bf16")["reason"]
+    assert "reference runs fp32" in rows(data, "torch", "int8")["reason"]
+    trt = rows(data, "tensorrt", "fp32")
+    if data["env"]["gpu"] is None:
+        assert trt["status"] == "skipped" and "need a GPU" in trt["reason"]
+    assert "no model.int8.onnx" in rows(data, "openvino", "int8")["reason"]
+    for r in data["rows"]:
+        assert (r["status"] == "ok") == (r["reason"] is None)
+
+
+def test_accuracy_columns_and_variant(report):
+    data, _ = report
+    reference = rows(data, "onnxruntime", "fp32")
+    assert reference["map_pearson"] == 1.0 and reference["score_max_abs"] == 0.0 and reference["gate"] is None
+    torch_row = rows(data, "torch", "fp32")
+    assert torch_row["status"] == "ok" and torch_row["map_pearson"] > 0.99999 and torch_row["score_max_abs"] < 1e-5
+    int8 = rows(data, "onnxruntime", "int8")
+    assert "int8-cpu" in int8["device"]                     # the INT8 model made for CPUs was picked
+    assert int8["gate"] in ("passed", "failed") and 0.9 < int8["map_pearson"] < 1.0
+    bf16 = rows(data, "openvino", "bf16")
+    assert bf16["status"] == "ok" and bf16["gate"] in ("passed", "failed")
+    assert rows(data, "onnxruntime", "fp32", 2)["status"] == "ok"
+
+
+def test_batch_outside_the_export_is_skipped(model, tmp_path):
+    out = tmp_path / "b.json"
+    assert edge_bench(["--model", str(model), "--backends", "onnxruntime", "--precisions", "fp32", "--batch", "4",
+                       "--iters", "1", "--json", str(out), "-q"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "skipped" and "--dynamic-batch 1:4" in row["reason"]
+
+
+def test_not_applicable_table():
+    assert not_applicable("onnxruntime", "fp32") is None and not_applicable("openvino", "bf16") is None
+    assert not_applicable("tensorrt", "int8-cpu") and not_applicable("torch", "bf16")
+    assert Row("x", "fp32", 1, "ok").gate is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backends", "cuda"], "--backends 'cuda'"), (["--precisions", "fp8"], "--precisions 'fp8'"),
+    (["--batch", "0"], "--batch '0'"), (["--iters", "0"], "--iters"),
+])
+def test_bad_arguments(model, capsys, args, needle):
+    assert edge_bench(["--model", str(model), *args, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_overlay_benchmark_runs():
+    """The 1080p overlay is measured by a benchmark (python -m clipad.benchmarks.postprocess), not asserted here."""
+    from clipad.benchmarks.postprocess import measure
+
+    result = measure(640, 360, 56, repeat=3)
+    assert set(result) == {"resize_map", "overlay"} and all(v["p50_ms"] > 0 for v in result.values())
