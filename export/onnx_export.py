@@ -1,19 +1,23 @@
 """torch → ONNX (opset 18, explicit-matmul attention, single LayerNormalization nodes) and the parity gate
-(torch reference vs ONNX Runtime through the one comparator, ``clipad.runtime.compare``)."""
+(torch reference vs ONNX Runtime through the one comparator, ``clipad.runtime.compare``).
+
+torch is imported only where a torch model is exported or run: ``run_onnx`` and the constants serve the torch-free
+``--from-onnx`` path too."""
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from clipad.runtime.batching import run_batched
 from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare, gate
 from clipad.runtime.errors import ClipadError
 
-from .models.factory import BuiltDetector
+if TYPE_CHECKING:
+    from .models.factory import BuiltDetector
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -22,6 +26,8 @@ OUTPUT_NAMES = ("anomaly_map", "image_score")
 
 def export_onnx(built: BuiltDetector, path: str, batch_min: int, batch_max: int) -> None:
     """Write ``built.module`` as ONNX: uint8 NHWC input, float32 outputs, batch fixed or dynamic in [min, max]."""
+    import torch
+
     size = built.image_size
     example = torch.zeros(batch_max if batch_min == batch_max else max(2, batch_min), size, size, 3,
                           dtype=torch.uint8)

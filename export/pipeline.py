@@ -16,7 +16,7 @@ import shutil
 import time
 
 from clipad import __version__
-from clipad.runtime.atomic import make_temp_dir_beside, replace_dir
+from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, InputSpec, Manifest, ModelInfo,
                                      TensorSpec, file_entry, precision_file, sha256_file)
@@ -46,6 +46,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
     check_output(out)
     lo, hi = opts.batch
     require_calibration(opts)
+    check_arguments(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if m.random_init:
@@ -57,6 +58,8 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
                            random_init=m.random_init, seed=m.seed, ckpt=m.ckpt, epoch=m.epoch,
                            class_names=m.class_names, dataset=m.dataset, domain=m.domain, quick_gelu=m.quick_gelu)
     verify = load_verify_set(opts.verify_images, m.image_size)
+    for name in remove_stale_temp_dirs(out, "partial"):
+        log.info("removed %s, left by an export that was killed", name)
     tmp = make_temp_dir_beside(out, "partial")
     try:
         onnx_file = os.path.join(tmp, "model.onnx")
@@ -142,12 +145,57 @@ def versions() -> dict:
 
 
 def check_output(out: str) -> None:
+    """A new folder, an empty one, or a previous export holding nothing but what export-engine wrote (it is
+    replaced as a whole, so anything else in it would be lost: refused, never deleted)."""
     parent = os.path.dirname(out) or "."
     if not os.path.isdir(parent):
         raise ClipadError(f"--output {out}: parent directory {parent} does not exist")
-    if os.path.exists(out) and (not os.path.isdir(out) or (
-            os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST_NAME)))):
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST_NAME))):
         raise ClipadError(f"--output {out}: exists and is not an export-engine directory; refusing to replace it")
+    if not os.listdir(out):
+        return
+    try:
+        previous = Manifest.read(out)
+    except ClipadError:
+        raise ClipadError(f"--output {out}: its manifest.json is unreadable, so what it owns is unknown; refusing "
+                          f"to replace it") from None
+    owned = {MANIFEST_NAME, *previous.files, *(e.file for e in previous.engines)}
+    foreign = sorted(f for f in os.listdir(out) if f not in owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ClipadError(f"--output {out}: holds files export-engine did not write ({shown}); move them or choose "
+                          f"another --output (a re-export replaces the whole folder)")
+
+
+def check_arguments(opts: ExportOptions) -> None:
+    """Every argument that can be checked without loading weights, so a typo fails in seconds, not after minutes."""
+    from clipad.calibration.images import list_images
+
+    from . import archs
+    from .models.registry import get_kind
+
+    m = opts.model
+    kind = get_kind(m.kind)
+    spec = archs.arch_spec(m.arch)
+    if m.image_size < spec.patch_size:
+        raise ClipadError(f"--image-size {m.image_size}: must be a positive multiple of the patch size "
+                          f"{spec.patch_size} of {m.arch}")
+    spec.grid(m.image_size)
+    if m.ckpt and not kind.needs_checkpoint:
+        raise ClipadError(f"--ckpt {m.ckpt}: --model {m.kind} takes no checkpoint")
+    if m.ckpt and not os.path.exists(m.ckpt):
+        raise ClipadError(f"--ckpt {m.ckpt}: no such file or folder")
+    if m.clip_weights and m.random_init:
+        raise ClipadError("--clip-weights and --random-init exclude each other")
+    if m.clip_weights and not os.path.isfile(m.clip_weights):
+        raise ClipadError(f"--clip-weights {m.clip_weights}: " + ("is a folder, not a weight file"
+                                                                  if os.path.isdir(m.clip_weights) else "no such file"))
+    if opts.verify_images and (not os.path.isdir(opts.verify_images) or not os.listdir(opts.verify_images)):
+        raise ClipadError(f"--verify-images {opts.verify_images}: not a folder with images")
+    if opts.precision == "int8":
+        list_images(opts.calibration.data)
 
 
 # ---- shared by both paths --------------------------------------------------------------------------------------------
@@ -189,8 +237,16 @@ def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> No
     from .precision_step import make_precision
 
     fp32 = manifest.verify_file(model_dir, "model.onnx")
+    name = precision_file(opts.precision)
+    try:
+        import onnx  # noqa: F401  (the conversions need it; the lean edge install does not have it)
+    except ImportError:
+        raise ClipadError(f"{model_dir} has no {name}, and making it needs the workstation install (pip install "
+                          f"'clipad-edge[export]'): run export-engine --from-onnx DIR --precision {opts.precision} "
+                          f"there and copy the folder here") from None
     size, batch = manifest.image_size, (manifest.batch.min, manifest.batch.max)
     verify = None if gates_on_holdout(opts) else load_verify_set(opts.verify_images, size)
+    remove_stale_temp_dirs(os.path.join(model_dir, "precision"), "partial")
     tmp = make_temp_dir_beside(os.path.join(model_dir, "precision"), "partial")
     try:
         name, entry, report = make_precision(opts.precision, fp32, tmp, verify, batch, size,

@@ -22,17 +22,19 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 def torch_load(path: str, what: str):
     """torch.load with weights_only=True and one-line errors for missing, empty, corrupt or unsafe files."""
     if not os.path.isfile(path):
-        raise ClipadError(f"{what} {path}: no such file")
+        raise ClipadError(f"{what} {path}: " + ("is a folder, not a file" if os.path.isdir(path) else "no such file"))
     if os.path.getsize(path) == 0:
         raise ClipadError(f"{what} {path}: empty file (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
             raise ClipadError(f"{what} {path}: refused, it holds Python objects that safe (weights-only) loading "
                               f"does not allow: {_unsafe_detail(str(exc))}") from None
-        raise ClipadError(f"{what} {path}: not a readable torch checkpoint ({first})") from None
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported operand" in line
+                       or "invalid load key" in line), first)
+        raise ClipadError(f"{what} {path}: not a torch checkpoint, or corrupt ({detail[:120]})") from None
     except Exception as exc:  # torch.load on damaged bytes raises many types (EOFError, IndexError, …)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClipadError(f"{what} {path}: corrupt or truncated file ({detail[:160]})") from None
@@ -56,7 +58,8 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """Read a base-weight file → (float32 state dict in OpenAI/open_clip key layout, format name)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ClipadError(f"--clip-weights {path}: no such file")
+        raise ClipadError(f"--clip-weights {path}: " + ("is a folder, not a weight file" if os.path.isdir(path)
+                                                       else "no such file"))
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

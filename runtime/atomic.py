@@ -64,13 +64,40 @@ def _remove(path: str) -> None:
 
 def make_temp_dir_beside(path: str, tag: str) -> str:
     """A hidden work folder next to ``path`` (same file system, so the final rename is atomic), with the umask's
-    permissions (mkdtemp's 0700 would make a finished export folder private)."""
+    permissions (mkdtemp's 0700 would make a finished export folder private). Its name carries this process's id,
+    so ``remove_stale_temp_dirs`` can tell the leftovers of dead processes."""
     folder, base = os.path.split(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=f".{base}.{tag}-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.{tag}-{os.getpid()}-", dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+def remove_stale_temp_dirs(path: str, tag: str) -> list[str]:
+    """Remove the work folders that ``make_temp_dir_beside(path, tag)`` left behind in processes that are gone
+    (killed hard, power loss); a live process's folder is left alone. Returns what was removed."""
+    import re
+
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(base)}\.{re.escape(tag)}-(\d+)-")
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = pattern.match(name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def replace_dir(tmp: str, out: str) -> None:

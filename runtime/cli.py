@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -25,8 +24,8 @@ examples:
 outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
 writes the raw SxS float32 map of the selected class as .npy; --save-masks writes binary defect masks (PNG, 255 =
 defect) at the input's size; --jsonl writes one JSON line per input or frame:
-{"source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","label","regions",
- "latency_ms":{"pre","infer","post"},"error"}.
+{"time","source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","label",
+ "regions","latency_ms":{"pre","infer","post"},"error"} (time: UTC, when the record was written).
 OK/NG: with a calibration in the manifest (edge-calibrate) for the precision that runs, NG when the decision score
 reaches the calibrated threshold, and regions lists the defect regions (bbox [x, y, w, h], area in pixels of the
 input, max); --threshold T instead makes it NG when the raw score >= T; without either there is no label.
@@ -58,6 +57,11 @@ def parse_args(argv):
                                                         "needs a calibrated pixel threshold")
     ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
     ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
+    ap.add_argument("--loop", action="store_true", help="video files: start again at the end (soak tests, demos; "
+                                                        "stop with Ctrl-C or --max-frames)")
+    ap.add_argument("--reconnect", type=int, default=0, metavar="N",
+                    help="cameras/streams: re-open up to N times when frames stop (back-off 0.5 s doubling to 30 s); "
+                         "each gap is a record with error set; 0 (default): end at the first loss")
     ap.add_argument("--batch", type=int, default=1, metavar="N",
                     help="images per inference for files, folders and videos (live sources take what is ready); "
                          "reading, inference and post-processing always overlap")
@@ -92,6 +96,12 @@ def display_range(detector, class_name: str, anomaly_map):
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
 
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
 def _finite_or_none(value):
     return value if value is None or math.isfinite(value) else None
 
@@ -105,14 +115,31 @@ def record(frame, class_name, pred=None, error=None, post_ms=0.0, regions=None):
     def value(name):
         return None if pred is None else _finite_or_none(getattr(pred, name))
 
-    return {"source": frame.source, "frame": frame.frame, "class_name": class_name, "score": value("score"),
+    return {"time": _now(), "source": frame.source, "frame": frame.frame, "class_name": class_name,
+            "score": value("score"),
             "decision_score": value("decision_score"), "normalized_score": value("normalized_score"),
             "p_value": value("p_value"), "map_max": value("map_max"),
             "label": None if pred is None else pred.label, "regions": regions, "latency_ms": lat,
             "error": error if error is not None or pred is None else pred.error}
 
 
+def input_files(source) -> list[str]:
+    return list(getattr(source, "paths", None) or ([source.path] if hasattr(source, "path") else []))
+
+
+def planned_outputs(args, source) -> dict[str, list[str]]:
+    """Every file the run will write that can be known before it starts."""
+    stems = getattr(source, "stems", None) or []
+    planned = {"--jsonl": [args.jsonl] if args.jsonl else []}
+    for flag, folder, ext in (("--save", args.save, ".jpg"), ("--save-maps", args.save_maps, ".npy"),
+                              ("--save-masks", args.save_masks, ".png")):
+        if folder:
+            planned[flag] = [os.path.join(folder, stem + ext) for stem in stems]
+    return planned
+
+
 def run(args) -> int:
+    from .outputs import JsonlAppender, probe_folder, refuse_overwriting_inputs
     from .pipeline import StagedRun
     from .sources import open_source
 
@@ -126,18 +153,26 @@ def run(args) -> int:
         if args.save_masks and not calibrated:
             raise ClipadError(f"--save-masks needs a calibrated pixel threshold for {class_name!r}: run "
                               f"edge-calibrate --model {args.model} --normal GOOD_IMAGES first")
-        for folder in (args.save, args.save_maps, args.save_masks):
+        for flag, folder in (("--save", args.save), ("--save-maps", args.save_maps),
+                             ("--save-masks", args.save_masks)):
             if folder:
-                os.makedirs(folder, exist_ok=True)
+                probe_folder(folder, flag)
         cv2 = open_window() if args.show else None
-        source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames)
+        source = open_source(args.camera if args.camera is not None else args.source, max_frames=args.max_frames,
+                             reconnect=args.reconnect, loop=args.loop)
+        try:
+            refuse_overwriting_inputs(planned_outputs(args, source), input_files(source))
+            jsonl = JsonlAppender(args.jsonl) if args.jsonl else None
+        except BaseException:
+            source.close()
+            raise
     except BaseException:
         detector.close()
         raise
     if not args.quiet:
         log.info("model %s (%s, %s) on %s; class %r; %s", args.model, detector.kind, detector.manifest.model.arch,
                  detector.backend.description, class_name, detector.describe_decision(class_name, threshold))
-    outputs = FrameOutputs(args, detector, class_name, source, cv2)
+    outputs = FrameOutputs(args, detector, class_name, source, cv2, jsonl)
     interrupted = stopped = False
     try:
         stopped = StagedRun(detector, source, class_name, threshold, args.batch, outputs.handle,
@@ -161,10 +196,9 @@ class FrameOutputs:
     """Everything edge-detect does with one result, in input order: maps, regions and masks, the overlay (file and
     window), the JSONL record, the progress bar and the counts."""
 
-    def __init__(self, args, detector, class_name: str, source, cv2):
-        self.args, self.detector, self.class_name, self.cv2 = args, detector, class_name, cv2
+    def __init__(self, args, detector, class_name: str, source, cv2, jsonl):
+        self.args, self.detector, self.class_name, self.cv2, self.jsonl = args, detector, class_name, cv2, jsonl
         self.live = source.is_live
-        self.jsonl = open(args.jsonl, "w", buffering=1) if args.jsonl else None
         self.progress = None
         if not args.quiet and not self.live:
             from tqdm import tqdm
@@ -188,8 +222,11 @@ class FrameOutputs:
             if pred.pixel_threshold is not None:
                 height, width = frame.image.shape[:2]
                 mask, regions = postprocess.find_regions(pred.anomaly_map, pred.pixel_threshold, width, height)
+                if frame.original_size:   # decoded reduced: report and write in the original's pixels
+                    regions = postprocess.scale_regions(regions, frame.original_size[0] / width)
                 if args.save_masks:
-                    postprocess.save_image_atomic(os.path.join(args.save_masks, frame.stem + ".png"), mask)
+                    postprocess.save_image_atomic(os.path.join(args.save_masks, frame.stem + ".png"),
+                                                  postprocess.resize_mask(mask, frame.original_size))
             if args.save or self.cv2 is not None:
                 keep_going = self._overlay(frame, pred, mask)
             post_ms = 1e3 * (time.perf_counter() - t)
@@ -200,8 +237,7 @@ class FrameOutputs:
             self.errors += 1
             log.debug("%s: %s", frame.source, error)
         if self.jsonl:
-            line = record(frame, self.class_name, pred, error, post_ms, regions)
-            self.jsonl.write(json.dumps(line, allow_nan=False) + "\n")
+            self.jsonl.write(record(frame, self.class_name, pred, error, post_ms, regions))
         self.done += 1
         if self.progress:
             self.progress.update(1)

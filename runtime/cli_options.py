@@ -3,6 +3,9 @@ edge-eval), so they mean the same everywhere, and the one call that opens the mo
 from __future__ import annotations
 
 import argparse
+import os
+
+from .errors import ClipadError
 
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:
@@ -20,9 +23,22 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
 
 
+def check_threads(threads: int | None) -> int | None:
+    """None (the library's default) or 1 … the CPUs this process may use."""
+    if threads is None:
+        return None
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 1 <= threads <= available:
+        raise ClipadError(f"--threads {threads}: must be between 1 and {available} (the CPUs this process may use)")
+    return threads
+
+
 def open_detector(args, **extra):
     """The Detector the options above ask for (``extra``: backend-specific options such as cuda_graph)."""
     from .detector import Detector
 
+    check_threads(args.threads)
+    if args.device is not None and args.device < 0:
+        raise ClipadError(f"--device {args.device}: a GPU index 0, 1, …")
     return Detector.open(args.model, backend=args.backend, precision=args.precision, threads=args.threads,
                          device=args.device, **extra)

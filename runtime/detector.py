@@ -81,6 +81,10 @@ class Detector:
 
     def predict_batch(self, images: list[ImageLike], class_name: str | None = None, color_order: str = "rgb",
                       threshold: float | None = None) -> list[Prediction]:
+        if isinstance(images, (str, bytes, np.ndarray)) or not hasattr(images, "__len__"):
+            raise ClipadError("predict_batch takes a list of images (use predict for one)")
+        if len(images) == 0:
+            raise ClipadError("predict_batch: no images")
         k = self.class_index(class_name)
         name = self.class_names[k]
         override = check_threshold(threshold)

@@ -205,7 +205,11 @@ class Manifest:
                               f"({SCHEMA_VERSION}); upgrade clipad-edge")
         try:
             if version == 1:
-                data = upgrade_v1(data)
+                try:
+                    data = upgrade_v1(data)
+                except (TypeError, AttributeError, ValueError, KeyError) as exc:   # a damaged version-1 document
+                    raise schema.SchemaError(f"version-1 manifest cannot be upgraded ({type(exc).__name__}: "
+                                             f"{str(exc).splitlines()[0][:120]})") from None
             return schema.load(cls, data, "manifest")
         except schema.SchemaError as exc:
             raise ClipadError(f"{where}: invalid manifest: {exc}; re-export with export-engine") from None
@@ -221,6 +225,8 @@ class Manifest:
         path = os.path.join(model_dir, MANIFEST_NAME)
         if not os.path.isdir(model_dir):
             raise ClipadError(f"--model {model_dir}: no such model directory")
+        if not os.access(model_dir, os.R_OK | os.X_OK):
+            raise ClipadError(f"--model {model_dir}: permission denied (the folder is not readable by this user)")
         if not os.path.isfile(path):
             raise ClipadError(f"--model {model_dir}: no {MANIFEST_NAME} (not a directory written by export-engine)")
         try:

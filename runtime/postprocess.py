@@ -134,6 +134,21 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: 
     return mask, regions[:max_regions]
 
 
+def scale_regions(regions: list[dict], factor: float) -> list[dict]:
+    """Regions found on a reduced image, in the original image's pixels."""
+    return [{"bbox": [int(round(v * factor)) for v in r["bbox"]], "area": int(round(r["area"] * factor * factor)),
+             "max": r["max"]} for r in regions]
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """A 0/255 mask at ``size`` (width, height) with nearest neighbour; unchanged when size is None."""
+    import cv2
+
+    if size is None or (mask.shape[1], mask.shape[0]) == tuple(size):
+        return mask
+    return cv2.resize(mask, tuple(int(v) for v in size), interpolation=cv2.INTER_NEAREST)
+
+
 def overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5,
             text_lines: list[str] | None = None, label: str | None = None,
             region_mask: np.ndarray | None = None) -> np.ndarray:

@@ -24,17 +24,23 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 
 
-def load_image(source: ImageLike, color_order: str = "rgb") -> Image.Image:
+def load_image(source: ImageLike, color_order: str = "rgb", max_side: int | None = None) -> Image.Image:
     """Open a file path, PIL image or array as an 8-bit RGB PIL image.
 
     Arrays may be HxW (grey), HxWx1, HxWx3 or HxWx4, uint8 or uint16; ``color_order`` says whether a 3/4-channel
-    array is RGB(A) or BGR(A) (OpenCV frames are BGR). 16-bit data keeps its top 8 bits.
+    array is RGB(A) or BGR(A) (OpenCV frames are BGR). 16-bit data keeps its top 8 bits. ``max_side``: a file whose
+    longest side is larger is reduced by an integer factor while decoding (JPEG: DCT scaling, which never holds the
+    full image) or right after it (other formats), to bound memory; smaller files are untouched.
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return to_rgb(_array_to_pil(source, color_order))
+    if not isinstance(source, (str, os.PathLike)):
+        raise ClipadError(f"an image must be a file path, a PIL image or a numpy array, not {type(source).__name__}")
     path = os.fspath(source)
+    if os.path.isdir(path):
+        raise ClipadError(f"{path}: is a folder, not an image file")
     if not os.path.isfile(path):
         raise ClipadError(f"{path}: no such image file")
     if os.path.getsize(path) == 0:
@@ -43,14 +49,25 @@ def load_image(source: ImageLike, color_order: str = "rgb") -> Image.Image:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(path)
+            factor = reduction(im.size, max_side)
+            if factor > 1 and im.format == "JPEG":
+                im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", (im.width // factor, im.height // factor))
             im.load()
-            return to_rgb(im)
+            factor = reduction(im.size, max_side)
+            return to_rgb(im.reduce(factor) if factor > 1 else im)
     except Image.DecompressionBombError:
         raise ClipadError(f"{path}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         raise ClipadError(f"{path}: not an image file (or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ClipadError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def reduction(size: tuple[int, int], max_side: int | None) -> int:
+    """The integer factor that brings the longest side to ``max_side`` or below (1: no reduction)."""
+    if not max_side or max(size) <= max_side:
+        return 1
+    return -(-max(size) // max_side)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -74,6 +91,10 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def _array_to_pil(arr: np.ndarray, color_order: str) -> Image.Image:
+    if arr.dtype == bool or arr.dtype.kind not in "uif":
+        raise ClipadError(f"image array has dtype {arr.dtype}; expected uint8 (or uint16 / float in [0, 1])")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ClipadError("image array contains NaN or infinite values")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:

@@ -36,6 +36,7 @@ class Frame:
     image: np.ndarray | None     # BGR uint8 HxWx3, or None when the input could not be read
     error: str | None            # one-line reason when image is None
     stem: str                    # name for output files: "<file stem>" or "<video stem>_<frame:06d>"
+    original_size: tuple[int, int] | None = None   # (width, height) of a still image reduced on decoding
 
 
 class Source:
@@ -87,10 +88,13 @@ def _quiet_videocapture(arg):
             logging.setLogLevel(old)
 
 
-def read_image_bgr(path: str) -> tuple[np.ndarray | None, str | None]:
+LARGE_SIDE = 4096   # still images with a longer side are reduced while decoding (memory bound; README)
+
+
+def read_image_bgr(path: str, max_side: int | None = LARGE_SIDE) -> tuple[np.ndarray | None, str | None]:
     """Decode a still image robustly (via ``load_image``) → (BGR uint8 HxWx3, None) or (None, one-line error)."""
     try:
-        rgb = np.asarray(load_image(path), dtype=np.uint8)
+        rgb = np.asarray(load_image(path, max_side=max_side), dtype=np.uint8)
     except ClipadError as exc:
         return None, _one_line(exc)
     except Exception as exc:  # any other decoder failure is still a per-file error, never a crash
@@ -112,6 +116,20 @@ def _unique_stems(paths: list[str]) -> list[str]:
     return out
 
 
+def _original_size(path: str, image: np.ndarray | None) -> tuple[int, int] | None:
+    """(width, height) of the file when the decoded image was reduced, else None."""
+    if image is None or max(image.shape[:2]) * 2 <= LARGE_SIDE:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Exception:  # decoded a moment ago; a race with the file changing is not worth a crash
+        return None
+    return None if size == (image.shape[1], image.shape[0]) else size
+
+
 class ImageFiles(Source):
     """A list of still-image paths; each yields exactly one Frame (errors included). Re-iterable."""
 
@@ -123,16 +141,17 @@ class ImageFiles(Source):
     def __iter__(self) -> Iterator[Frame]:
         for path, stem in zip(self.paths, self.stems):
             image, error = read_image_bgr(path)
-            yield Frame(source=path, frame=None, image=image, error=error, stem=stem)
+            yield Frame(source=path, frame=None, image=image, error=error, stem=stem,
+                        original_size=_original_size(path, image))
 
 
 class VideoFile(Source):
-    """Sequential reader over every frame of a video file (single pass)."""
+    """Sequential reader over every frame of a video file (single pass, or again from the start with ``loop``)."""
 
-    def __init__(self, path: str, max_frames: int | None = None):
+    def __init__(self, path: str, max_frames: int | None = None, loop: bool = False):
         import cv2
 
-        self.path, self.name, self.max_frames = path, _safe_name(Path(path).stem), max_frames
+        self.path, self.name, self.max_frames, self.loop = path, _safe_name(Path(path).stem), max_frames, loop
         self._cap = _quiet_videocapture(path)
         first = None
         if self._cap.isOpened():
@@ -143,21 +162,34 @@ class VideoFile(Source):
             raise ClipadError(f"{path}: video could not be decoded (corrupt file or unsupported codec)")
         self._first = first
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        self.total = count if count > 0 else None
+        self.total = self.promised = count if count > 0 else None
+        if loop:
+            self.total = None
         if max_frames is not None:
             self.total = max(0, max_frames) if self.total is None else min(self.total, max(0, max_frames))
 
     def __iter__(self) -> Iterator[Frame]:
-        index = 0
+        import cv2
+
+        index = in_pass = 0
         while self._cap is not None and (self.max_frames is None or index < self.max_frames):
             if self._first is not None:
                 image, self._first = self._first, None
             else:
                 ok, image = self._cap.read()
+                if (not ok or image is None) and self.loop and in_pass > 0:
+                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    in_pass = 0
+                    ok, image = self._cap.read()
                 if not ok or image is None:
+                    if self.promised and in_pass < self.promised:
+                        yield Frame(source=self.path, frame=index, image=None, stem=f"{self.name}_{index:06d}",
+                                    error=f"{self.path}: video ended after {in_pass} of the {self.promised} frames its "
+                                          f"header promises (truncated or damaged)")
                     break
             yield Frame(source=self.path, frame=index, image=image, error=None, stem=f"{self.name}_{index:06d}")
             index += 1
+            in_pass += 1
         self.close()
 
     def close(self) -> None:
@@ -170,8 +202,10 @@ class LiveCapture(Source):
     """Camera / stream reader: a daemon thread keeps only the newest frame; iteration yields the newest unseen one.
 
     ``capture_arg`` is anything ``cv2.VideoCapture`` accepts (camera index, URL, even a file path, which the tests
-    use). Iteration stops when the capture ends (``max_read_failures`` reads in a row fail), after ``max_frames``
-    frames, or raises ClipadError when no new frame arrives for ``frame_timeout`` seconds (stalled stream).
+    use). When ``max_read_failures`` reads in a row fail, the capture is re-opened up to ``reconnect`` times with a
+    doubling back-off (``backoff`` seconds first, at most 30 s); every gap yields a Frame with ``error`` set. Iteration
+    stops after ``max_frames`` frames, ends when the capture ends and no reconnect is left (raising ClipadError with a
+    summary if reconnects were allowed), or raises ClipadError when no frame arrives for ``frame_timeout`` seconds.
     """
 
     is_live = True
@@ -179,12 +213,16 @@ class LiveCapture(Source):
 
     def __init__(self, capture_arg, name: str | None = None, max_frames: int | None = None,
                  open_error: str | None = None, source: str | None = None, max_read_failures: int = 25,
-                 frame_timeout: float | None = 10.0):
+                 frame_timeout: float | None = 10.0, reconnect: int = 0, backoff: float = 0.5):
         self.source = source if source is not None else _redact(str(capture_arg))
         if name is None:
             name = f"camera{capture_arg}" if isinstance(capture_arg, int) else Path(str(capture_arg)).stem
         self.name = _safe_name(name)
         self.max_frames, self.max_read_failures, self.frame_timeout = max_frames, max_read_failures, frame_timeout
+        self._arg, self.reconnect, self.backoff = capture_arg, max(0, int(reconnect)), backoff
+        self.reconnects = 0          # re-opens so far
+        self.gave_up = False
+        self._events: list[str] = []  # gap messages for the iterator, in order
         self._cap = _quiet_videocapture(capture_arg)
         if not self._cap.isOpened():
             self._cap.release()
@@ -199,6 +237,27 @@ class LiveCapture(Source):
         self._thread = threading.Thread(target=self._run, name=f"clipad-capture-{self.name}", daemon=True)
         self._thread.start()
 
+    def _reopen(self) -> bool:
+        """Re-open the capture after it stopped delivering; False when no reconnect is left (or stopping)."""
+        while self.reconnects < self.reconnect and not self._stop.is_set():
+            self.reconnects += 1
+            wait = min(30.0, self.backoff * 2 ** (self.reconnects - 1))
+            self._event(f"{self.source}: no frames; reconnect {self.reconnects}/{self.reconnect} in {wait:g} s")
+            if self._stop.wait(wait):
+                return False
+            self._cap.release()
+            self._cap = _quiet_videocapture(self._arg)
+            if self._cap.isOpened():
+                self._event(f"{self.source}: reconnected (attempt {self.reconnects})")
+                return True
+        self.gave_up = self.reconnect > 0
+        return False
+
+    def _event(self, message: str) -> None:
+        with self._cond:
+            self._events.append(message)
+            self._cond.notify_all()
+
     def _run(self) -> None:
         failures = 0
         try:
@@ -207,7 +266,10 @@ class LiveCapture(Source):
                 if not ok or image is None:
                     failures += 1
                     if failures >= self.max_read_failures:
-                        break
+                        if not self._reopen():
+                            break
+                        failures = 0
+                        continue
                     time.sleep(0.01)
                     continue
                 failures = 0
@@ -228,18 +290,29 @@ class LiveCapture(Source):
         while self.max_frames is None or yielded < self.max_frames:
             deadline = None if self.frame_timeout is None else time.monotonic() + self.frame_timeout
             with self._cond:
-                while not ((self._latest is not None and self._latest[0] > self._taken) or self._ended):
+                while not ((self._latest is not None and self._latest[0] > self._taken) or self._ended
+                           or self._events):
                     left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
+                    if left is not None and left <= 0 and self.reconnect == 0:
                         raise ClipadError(f"{self.source}: no frame received for {self.frame_timeout:g} s "
                                           "(stream stalled or camera disconnected?)")
-                    self._cond.wait(timeout=0.5 if left is None else min(0.5, left))
-                if self._latest is None or self._latest[0] <= self._taken:
-                    break  # capture ended and nothing new
-                index, image = self._latest
-                self._taken = index
-            yield Frame(source=self.source, frame=index, image=image, error=None, stem=f"{self.name}_{index:06d}")
-            yielded += 1
+                    self._cond.wait(timeout=0.5 if left is None or left <= 0 else min(0.5, left))
+                events, self._events = self._events, []
+                fresh = self._latest is not None and self._latest[0] > self._taken
+                if fresh:
+                    index, image = self._latest
+                    self._taken = index
+            for message in events:   # each gap is a record with error set
+                yield Frame(source=self.source, frame=None, image=None, error=message, stem=f"{self.name}_gap")
+            if fresh:
+                yield Frame(source=self.source, frame=index, image=image, error=None,
+                            stem=f"{self.name}_{index:06d}")
+                yielded += 1
+            elif self._ended and not events:
+                break
+        if self.gave_up:
+            raise ClipadError(f"{self.source}: stream lost; gave up after {self.reconnect} reconnect attempt(s) "
+                              f"({self.frames_read} frames received)")
 
     @property
     def alive(self) -> bool:
@@ -253,13 +326,29 @@ class LiveCapture(Source):
 
 
 def _list_folder(path: str) -> list[str]:
-    with os.scandir(path) as it:
-        names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
-    return [os.path.join(path, n) for n in names]
+    """Every visible entry that is not a sub-folder; entries that cannot be inspected (symlink loops, broken links,
+    permissions) are kept, so they become per-file error records instead of stopping the run."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise ClipadError(f"{path}: folder cannot be read ({exc.strerror or exc})") from None
+    files = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                continue
+        except OSError:
+            pass
+        files.append(os.path.join(path, entry.name))
+    return files
 
 
-def open_source(spec: str | int, max_frames: int | None = None) -> Source:
-    """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, video file, image file, folder or glob."""
+def open_source(spec: str | int, max_frames: int | None = None, reconnect: int = 0, loop: bool = False) -> Source:
+    """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, video file, image file, folder or glob.
+    ``reconnect``: how many times a camera or stream that stops delivering is re-opened."""
+    if reconnect < 0:
+        raise ClipadError(f"--reconnect {reconnect}: must be at least 0")
     if max_frames is not None and max_frames < 0:
         raise ClipadError(f"max_frames must be >= 0, got {max_frames}")
     if isinstance(spec, bool) or not isinstance(spec, (int, str, os.PathLike)):
@@ -267,8 +356,10 @@ def open_source(spec: str | int, max_frames: int | None = None) -> Source:
     if isinstance(spec, str) and spec.strip().isdigit():
         spec = int(spec.strip())
     if isinstance(spec, int):
+        if spec < 0:   # OpenCV segfaults on some negative indices
+            raise ClipadError(f"camera {spec}: camera indices start at 0")
         return LiveCapture(spec, name=f"camera{spec}", source=f"camera{spec}", max_frames=max_frames,
-                           open_error=f"camera {spec} could not be opened (no such device?)")
+                           open_error=f"camera {spec} could not be opened (no such device?)", reconnect=reconnect)
     text = os.fspath(spec)
     if not text.strip():
         raise ClipadError("empty source: give a path, folder, glob, camera index or URL")
@@ -276,7 +367,8 @@ def open_source(spec: str | int, max_frames: int | None = None) -> Source:
         shown = _redact(text)
         name = "stream_" + _safe_name(re.sub(r"^[^:]*://([^@/]*@)?", "", text))[:60]
         return LiveCapture(text, name=name, source=shown, max_frames=max_frames,
-                           open_error=f"{shown}: stream could not be opened (wrong address, or unreachable?)")
+                           open_error=f"{shown}: stream could not be opened (wrong address, or unreachable?)",
+                           reconnect=reconnect)
     path = os.path.expanduser(text)
     if os.path.isdir(path):
         files = _list_folder(path)
@@ -285,7 +377,7 @@ def open_source(spec: str | int, max_frames: int | None = None) -> Source:
         return ImageFiles(files, max_frames)
     if os.path.isfile(path):
         if Path(path).suffix.lower() in VIDEO_EXTS:
-            return VideoFile(path, max_frames)
+            return VideoFile(path, max_frames, loop)
         return ImageFiles([path], max_frames)
     if GLOB_CHARS & set(path):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))

@@ -140,9 +140,10 @@ def test_calibrate_then_detect_labels_without_threshold(copy, normal_dir, tmp_pa
     assert mask.shape == np.asarray(Image.open(first["source"])).shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert (mask > 0).sum() == sum(r["area"] for r in first["regions"])
     # --threshold still overrides (on the raw score)
-    assert edge_detect(["--model", str(copy), "--source", str(normal_dir), "--jsonl", str(jsonl), "--threshold",
+    override = tmp_path / "override.jsonl"
+    assert edge_detect(["--model", str(copy), "--source", str(normal_dir), "--jsonl", str(override), "--threshold",
                         "-1", "-q"]) == 0
-    assert {json.loads(line)["label"] for line in jsonl.read_text().splitlines()} == {"NG"}
+    assert {json.loads(line)["label"] for line in override.read_text().splitlines()} == {"NG"}
 
 
 def test_calibrations_per_precision(copy, normal_dir, caplog):

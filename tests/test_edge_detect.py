@@ -16,7 +16,7 @@ from clipad.runtime.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from tiny_fixtures import TINY
 
-KEYS = {"source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
+KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
         "regions", "latency_ms", "error"}
 
 

@@ -109,6 +109,10 @@ def bad(data: dict, path: list, value):
     (["schema_version"], 99, "newer than this clipad-edge supports"),
     (["schema_version"], "2", "is not a version number"),
     (["calibrations"], [{"precision": "fp32"}], "manifest.calibrations[0]: missing backend"),
+    (["files"], ["model.onnx"], "manifest.files: expected an object"),
+    (["schema_version"], 0, "is not a version number"),
+    (["model", "class_names"], None, "manifest.model.class_names: expected a list"),
+    (["input", "shape"], "518", "manifest.input.shape: expected a list"),
 ])
 def test_bad_manifests_are_one_line_errors(path, value, message):
     data = Manifest.read(str(RELEASE_0_1_0)).to_dict()
@@ -116,6 +120,17 @@ def test_bad_manifests_are_one_line_errors(path, value, message):
         Manifest.from_dict(bad(data, path, value), "x/manifest.json")
     text = str(err.value)
     assert message in text and "\n" not in text and text.startswith("x/manifest.json")
+
+
+@pytest.mark.parametrize("path", [["model", "class_names"], ["input", "shape"], ["model"], ["files"]])
+def test_missing_nested_keys_are_one_line_errors(path):
+    data = Manifest.read(str(RELEASE_0_1_0)).to_dict()
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    with pytest.raises(ClipadError, match=f"missing {path[-1]}"):
+        Manifest.from_dict(data, "x/manifest.json")
 
 
 def test_written_manifest_is_strict_json_and_honours_the_umask(old_export):

@@ -57,11 +57,26 @@ class OnnxRuntimeBackend(Backend):
             # runs on the CPU: say it loudly.
             log.warning("ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries or no GPU); "
                         "running on %s", ", ".join(self.fell_back), ", ".join(self.providers))
+        self._check_io(path, manifest)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         dim = self.session.get_inputs()[0].shape[0]
         self._range = (dim, dim) if isinstance(dim, int) else (manifest.batch.min, manifest.batch.max)
         self.image_size = manifest.image_size
+
+    def _check_io(self, path: str, manifest: Manifest) -> None:
+        """The file's inputs and outputs are the manifest's (name, element type, fixed dimensions), checked now
+        rather than at the first image."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        s = manifest.image_size
+        found = [(i.name, i.type, list(i.shape[1:])) for i in inputs]
+        if found != [(manifest.input.name, "tensor(uint8)", [s, s, 3])]:
+            raise ClipadError(f"{path}: inputs {found} differ from the manifest's {manifest.input.name!r} uint8 "
+                              f"[B, {s}, {s}, 3]; the file does not belong to this manifest (re-export)")
+        names = [o.name for o in outputs]
+        if names != [o.name for o in manifest.outputs] or any(o.type != "tensor(float)" for o in outputs):
+            raise ClipadError(f"{path}: outputs {names} differ from the manifest's "
+                              f"{[o.name for o in manifest.outputs]} float32; re-export")
 
     @property
     def description(self) -> str:
