@@ -14,7 +14,7 @@ from PIL import Image
 from clipad.export import cli as export_cli
 from clipad.runtime.cli import main as edge_detect
 from clipad.runtime.detector import Detector
-from tiny_fixtures import TINY
+from tiny_fixtures import TINY, write_video
 
 KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
         "regions", "latency_ms", "error"}
@@ -102,16 +102,8 @@ def test_threshold_gives_ok_ng(model_dir, tmp_path):
 
 
 def test_video_source_frames(model_dir, tmp_path):
-    import cv2
-
-    path = str(tmp_path / "line.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    if not writer.isOpened():
-        pytest.skip("no MJPG encoder in this OpenCV build")
     rng = np.random.default_rng(2)
-    for _ in range(5):
-        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    writer.release()
+    path = write_video(tmp_path / "line.avi", [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(5)])
     jsonl = tmp_path / "v.jsonl"
     assert edge_detect(["--model", str(model_dir), "--source", path, "--jsonl", str(jsonl), "--save-maps",
                         str(tmp_path / "maps"), "--max-frames", "4", "-q"]) == 0

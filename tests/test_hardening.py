@@ -21,7 +21,7 @@ from clipad.runtime.cli import main as edge_detect
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import Manifest
 from clipad.runtime.outputs import JsonlAppender
-from tiny_fixtures import TINY, export_tiny
+from tiny_fixtures import TINY, export_tiny, write_video
 
 EDGE_DETECT = os.path.join(os.path.dirname(sys.executable), "edge-detect")
 
@@ -260,16 +260,8 @@ def test_messages_say_what_is_wrong(tmp_path):
 
 
 def test_truncated_video_says_how_many_frames_came(model_dir, tmp_path):
-    import cv2
-
-    path = str(tmp_path / "clip.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    if not writer.isOpened():
-        pytest.skip("no MJPG encoder in this OpenCV build")
     rng = np.random.default_rng(1)
-    for _ in range(20):
-        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    writer.release()
+    path = write_video(tmp_path / "clip.avi", [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(20)])
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     jsonl = tmp_path / "r.jsonl"
@@ -323,15 +315,7 @@ def test_large_images_are_reduced_while_decoding(tmp_path):
 
 
 def test_loop_replays_a_video_and_soak_reports_slopes(model_dir, tmp_path):
-    import cv2
-
-    path = str(tmp_path / "clip.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    if not writer.isOpened():
-        pytest.skip("no MJPG encoder in this OpenCV build")
-    for i in range(4):
-        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
-    writer.release()
+    path = write_video(tmp_path / "clip.avi", [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(4)])
     jsonl = tmp_path / "r.jsonl"
     assert edge_detect(["--model", str(model_dir), "--source", path, "--loop", "--max-frames", "10", "--jsonl",
                         str(jsonl), "-q"]) == 0

@@ -116,3 +116,18 @@ def manifest_json(out) -> dict:
     import json
 
     return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def write_video(path, frames) -> str:
+    """An MJPG AVI of ``frames`` (BGR uint8 arrays of one size); skips the test when OpenCV cannot encode MJPG."""
+    import cv2
+    import pytest
+
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
+    if not writer.isOpened():
+        pytest.skip("no MJPG encoder in this OpenCV build")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return str(path)
