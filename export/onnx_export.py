@@ -6,7 +6,6 @@ torch is imported only where a torch model is exported or run: ``run_onnx`` and 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import TYPE_CHECKING
 

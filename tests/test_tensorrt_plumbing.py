@@ -18,7 +18,6 @@ import pytest
 import simulated_cuda
 import simulated_tensorrt as simtrt
 from clipad.runtime.backends import cuda_buffers as cb
-from clipad.runtime.backends import tensorrt as trt_backend
 from clipad.runtime.backends.tensorrt import TensorRTBackend, select_engine, tensorrt_available
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
