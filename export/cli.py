@@ -52,6 +52,9 @@ def parse_args(argv):
     ap.add_argument("--epoch", type=int, help="AA-CLIP: image_adapter epoch to use (default: the latest)")
     ap.add_argument("--clip-weights", help="local CLIP base weights: OpenAI ViT-L-14-336px.pt (TorchScript), "
                                            "a state dict, an open_clip checkpoint or .safetensors (never downloaded)")
+    ap.add_argument("--dino-weights", metavar="FILE",
+                    help="Crane+: the local DINOv2 ViT-B/14 with registers state dict "
+                         "(dinov2_vitb14_reg4_pretrain.pth; never downloaded)")
     ap.add_argument("--random-init", action="store_true",
                     help="use seeded random base weights instead of --clip-weights (pipeline trials only: "
                          "the maps mean nothing)")
@@ -120,7 +123,7 @@ def options(args) -> ExportOptions:
         model = ModelOptions(kind=args.model, ckpt=args.ckpt, epoch=args.epoch, clip_weights=args.clip_weights,
                              random_init=args.random_init, seed=args.seed, arch=args.arch,
                              image_size=args.image_size, class_names=args.class_names, dataset=args.dataset,
-                             domain=args.domain,
+                             domain=args.domain, dino_weights=args.dino_weights,
                              quick_gelu=None if args.activation is None else args.activation == "quick_gelu")
     return ExportOptions(
         output=args.from_onnx or args.output, model=model, batch=parse_batch(args.batch, args.dynamic_batch),

@@ -39,6 +39,7 @@ class ModelOptions:
     dataset: str | None = None
     domain: str | None = None
     quick_gelu: bool | None = None
+    dino_weights: str | None = None        # Crane+: DINOv2 ViT-B/14-reg4 state dict
 
 
 @dataclass

@@ -56,7 +56,8 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
     log.info("[1/4] building %s on %s at %d px …", m.kind, m.arch, m.image_size)
     built = build_detector(m.kind, arch=m.arch, image_size=m.image_size, clip_weights=m.clip_weights,
                            random_init=m.random_init, seed=m.seed, ckpt=m.ckpt, epoch=m.epoch,
-                           class_names=m.class_names, dataset=m.dataset, domain=m.domain, quick_gelu=m.quick_gelu)
+                           class_names=m.class_names, dataset=m.dataset, domain=m.domain, quick_gelu=m.quick_gelu,
+                           dino_weights=m.dino_weights)
     verify = load_verify_set(opts.verify_images, m.image_size)
     for name in remove_stale_temp_dirs(out, "partial"):
         log.info("removed %s, left by an export that was killed", name)
@@ -118,7 +119,8 @@ def new_manifest(opts: ExportOptions, built, onnx_file: str, parity, seconds: fl
         batch=BatchRange(min=lo, max=hi, opt=lo),
         files={"model.onnx": file_entry(onnx_file, "fp32", OPSET)},
         sources={"clip_weights": {"random_init": True, "seed": m.seed} if m.random_init else
-                 source_entry(m.clip_weights), "checkpoint": source_entry(m.ckpt)},
+                 source_entry(m.clip_weights), "checkpoint": source_entry(m.ckpt),
+                 **({"dino_weights": source_entry(m.dino_weights)} if m.dino_weights else {})},
         export={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "versions": versions(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 1), "host": platform.node()},
@@ -189,6 +191,15 @@ def check_arguments(opts: ExportOptions) -> None:
         raise ClipadError(f"--ckpt {m.ckpt}: no such file or folder")
     if m.clip_weights and m.random_init:
         raise ClipadError("--clip-weights and --random-init exclude each other")
+    if m.dino_weights and m.kind != "crane_plus":
+        raise ClipadError(f"--dino-weights: --model {m.kind} does not use DINOv2")
+    if m.dino_weights and m.random_init:
+        raise ClipadError("--dino-weights and --random-init exclude each other")
+    if m.kind == "crane_plus" and not (m.dino_weights or m.random_init):
+        raise ClipadError("--dino-weights is required for --model crane_plus (Meta's dinov2_vitb14_reg4_pretrain.pth, "
+                          "a local file); or --random-init")
+    if m.dino_weights and not os.path.isfile(m.dino_weights):
+        raise ClipadError(f"--dino-weights {m.dino_weights}: no such file")
     if m.clip_weights and not os.path.isfile(m.clip_weights):
         raise ClipadError(f"--clip-weights {m.clip_weights}: " + ("is a folder, not a weight file"
                                                                   if os.path.isdir(m.clip_weights) else "no such file"))

@@ -22,6 +22,7 @@ from clipad.runtime.errors import ClipadError
 log = logging.getLogger("clipad")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 HEAD_SCOPE = "core.head"
+FP32_SCOPES = (HEAD_SCOPE, "core.vision.dattn_weights")   # + Crane+'s D-Attn similarity, mean, mask and softmax
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -33,7 +34,7 @@ def _scopes(node) -> str:
 
 
 def head_nodes(model) -> list[str]:
-    return [n.name for n in model.graph.node if HEAD_SCOPE in _scopes(n)]
+    return [n.name for n in model.graph.node if any(scope in _scopes(n) for scope in FP32_SCOPES)]
 
 
 def _half(model, opset: int | None = None):
@@ -93,7 +94,7 @@ def linear_nodes(model, keep_float: tuple[str, ...] = ()) -> list[str]:
 
     consts = constant_names(model)
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
-            and any(i in consts for i in n.input) and HEAD_SCOPE not in _scopes(n)
+            and any(i in consts for i in n.input) and not any(scope in _scopes(n) for scope in FP32_SCOPES)
             and not any(k in _scopes(n) for k in keep_float)]
 
 

@@ -83,7 +83,9 @@ def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckp
         seed=int(base.get("seed") or 0), ckpt=located(ckpt, sources.get("checkpoint"), "ckpt"),
         epoch=m.details.get("checkpoint_epoch"), class_names=m.class_names,
         domain=m.domain, quick_gelu=None if m.details.get("activation") is None
-        else m.details.get("activation") == "quick_gelu")
+        else m.details.get("activation") == "quick_gelu",
+        dino_weights=None if random_init or "dino_weights" not in sources
+        else located(None, sources.get("dino_weights"), "dino_weights"))
     if device != "cpu":
         built.module.to(device)
     return TorchReference(built)

@@ -116,7 +116,7 @@ def read_checkpoint(path: str, epoch: int | None, spec) -> AACLIPCheckpoint:
     return ckpt
 
 
-def build(clip, spec, ckpt: AACLIPCheckpoint, classes, image_size: int, tokenize):
+def build(clip, spec, ckpt: AACLIPCheckpoint, classes, image_size: int, tokenize, sources: dict | None = None):
     """(vision, head, anchors [K, 2, E], details for the manifest)."""
     anchors = text_anchors(clip, ckpt, classes.prompt_names, tokenize)
     vision = AACLIPVision(clip, spec, ckpt, image_size)

@@ -105,7 +105,7 @@ def read_checkpoint(path: str, epoch: int | None, spec) -> CraneCheckpoint:
     return load_crane(path)
 
 
-def build(clip, spec, ckpt: CraneCheckpoint, classes, image_size: int, tokenize):
+def build(clip, spec, ckpt: CraneCheckpoint, classes, image_size: int, tokenize, sources: dict | None = None):
     """(vision, head, anchors [1, 2, E], details for the manifest); the prompts are learned, no tokenizer."""
     anchors = text_anchors(clip, ckpt, spec)
     head = PairSoftmaxHead(anchors, spec.grid(image_size), image_size, 1.0 / CRANE_TEMPERATURE, CRANE_FILTER_SIGMA,

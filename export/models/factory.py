@@ -6,8 +6,9 @@ The module maps a uint8 NHWC RGB batch [B, S, S, 3] (already resized on the host
 (K = classes baked in). Text anchors and the resized positional table are buffers, i.e. constants in the graph.
 
 A model file provides ``QUICK_GELU`` (True/False, or None for the user's --activation), ``read_checkpoint(path,
-epoch, spec)`` and ``build(clip, spec, checkpoint, classes, image_size, tokenize) -> (vision, head, anchors,
-details)``; every model is then ``head(*vision(pixels))``.
+epoch, spec)`` and ``build(clip, spec, checkpoint, classes, image_size, tokenize, sources) -> (vision, head,
+anchors, details)`` (``sources``: random_init, seed and extra weight files such as dino_weights); every model is
+then ``head(*vision(pixels))``.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def _resolve_classes(kind: ModelKind, class_names, dataset, domain) -> ClassSetu
 def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 518, clip_weights: str | None = None,
                    random_init: bool = False, seed: int = 0, ckpt: str | None = None, epoch: int | None = None,
                    class_names: list[str] | None = None, dataset: str | None = None, domain: str | None = None,
-                   quick_gelu: bool | None = None) -> BuiltDetector:
+                   quick_gelu: bool | None = None, dino_weights: str | None = None) -> BuiltDetector:
     model_kind = get_kind(kind)
     if model_kind.needs_checkpoint and not ckpt:
         raise ClipadError(f"--ckpt is required for --model {kind}")
@@ -132,7 +133,9 @@ def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 5
     weights.load_into(clip, sd, arch, source)
     del sd
 
-    vision, head, anchors, details = module.build(clip, spec, checkpoint, classes, image_size, _tokenizer(spec))
+    sources = {"random_init": bool(random_init), "seed": seed, "dino_weights": dino_weights}
+    vision, head, anchors, details = module.build(clip, spec, checkpoint, classes, image_size, _tokenizer(spec),
+                                                  sources)
     info = {"weights_format": fmt, "seed": seed if random_init else None,
             "activation": "quick_gelu" if act_quick else "gelu", **details}
     core = AnomalyDetector(kind, vision, head)

@@ -102,6 +102,43 @@ class AACLIPHead(torch.nn.Module):
         return anomaly_map, image_score
 
 
+class TwoMapPairSoftmaxHead(torch.nn.Module):
+    """Crane+ with soft_mean False: the logits of two patch maps (D-Attn, E-Attn) averaged, bilinear (half-pixel) to
+    the image, then the 2-way softmax (= sigmoid of the upsampled logit difference, upsampling being linear), then the
+    scipy-style Gaussian. Image score: score-based pooling with π = softmax of the averaged logits over the mean of
+    the two unit maps p̄ (not renormalised): ĝ' = normalize(w·normalize(Σ_p π_p p̄_p) + (1 − w)·ĝ)."""
+
+    def __init__(self, anchors: torch.Tensor, grid: int, image_size: int, scale: float, sigma: float,
+                 pooling_weight: float):
+        super().__init__()
+        self.register_buffer("anchors", anchors.clone())  # [K, 2, D]
+        self.scale, self.grid, self.image_size, self.pooling_weight = float(scale), grid, image_size, pooling_weight
+        self.smooth = SeparableBlur(scipy_gaussian_taps(sigma), image_size, "symmetric")
+
+    def map_from_logits(self, mean_logits: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """[B, P, K, 2] averaged logits → [B, K, S, S] map."""
+        difference = grid_to_square(mean_logits[..., 1] - mean_logits[..., 0], self.grid)
+        prefilter = torch.sigmoid(upsample(difference, self.image_size, align_corners=False))
+        if trace is not None:
+            trace["anomaly_map_prefilter"] = prefilter
+        return self.smooth(prefilter)
+
+    def forward(self, d_unit: torch.Tensor, e_unit: torch.Tensor, global_unit: torch.Tensor,
+                trace: dict | None = None):
+        d_logits = pair_similarity(d_unit, self.anchors) * self.scale               # [B, P, K, 2]
+        e_logits = pair_similarity(e_unit, self.anchors) * self.scale
+        mean_logits = (d_logits + e_logits) / 2.0
+        anomaly_map = self.map_from_logits(mean_logits, trace)
+        prob = mean_logits.softmax(dim=-1)[..., 1]                                    # [B, P, K]
+        pooled = l2_normalize(prob.transpose(1, 2) @ ((d_unit + e_unit) / 2.0))       # [B, K, D]
+        fused = l2_normalize(self.pooling_weight * pooled + (1.0 - self.pooling_weight) * global_unit.unsqueeze(1))
+        image_logits = (fused.unsqueeze(2) * self.anchors).sum(-1) * self.scale       # [B, K, 2]
+        if trace is not None:
+            trace.update(dattn_logits=d_logits, eattn_logits=e_logits, prob_map_grid=grid_to_square(prob, self.grid),
+                         pooled_feature=pooled, image_feature_fused=fused, image_logits=image_logits)
+        return anomaly_map, image_logits.softmax(dim=-1)[..., 1]
+
+
 class PairSoftmaxHead(torch.nn.Module):
     """Crane / zero-shot CLIP: π = softmax(p̂·Tᵀ·scale)[abn] on the grid → bilinear (half-pixel) → scipy-style
     Gaussian (symmetric border). Image score = softmax(ĝ'·Tᵀ·scale)[abn]; with ``pooling_weight`` w (Crane's

@@ -29,6 +29,8 @@ KINDS = {k.name: k for k in (
     ModelKind("crane", "crane", "Crane (2025): learned prompts from an epoch_N.pth checkpoint", True, False,
               "image_score"),
     ModelKind("clip", "zeroshot_clip", "zero-shot CLIP baseline: hand prompts, no training", False, True, "map_max"),
+    ModelKind("crane_plus", "crane_plus", "Crane+ (2025): Crane with DINOv2-guided attention (--dino-weights)", True,
+              False, "image_score"),
 )}
 
 

@@ -47,7 +47,7 @@ def read_checkpoint(path: str, epoch: int | None, spec):
     return None
 
 
-def build(clip, spec, ckpt, classes, image_size: int, tokenize):
+def build(clip, spec, ckpt, classes, image_size: int, tokenize, sources: dict | None = None):
     """(vision, head, anchors [K, 2, E], details for the manifest)."""
     anchors = text_anchors(clip, classes.prompt_names, tokenize)
     head = PairSoftmaxHead(anchors, spec.grid(image_size), image_size, float(clip.logit_scale.exp()),
