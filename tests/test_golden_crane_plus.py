@@ -44,6 +44,31 @@ def test_dattn_weights_from_golden_dino_features():
     check("dattn_attn_rows_img0", weights[0, g["dbg_patch_idx"]].numpy(), g["dattn_attn_rows_img0"])
 
 
+def test_dattn_weights_in_onnx_runtime_keep_the_golden_mask(tmp_path):
+    """The exported D-Attn matrix on ONNX Runtime: the exact golden keep mask. A plain ReduceMean over the 1369²
+    similarities drifts by 1.4e-6 in float32 and flipped 14 entries (4.7e-4 of the map's range end to end)."""
+    import onnxruntime as ort
+
+    from clipad.export.models.crane_plus import DAttnWeights
+
+    g = golden()
+    features = torch.from_numpy(g["dino_feats_img0"]).flatten(1).T[None].contiguous()
+
+    class KeepMask(torch.nn.Module):
+        def forward(self, f):
+            trace = {}
+            weights = DAttnWeights()(f, trace)
+            return trace["dattn_sim_mean"], trace["dattn_keep_mask"].to(torch.uint8), weights
+
+    path = tmp_path / "dattn.onnx"
+    torch.onnx.export(KeepMask(), (features,), str(path), dynamo=True, opset_version=18, optimize=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    mean, keep, weights = session.run(None, {session.get_inputs()[0].name: features.numpy()})
+    assert abs(float(mean[0]) - float(g["dattn_sim_mean"][0])) <= 1e-6
+    assert int((keep[0].astype(bool) != g["dattn_keep_mask_img0"]).sum()) == 0
+    check("dattn_attn_rows_img0", weights[0, g["dbg_patch_idx"]], g["dattn_attn_rows_img0"])
+
+
 def test_head_map_from_golden_logits():
     """The Crane+ map alone (logits averaged → upsampled → softmax → σ=4 filter) at 1e-6."""
     from clipad.export.models.heads import TwoMapPairSoftmaxHead
