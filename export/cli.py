@@ -8,7 +8,13 @@ import sys
 from clipad.runtime.errors import run_cli
 
 from .models.registry import KINDS
-from .options import CalibrationOptions, EngineOptions, ExportOptions, ModelOptions, parse_batch
+from .options import (
+    CalibrationOptions,
+    EngineOptions,
+    ExportOptions,
+    ModelOptions,
+    parse_batch,
+)
 
 EPILOG = """\
 examples:
@@ -108,11 +114,32 @@ def parse_args(argv):
     eng.add_argument("--version-compatible", action="store_true",
                      help="full TensorRT: plan loadable by later TensorRT versions (lean runtime; slower)")
     eng.add_argument("--no-engine", action="store_true", help="only write ONNX files, even if TensorRT is here")
+    tri = ap.add_argument_group("Triton Inference Server (with --from-onnx; edge-serve REPO then serves it)")
+    tri.add_argument("--triton-repo", metavar="REPO",
+                     help="write the export into this Triton model repository as NAME (the model), NAME_pre, "
+                          "NAME_post and NAME_pipeline (JPEG/PNG bytes in, map, score, label out), serving "
+                          "--precision")
+    tri.add_argument("--triton-name", metavar="NAME", help="model name in the repository (default: the folder name)")
+    tri.add_argument("--triton-backend", choices=["auto", "tensorrt", "onnxruntime", "python"], default="auto",
+                     help="tensorrt: a listed engine as model.plan (built for the server's GPU and TensorRT); "
+                          "onnxruntime: Triton's ONNX Runtime backend; python: the lean runtime inside Triton's "
+                          "Python backend (CPU servers, needs clipad-edge in the server's Python); auto: tensorrt "
+                          "when the export lists an engine, else onnxruntime")
+    tri.add_argument("--triton-engine", metavar="FILE", help="tensorrt: which listed engine (default: the newest of "
+                                                             "--precision)")
+    tri.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (default 1)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="US",
+                     help="dynamic batching: how long a request may wait for others (default 2000)")
+    tri.add_argument("--triton-max-batch", type=int, metavar="N",
+                     help="python: largest batch Triton gathers (default max(8, the export's)); the other backends "
+                          "take the export's batch range")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args = ap.parse_args(argv)
     if not args.from_onnx and (args.model is None or args.output is None):
         ap.error("--model and --output are required (or --from-onnx DIR to build an engine)")
+    if args.triton_repo and not args.from_onnx:
+        ap.error("--triton-repo works on an existing export: export-engine --from-onnx DIR --triton-repo REPO")
     return args
 
 
@@ -141,7 +168,29 @@ def options(args) -> ExportOptions:
 def dispatch(args) -> int:
     from .pipeline import run
 
+    if args.triton_repo:
+        return triton(args)
     return run(options(args))
+
+
+def triton(args) -> int:
+    from clipad.runtime.manifest import Manifest, precision_file
+
+    from .pipeline import add_precision, require_calibration
+    from .triton_repo import write_triton_repository
+
+    opts = options(args)
+    manifest = Manifest.read(args.from_onnx)
+    if args.precision != "fp32" and precision_file(args.precision) not in manifest.files \
+            and args.triton_backend != "tensorrt":
+        require_calibration(opts, manifest)
+        add_precision(opts, args.from_onnx, manifest)
+    written = write_triton_repository(args.from_onnx, args.triton_repo, args.triton_name, args.triton_backend,
+                                      args.precision, args.instances, args.max_queue_delay_us, args.triton_max_batch,
+                                      args.triton_engine)
+    log.info("written into %s: %s", args.triton_repo, ", ".join(written))
+    print(f"serve it with: edge-serve {args.triton_repo}")
+    return 0
 
 
 def main(argv=None) -> int:

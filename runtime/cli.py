@@ -41,7 +41,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="edge-detect", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Anomaly maps, scores and OK/NG decisions from a model exported by "
                                              "export-engine.", epilog=EPILOG)
-    add_model_options(ap)
+    add_model_options(ap, triton=True)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV)")
     src.add_argument("--source", metavar="PATH_OR_URL",
@@ -152,7 +152,7 @@ def run(args) -> int:
         calibrated = detector.class_calibration(class_name) is not None
         if args.save_masks and not calibrated:
             raise ClipadError(f"--save-masks needs a calibrated pixel threshold for {class_name!r}: run "
-                              f"edge-calibrate --model {args.model} --normal GOOD_IMAGES first")
+                              f"edge-calibrate --model {args.model or 'DIR'} --normal GOOD_IMAGES first")
         for flag, folder in (("--save", args.save), ("--save-maps", args.save_maps),
                              ("--save-masks", args.save_masks)):
             if folder:
@@ -170,7 +170,7 @@ def run(args) -> int:
         detector.close()
         raise
     if not args.quiet:
-        log.info("model %s (%s, %s) on %s; class %r; %s", args.model, detector.kind, detector.manifest.model.arch,
+        log.info("model %s (%s, %s) on %s; class %r; %s", args.model or args.triton_model, detector.kind, detector.manifest.model.arch,
                  detector.backend.description, class_name, detector.describe_decision(class_name, threshold))
     outputs = FrameOutputs(args, detector, class_name, source, cv2, jsonl)
     interrupted = stopped = False

@@ -8,9 +8,10 @@ import os
 from .errors import ClipadError
 
 
-def add_model_options(ap: argparse.ArgumentParser) -> None:
-    """--model, --backend, --precision, --threads, --device."""
-    ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
+def add_model_options(ap: argparse.ArgumentParser, triton: bool = False) -> None:
+    """--model, --backend, --precision, --threads, --device (and --triton, --triton-model, --grpc)."""
+    ap.add_argument("--model", required=not triton, metavar="DIR",
+                    help="directory written by export-engine" + (" (not needed with --triton)" if triton else ""))
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino"],
                     help="inference backend (default auto: TensorRT engine for this GPU if any, else ONNX Runtime; "
                          "openvino: Intel CPUs, extra [openvino])")
@@ -21,6 +22,12 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
                          "the fp16/int8 files")
     ap.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     ap.add_argument("--device", type=int, default=0, metavar="N", help="TensorRT: GPU index (default 0)")
+    if triton:
+        ap.add_argument("--triton", metavar="URL", help="run the model on this Triton server (host:port; HTTP, or "
+                                                        "gRPC with --grpc); pre/post-processing stay here")
+        ap.add_argument("--triton-model", metavar="NAME", help="with --triton: the served model (the name given to "
+                                                               "export-engine --triton-repo)")
+        ap.add_argument("--grpc", action="store_true", help="with --triton: talk gRPC instead of HTTP")
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -38,6 +45,14 @@ def open_detector(args, **extra):
     from .detector import Detector
 
     check_threads(args.threads)
+    if getattr(args, "triton", None) or getattr(args, "triton_model", None):
+        if not (args.triton and args.triton_model):
+            raise ClipadError("--triton URL and --triton-model NAME go together")
+        if args.backend not in ("auto", "triton") or args.precision:
+            raise ClipadError("--triton: the server decides backend and precision (set them with export-engine "
+                              "--triton-repo); drop --backend/--precision")
+        return Detector.open(args.model, backend="triton", triton_url=args.triton, triton_model=args.triton_model,
+                             grpc=args.grpc)
     if args.device is not None and args.device < 0:
         raise ClipadError(f"--device {args.device}: a GPU index 0, 1, …")
     return Detector.open(args.model, backend=args.backend, precision=args.precision, threads=args.threads,

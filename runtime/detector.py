@@ -11,8 +11,15 @@ import numpy as np
 from .backends.base import Backend
 from .backends.select import open_backend
 from .batching import run_batched
-from .decision import (check_threshold, decide, decision_score, nonfinite_error, normalized_score, p_value,
-                       rule_for)
+from .decision import (
+    check_threshold,
+    decide,
+    decision_score,
+    nonfinite_error,
+    normalized_score,
+    p_value,
+    rule_for,
+)
 from .errors import ClipadError
 from .manifest import Calibration, ClassCalibration, Manifest
 from .preprocess import ImageLike, prepare
@@ -48,9 +55,16 @@ class Detector:
             log.warning("WARNING: %s", warning)
 
     @classmethod
-    def open(cls, model_dir: str, backend: str = "auto", precision: str | None = None, **options) -> "Detector":
+    def open(cls, model_dir: str | None, backend: str = "auto", precision: str | None = None,
+             **options) -> "Detector":
         """``precision``: which model file (ONNX Runtime) or engine (TensorRT) runs; default FP32 for ONNX Runtime,
-        the best engine for this GPU for TensorRT."""
+        the best engine for this GPU for TensorRT. ``backend="triton"`` with ``triton_url``, ``triton_model`` (and
+        ``grpc``): the model runs on that server, described by the manifest it serves (``model_dir`` may be None)."""
+        if backend == "triton":
+            from .backends.triton import TritonBackend
+
+            served = TritonBackend(options["triton_url"], options["triton_model"], grpc=options.get("grpc", False))
+            return cls(model_dir or served.url, served.manifest, served)
         manifest = Manifest.read(model_dir)
         return cls(model_dir, manifest, open_backend(backend, model_dir, manifest, precision=precision, **options))
 

@@ -6,6 +6,7 @@ conversion and normalisation ((x/255 − mean)/std) live inside the model graph,
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Union
 
@@ -21,11 +22,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+ImageLike = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 
 
 def load_image(source: ImageLike, color_order: str = "rgb", max_side: int | None = None) -> Image.Image:
-    """Open a file path, PIL image or array as an 8-bit RGB PIL image.
+    """Open a file path, encoded image bytes (JPEG, PNG, …), PIL image or array as an 8-bit RGB PIL image.
 
     Arrays may be HxW (grey), HxWx1, HxWx3 or HxWx4, uint8 or uint16; ``color_order`` says whether a 3/4-channel
     array is RGB(A) or BGR(A) (OpenCV frames are BGR). 16-bit data keeps its top 8 bits. ``max_side``: a file whose
@@ -36,8 +37,13 @@ def load_image(source: ImageLike, color_order: str = "rgb", max_side: int | None
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return to_rgb(_array_to_pil(source, color_order))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ClipadError("image bytes: empty (0 bytes)")
+        return _decode(io.BytesIO(bytes(source)), "image bytes", max_side)
     if not isinstance(source, (str, os.PathLike)):
-        raise ClipadError(f"an image must be a file path, a PIL image or a numpy array, not {type(source).__name__}")
+        raise ClipadError(f"an image must be a file path, encoded bytes, a PIL image or a numpy array, not "
+                          f"{type(source).__name__}")
     path = os.fspath(source)
     if os.path.isdir(path):
         raise ClipadError(f"{path}: is a folder, not an image file")
@@ -45,10 +51,15 @@ def load_image(source: ImageLike, color_order: str = "rgb", max_side: int | None
         raise ClipadError(f"{path}: no such image file")
     if os.path.getsize(path) == 0:
         raise ClipadError(f"{path}: empty file (0 bytes)")
+    return _decode(path, path, max_side)
+
+
+def _decode(fp, name: str, max_side: int | None) -> Image.Image:
+    """The one decoder for files and encoded bytes (PIL), with the decompression-bomb and large-image rules."""
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(path)
+                raise Image.DecompressionBombError(name)
             factor = reduction(im.size, max_side)
             if factor > 1 and im.format == "JPEG":
                 im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", (im.width // factor, im.height // factor))
@@ -56,11 +67,11 @@ def load_image(source: ImageLike, color_order: str = "rgb", max_side: int | None
             factor = reduction(im.size, max_side)
             return to_rgb(im.reduce(factor) if factor > 1 else im)
     except Image.DecompressionBombError:
-        raise ClipadError(f"{path}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise ClipadError(f"{name}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
-        raise ClipadError(f"{path}: not an image file (or an unsupported format)") from None
+        raise ClipadError(f"{name}: not an image file (or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ClipadError(f"{path}: unreadable or truncated image ({exc})") from None
+        raise ClipadError(f"{name}: unreadable or truncated image ({exc})") from None
 
 
 def reduction(size: tuple[int, int], max_side: int | None) -> int:
