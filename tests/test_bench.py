@@ -69,6 +69,7 @@ def test_accuracy_columns_and_variant(report):
     assert int8["gate"] in ("passed", "failed") and 0.9 < int8["map_pearson"] < 1.0
     bf16 = rows(data, "openvino", "bf16")
     assert bf16["status"] == "ok" and bf16["gate"] in ("passed", "failed")
+    assert bf16["map_pearson"] > 0.9, "BF16 maps are not finite or not the model's (a stale compiled-model cache?)"
     assert rows(data, "onnxruntime", "fp32", 2)["status"] == "ok"
 
 
@@ -78,6 +79,20 @@ def test_batch_outside_the_export_is_skipped(model, tmp_path):
                        "--iters", "1", "--json", str(out), "-q"]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "skipped" and "--dynamic-batch 1:4" in row["reason"]
+
+
+def test_openvino_cache_is_per_model_file_and_precision(model, tmp_path, monkeypatch):
+    """A shared OpenVINO cache folder handed a BF16 compile another model's blob (NaN maps): one folder per file."""
+    pytest.importorskip("openvino")
+    from clipad.runtime.detector import Detector
+    from clipad.runtime.manifest import Manifest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sha = Manifest.read(str(model)).files["model.onnx"].sha256[:16]
+    for precision in ("fp32", "bf16"):
+        with Detector.open(str(model), backend="openvino", precision=precision):
+            pass
+    assert sorted(p.name for p in (tmp_path / "clipad" / "openvino").iterdir()) == [f"{sha}-bf16", f"{sha}-fp32"]
 
 
 def test_not_applicable_table():

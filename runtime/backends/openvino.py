@@ -2,8 +2,8 @@
 
 Precisions: ``fp32`` (model.onnx, FP32 inference), ``bf16`` (model.onnx with OpenVINO's BF16 inference-precision
 hint; only on CPUs with BF16), ``fp16`` (model.fp16.onnx), ``int8`` (the Q/DQ model.int8.onnx: OpenVINO runs its
-quantized linear layers as INT8). Compiled models are cached in ``~/.cache/clipad/openvino`` (OpenVINO's model
-cache, keyed by the model and the settings), so only the first start of a model pays the compile time.
+quantized linear layers as INT8). Compiled models are cached in ``~/.cache/clipad/openvino/<file sha256>-<precision>``
+(OpenVINO's model cache, one folder per model file and precision), so only the first start pays the compile time.
 """
 from __future__ import annotations
 
@@ -45,8 +45,11 @@ class OpenVINOBackend(Backend):
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
             raise ClipadError(f"--precision bf16: this {device} has no BF16 support; use fp32 or int8")
-        os.makedirs(cache_dir(), exist_ok=True)
-        core.set_property({"CACHE_DIR": cache_dir()})
+        # One cache folder per model file (its sha256) and precision: OpenVINO's own key is not unique enough; a
+        # shared folder handed a BF16 compile the blob of another model and returned NaN maps (measured).
+        folder = os.path.join(cache_dir(), f"{manifest.files[name].sha256[:16]}-{precision}")
+        os.makedirs(folder, exist_ok=True)
+        core.set_property({"CACHE_DIR": folder})
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
