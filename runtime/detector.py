@@ -63,6 +63,8 @@ class Detector:
         if backend == "triton":
             from .backends.triton import TritonBackend
 
+            if not options.get("triton_url") or not options.get("triton_model"):
+                raise ClipadError("backend='triton' needs triton_url and triton_model")
             served = TritonBackend(options["triton_url"], options["triton_model"], grpc=options.get("grpc", False))
             return cls(model_dir or served.url, served.manifest, served)
         manifest = Manifest.read(model_dir)

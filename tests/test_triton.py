@@ -266,11 +266,16 @@ def test_edge_serve_refuses_cleanly(export, server, tmp_path):
     assert here.returncode == 2 and "Traceback" not in here.stderr
 
 
-def test_zz_sigterm_stops_the_server_cleanly(server):
-    """Last (module order): SIGTERM to edge-serve stops Triton and exits 0; its ports are free again."""
+def test_zz_sigterm_stops_the_server_cleanly(server, images):
+    """Last (module order): SIGTERM to edge-serve stops Triton and exits 0; its ports are free again; a client that
+    was connected gets one-line errors after bounded retries (edge-detect turns them into error records)."""
     proc = server["proc"]
+    client = Detector.open(None, backend="triton", triton_url=server["http"], triton_model="aa")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+    with pytest.raises(ClipadError, match="request failed after 4 tries"):
+        client.run(prepare(str(images[0]), 56)[None])
+    client.close()
     assert "Triton stopped" in Path(server["log"].name).read_text()
     for port in server["ports"]:
         with socket.socket() as s:
