@@ -52,9 +52,16 @@ def scale_for_display(anomaly_map: np.ndarray, low: float, high: float) -> np.nd
 def display_index(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
     """[H, W] map → uint8 colour indices: round(255 · (x − low) / (high − low)) clipped to [0, 255]; NaN → 0, all 0
     when high <= low."""
+    import cv2
+
     m = _as_map(anomaly_map)
     if not (high > low):
         return np.zeros(m.shape, np.uint8)
+    alpha = 255.0 / (high - low)
+    if alpha * max(abs(low), abs(high), 1.0) < 1e6 and np.isfinite(m).all():
+        # One OpenCV pass (saturating, rounding like rint; ±1 at exact halves); max() first so abs() flips nothing.
+        # Non-finite maps and ranges too narrow for its double-precision offset take the NumPy path below.
+        return cv2.convertScaleAbs(cv2.max(m, float(low)), alpha=alpha, beta=-float(low) * alpha)
     x = (m - np.float32(low)) * np.float32(255.0 / (high - low))
     np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
     np.clip(x, 0.0, 255.0, out=x)
@@ -105,7 +112,7 @@ def draw_text_block(image: np.ndarray, lines: Sequence[str], origin: tuple[int, 
     y1 = min(h, y0 + line_h * len(lines) + pad)
     if x1 > x0 and y1 > y0:
         roi = image[y0:y1, x0:x1]
-        roi[:] = (roi.astype(np.float32) * 0.3).astype(np.uint8)  # dark translucent background
+        roi[:] = cv2.convertScaleAbs(roi, alpha=0.3)  # dark translucent background
     for i, (text, ((_, th), base)) in enumerate(zip(lines, sizes)):
         color = {"NG": RED, "OK": GREEN}.get(label, WHITE) if label and label in text.split() else WHITE
         y = y0 + pad + i * line_h + th

@@ -138,3 +138,20 @@ def test_failed_write_leaves_no_temp(tmp_path, monkeypatch):
     with pytest.raises(ClipadError, match="No space left"):
         save_npy_atomic(str(tmp_path / "m.npy"), np.zeros(3))
     assert os.listdir(tmp_path) == []
+
+
+def test_display_index_fast_path_matches_the_formula():
+    """The one-pass OpenCV conversion equals round(255·(x−low)/(high−low)) clipped (±1 at exact halves), and
+    non-finite maps or very narrow ranges (the NumPy path) keep NaN → 0, +inf → 255, −inf → 0."""
+    from clipad.runtime.postprocess import display_index
+
+    rng = np.random.default_rng(1)
+    for low, high, offset in ((0, 1, 0), (0.3, 0.7, 0), (-2, 5, 0), (0.5, 0.5000001, 0), (1000, 1001, 1000)):
+        m = rng.normal(0.5, 1, (200, 200)).astype(np.float32) + offset
+        ref = np.rint(np.clip((m - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)).astype(np.uint8)
+        got = display_index(m, low, high)
+        assert got.dtype == np.uint8 and np.abs(got.astype(int) - ref).max() <= 1 and (got != ref).mean() < 1e-3
+    m = np.zeros((3, 3), np.float32)
+    m[0, 0], m[1, 1], m[2, 2] = np.nan, np.inf, -np.inf
+    assert display_index(m, 0, 1)[0, 0] == 0 and display_index(m, 0, 1)[1, 1] == 255
+    assert display_index(m, 0, 1)[2, 2] == 0 and not display_index(m, 1, 1).any()
