@@ -125,6 +125,9 @@ def parse_args(argv):
                           "onnxruntime: Triton's ONNX Runtime backend; python: the lean runtime inside Triton's "
                           "Python backend (CPU servers, needs clipad-edge in the server's Python); auto: tensorrt "
                           "when the export lists an engine, else onnxruntime")
+    tri.add_argument("--triton-accelerator", choices=["none", "tensorrt", "openvino"], default="none",
+                     help="onnxruntime: Triton's execution accelerator (none: CUDA on GPU instances, else CPU; "
+                          "tensorrt: ONNX Runtime's TensorRT provider on GPUs; openvino: on CPUs)")
     tri.add_argument("--triton-engine", metavar="FILE", help="tensorrt: which listed engine (default: the newest of "
                                                              "--precision)")
     tri.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (default 1)")
@@ -187,7 +190,7 @@ def triton(args) -> int:
         add_precision(opts, args.from_onnx, manifest)
     written = write_triton_repository(args.from_onnx, args.triton_repo, args.triton_name, args.triton_backend,
                                       args.precision, args.instances, args.max_queue_delay_us, args.triton_max_batch,
-                                      args.triton_engine)
+                                      args.triton_engine, args.triton_accelerator)
     log.info("written into %s: %s", args.triton_repo, ", ".join(written))
     print(f"serve it with: edge-serve {args.triton_repo}")
     return 0

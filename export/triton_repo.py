@@ -32,6 +32,7 @@ from clipad.runtime.triton_python import (
 
 log = logging.getLogger("clipad")
 FLAVOURS = ("auto", "tensorrt", "onnxruntime", "python")
+ACCELERATORS = ("none", "tensorrt", "openvino")
 SHIM = "from clipad.runtime.triton_python import {cls} as TritonPythonModel  # noqa: F401\n"
 SHIM_HEADER = """# Written by export-engine --triton-repo. Needs clipad-edge importable by Triton's Python backend
 # (pip install clipad-edge in the server's environment; edge-serve arranges it for its own environment).
@@ -64,8 +65,11 @@ def tensors(kind: str, items: list[str]) -> str:
 
 def write_triton_repository(model_dir: str, repo: str, name: str | None = None, flavour: str = "auto",
                             precision: str = "fp32", instances: int = 1, max_queue_delay_us: int = 2000,
-                            max_batch: int | None = None, engine: str | None = None) -> dict[str, str]:
-    """Write the four models; returns {model name: folder}."""
+                            max_batch: int | None = None, engine: str | None = None,
+                            accelerator: str = "none") -> dict[str, str]:
+    """Write the four models; returns {model name: folder}. ``accelerator`` (onnxruntime flavour): none (Triton's
+    default: CUDA on GPU instances, else CPU), tensorrt (ONNX Runtime's TensorRT provider, FP16 when serving fp16) or
+    openvino (CPU instances)."""
     model_dir = os.path.abspath(model_dir)
     manifest = Manifest.read(model_dir)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(model_dir.rstrip(os.sep)))
@@ -73,6 +77,8 @@ def write_triton_repository(model_dir: str, repo: str, name: str | None = None, 
         raise ClipadError(f"--triton-name {name!r}: use letters, digits, '_', '.', '-' (a Triton model name)")
     if flavour not in FLAVOURS:
         raise ClipadError(f"--triton-backend {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    if accelerator not in ACCELERATORS:
+        raise ClipadError(f"--triton-accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
     if instances < 1 or max_queue_delay_us < 0:
         raise ClipadError("--instances must be at least 1 and --max-queue-delay-us at least 0")
     if flavour == "auto":
@@ -88,7 +94,14 @@ def write_triton_repository(model_dir: str, repo: str, name: str | None = None, 
         _check_owned(os.path.join(repo, folder))
 
     model_batch = _model_batch(manifest, flavour, max_batch)
+    if accelerator != "none" and flavour != "onnxruntime":
+        raise ClipadError(f"--triton-accelerator {accelerator} is for --triton-backend onnxruntime")
     served = served_manifest(manifest, flavour, precision)
+    served.extra["triton"] = {"flavour": flavour, "precision": precision, "accelerator": accelerator}
+    if flavour == "tensorrt":
+        entry = _engine(manifest, precision, engine)
+        served.extra["triton"].update(engine=entry.file, trt_version=entry.trt_version, flavor=entry.flavor,
+                                      compute_capability=entry.target.compute_capability)
     common = {MANIFEST_PARAMETER: json.dumps(served.to_dict(), separators=(",", ":"), ensure_ascii=False),
               PRECISION_PARAMETER: _served_precision(manifest, flavour, precision, engine),
               BACKEND_PARAMETER: {"python": "onnxruntime"}.get(flavour, flavour)}
@@ -101,7 +114,8 @@ def write_triton_repository(model_dir: str, repo: str, name: str | None = None, 
             os.makedirs(os.path.join(target, "1"))
             if role == "model":
                 config = _write_model(model_dir, manifest, served, target, folder, flavour, precision, engine,
-                                      model_batch, instances, max_queue_delay_us, common)
+                                      model_batch, instances, max_queue_delay_us, common) + _accelerator(
+                                          accelerator, precision)
                 shutil.copyfile(os.path.join(model_dir, "manifest.json"), os.path.join(target, "manifest.json"))
             elif role == "pipeline":
                 config = _pipeline_config(folder, names, manifest, model_batch)
@@ -215,6 +229,16 @@ def _write_model(model_dir, manifest, served, target, folder, flavour, precision
             + tensors("output", [tensor("anomaly_map", "TYPE_FP32", [k, s, s]),
                                  tensor("image_score", "TYPE_FP32", [k])])
             + f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n" + group + parameters(common))
+
+
+def _accelerator(name: str, precision: str) -> str:
+    if name == "tensorrt":
+        mode = "FP16" if precision == "fp16" else "FP32"
+        return ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
+                f'parameters {{ key: "precision_mode" value: "{mode}" }} }} ] }} }}\n')
+    if name == "openvino":
+        return 'optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "openvino" } ] } }\n'
+    return ""
 
 
 def _python_config(folder, role, manifest, model_batch, instances, delay_us, common) -> str:

@@ -76,6 +76,20 @@ def test_configs_parse_with_tritons_protobuf(export, tmp_path, flavour):
     assert (repo / "aa" / "1" / "model.onnx").is_file() and (repo / "aa" / "manifest.json").is_file()
 
 
+def test_execution_accelerators_parse(export, tmp_path):
+    write_triton_repository(str(export), str(tmp_path / "r"), "aa", "onnxruntime", accelerator="tensorrt")
+    config = parse_config(tmp_path / "r" / "aa")
+    (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP32"
+    write_triton_repository(str(export), str(tmp_path / "r"), "aa", "onnxruntime", accelerator="openvino")
+    config = parse_config(tmp_path / "r" / "aa")
+    assert [a.name for a in config.optimization.execution_accelerators.cpu_execution_accelerator] == ["openvino"]
+    served = json.loads(config.parameters["clipad_manifest"].string_value)
+    assert served["triton"] == {"flavour": "onnxruntime", "precision": "fp32", "accelerator": "openvino"}
+    with pytest.raises(ClipadError, match="is for --triton-backend onnxruntime"):
+        write_triton_repository(str(export), str(tmp_path / "r"), "aa", "python", accelerator="tensorrt")
+
+
 def test_repository_refusals(export, tmp_path, tiny_files):
     with pytest.raises(ClipadError, match="lists no fp16 engine"):
         write_triton_repository(str(export), str(tmp_path / "r"), "aa", "tensorrt", precision="fp16")
