@@ -53,6 +53,8 @@ def open_detector(args, **extra):
                               "--triton-repo); drop --backend/--precision")
         return Detector.open(args.model, backend="triton", triton_url=args.triton, triton_model=args.triton_model,
                              grpc=args.grpc)
+    if not args.model:
+        raise ClipadError("--model DIR is required (or --triton URL --triton-model NAME)")
     if args.device is not None and args.device < 0:
         raise ClipadError(f"--device {args.device}: a GPU index 0, 1, …")
     return Detector.open(args.model, backend=args.backend, precision=args.precision, threads=args.threads,

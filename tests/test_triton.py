@@ -121,6 +121,15 @@ def test_rewriting_replaces_only_its_own_models(export, tmp_path):
     assert other.is_dir() and not [p for p in os.listdir(repo) if p.startswith(".")]
 
 
+def test_edge_detect_needs_a_model_or_a_server(images, capsys):
+    assert edge_detect(["--source", str(images[0]), "-q"]) == 2
+    assert edge_detect(["--triton-model", "aa", "--source", str(images[0]), "-q"]) == 2
+    assert edge_detect(["--triton", "localhost:1", "--triton-model", "aa", "--precision", "int8", "--source",
+                        str(images[0]), "-q"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--model DIR is required" in err[0] and "go together" in err[1] and "drop --backend" in err[2]
+
+
 def test_bytes_preprocessing_is_the_files(images):
     for path in images[:3]:
         assert np.array_equal(prepare(path.read_bytes(), 56), prepare(str(path), 56))
