@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from clipad.runtime.errors import run_cli
+from clipad.runtime.errors import ClipadError, run_cli
 
 from .models.registry import KINDS
 from .options import (
@@ -188,9 +188,13 @@ def triton(args) -> int:
             and args.triton_backend != "tensorrt":
         require_calibration(opts, manifest)
         add_precision(opts, args.from_onnx, manifest)
-    written = write_triton_repository(args.from_onnx, args.triton_repo, args.triton_name, args.triton_backend,
-                                      args.precision, args.instances, args.max_queue_delay_us, args.triton_max_batch,
-                                      args.triton_engine, args.triton_accelerator)
+    try:
+        written = write_triton_repository(args.from_onnx, args.triton_repo, args.triton_name, args.triton_backend,
+                                          args.precision, args.instances, args.max_queue_delay_us,
+                                          args.triton_max_batch, args.triton_engine, args.triton_accelerator)
+    except OSError as exc:   # full disk, permissions: nothing half-written is left (staging folder removed)
+        raise ClipadError(f"--triton-repo {args.triton_repo}: {exc.strerror or exc} "
+                          f"({exc.filename or ''}); nothing was replaced") from None
     log.info("written into %s: %s", args.triton_repo, ", ".join(written))
     print(f"serve it with: edge-serve {args.triton_repo}")
     return 0
