@@ -27,6 +27,7 @@ from clipad.runtime.manifest import Manifest, precision_file
 from clipad.runtime.triton_python import (
     BACKEND_PARAMETER,
     MANIFEST_PARAMETER,
+    POST_OUTPUTS,
     PRECISION_PARAMETER,
 )
 
@@ -249,7 +250,7 @@ def _python_config(folder, role, manifest, model_batch, instances, delay_us, com
     else:
         io = (tensors("input", [tensor("anomaly_map", "TYPE_FP32", [k, s, s]), tensor("image_score", "TYPE_FP32", [k])])
               + tensors("output", [tensor(n, "TYPE_STRING" if n == "label" else "TYPE_FP32", [k])
-                                   for n in ("decision_score", "normalized_score", "p_value", "label", "map_max")]))
+                                   for n in POST_OUTPUTS]))
     return (f'name: {pbtxt_string(folder)}\nbackend: "python"\nmax_batch_size: {model_batch}\n' + io
             + f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
             + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n" + parameters(common))
@@ -257,9 +258,8 @@ def _python_config(folder, role, manifest, model_batch, instances, delay_us, com
 
 def _pipeline_config(folder, names, manifest, model_batch) -> str:
     s, k = manifest.image_size, len(manifest.class_names)
-    post_outputs = ("decision_score", "normalized_score", "p_value", "label", "map_max")
     outputs = [tensor("anomaly_map", "TYPE_FP32", [k, s, s]), tensor("image_score", "TYPE_FP32", [k])] + [
-        tensor(n, "TYPE_STRING" if n == "label" else "TYPE_FP32", [k]) for n in post_outputs]
+        tensor(n, "TYPE_STRING" if n == "label" else "TYPE_FP32", [k]) for n in POST_OUTPUTS]
 
     def step(model, inputs, outputs_):
         ins = " ".join(f"input_map {{ key: {pbtxt_string(a)} value: {pbtxt_string(b)} }}" for a, b in inputs)
@@ -270,7 +270,7 @@ def _pipeline_config(folder, names, manifest, model_batch) -> str:
              step(names["model"], [(manifest.input.name, "_images")],
                   [("anomaly_map", "anomaly_map"), ("image_score", "image_score")]),
              step(names["post"], [("anomaly_map", "anomaly_map"), ("image_score", "image_score")],
-                  [(n, n) for n in post_outputs])]
+                  [(n, n) for n in POST_OUTPUTS])]
     return (f'name: {pbtxt_string(folder)}\nplatform: "ensemble"\nmax_batch_size: {model_batch}\n'
             + tensors("input", [tensor("IMAGE", "TYPE_STRING", [1])]) + tensors("output", outputs)
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"

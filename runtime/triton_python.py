@@ -62,8 +62,6 @@ class _PerRequest:
                 start += n
             return responses
         except Exception:
-            if len(requests) == 1:
-                return [self._guarded(pb, arrays[0])]
             return [self._guarded(pb, a) for a in arrays]
 
     def _guarded(self, pb, inputs):
