@@ -22,6 +22,18 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+def golden_folder(tmp_path, g):
+    """The golden images, linked under names that sort in golden order."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stems = []
+    for i, name in enumerate(g["file_names"]):
+        link = folder / f"{i}_{os.path.basename(str(name))}"
+        os.symlink(need_shared(DATA / str(name)), link)
+        stems.append(link.stem)
+    return folder, stems
+
+
 @pytest.fixture(scope="session")
 def golden_weights() -> Path:
     """The seeded ViT-L-14-336 base weights + AA-CLIP adapters, regenerated with golden/make_weights.py (~15 s)."""

@@ -4,7 +4,6 @@ model with every intermediate (slow), and the exported ONNX through edge-detect 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -161,16 +160,10 @@ def test_crane_plus_matches_golden(golden_weights, dino_weights):
 def test_crane_plus_onnx_via_edge_detect_matches_golden(golden_weights, dino_weights, tmp_path):
     from clipad.export import cli as export_cli
     from clipad.runtime.cli import main as edge_detect
-    from conftest import DATA
+    from conftest import golden_folder
 
     g = golden()
-    folder = tmp_path / "images"
-    folder.mkdir()
-    stems = []
-    for i, name in enumerate(g["file_names"]):
-        link = folder / f"{i}_{os.path.basename(str(name))}"
-        os.symlink(need_shared(DATA / str(name)), link)
-        stems.append(link.stem)
+    folder, stems = golden_folder(tmp_path, g)
     model = tmp_path / "cranep"
     assert export_cli.main(["--model", "crane_plus", "--ckpt", str(need_shared(CKPT)), "--clip-weights",
                             str(golden_weights / "ViT-L-14-336px-random.pt"), "--dino-weights", str(dino_weights),

@@ -10,21 +10,9 @@ import pytest
 
 from clipad.export import cli as export_cli
 from clipad.runtime.cli import main as edge_detect
-from conftest import CRANE_FIXTURES, DATA, GOLDEN, need_shared
+from conftest import CRANE_FIXTURES, GOLDEN, golden_folder, need_shared
 
 TOL = json.loads((GOLDEN / "tolerances.json").read_text()) if GOLDEN.exists() else {}
-
-
-def golden_folder(tmp_path, g):
-    """The golden images, linked under names that sort in golden order."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    stems = []
-    for i, name in enumerate(g["file_names"]):
-        link = folder / f"{i}_{os.path.basename(str(name))}"
-        os.symlink(need_shared(DATA / str(name)), link)
-        stems.append(link.stem)
-    return folder, stems
 
 
 def run_edge_detect(model, folder, tmp_path):
