@@ -24,7 +24,7 @@ p50, throughput, median stage split (pre = resize, infer, post = decision + a 19
 accuracy against the FP32 reference on those images (map Pearson min, max |delta score|) with the verdict of its
 precision's gate (fp16/bf16: Pearson >= 0.999; int8: Pearson >= 0.99 and score Spearman >= 0.98). The torch row
 rebuilds the reference model (needs the export extra) from the files the manifest records, checked by sha256, or
-from --clip-weights/--ckpt.
+from --clip-weights/--ckpt (and --dino-weights for Crane+).
 """
 
 log = logging.getLogger("clipad")
@@ -46,6 +46,7 @@ def parse_args(argv):
     ap.add_argument("--source", metavar="IMAGES", help="folder or glob of input images (default: 4 generated)")
     ap.add_argument("--clip-weights", help="torch row: the base weights, when the recorded file moved")
     ap.add_argument("--ckpt", help="torch row: the checkpoint, when the recorded file moved")
+    ap.add_argument("--dino-weights", help="torch row (Crane+): the DINOv2 weights, when the recorded file moved")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--markdown", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
@@ -183,7 +184,8 @@ def run(args) -> int:
                 row, out = Row(backend, precision, batch, "skipped", reason), None
             else:
                 row, out = measure_in_child(RowSpec(backend, precision, batch, args.model, images, args.warmup,
-                                                    args.iters, args.threads, args.clip_weights, args.ckpt))
+                                                    args.iters, args.threads, args.clip_weights, args.ckpt,
+                                                    args.dino_weights))
             rows.append(row)
             outputs.append(out)
     _accuracy(rows, outputs)

@@ -27,6 +27,7 @@ class RowSpec:
     threads: int | None = None
     clip_weights: str | None = None   # torch row: when the recorded source files moved
     ckpt: str | None = None
+    dino_weights: str | None = None
 
 
 @dataclass
@@ -80,7 +81,8 @@ def _open(spec: RowSpec):
             raise LookupError("torch fp16 needs a CUDA GPU")
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        reference = reference_from_manifest(spec.model_dir, spec.clip_weights, spec.ckpt, device)
+        reference = reference_from_manifest(spec.model_dir, spec.clip_weights, spec.ckpt, device,
+                                            spec.dino_weights)
         if spec.precision == "fp16":
             reference.built.module.half()
         manifest = Manifest.read(spec.model_dir)

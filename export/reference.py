@@ -43,9 +43,9 @@ class TorchReference:
 
 
 def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckpt: str | None = None,
-                            device: str = "cpu") -> TorchReference:
+                            device: str = "cpu", dino_weights: str | None = None) -> TorchReference:
     """The torch reference of an export, rebuilt from the source files its manifest records (checked by sha256), or
-    from ``clip_weights`` / ``ckpt`` when the files moved. One-line errors say what is missing."""
+    from ``clip_weights`` / ``ckpt`` / ``dino_weights`` when the files moved. One-line errors say what is missing."""
     import os
 
     from clipad.runtime.errors import ClipadError
@@ -85,7 +85,7 @@ def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckp
         domain=m.domain, quick_gelu=None if m.details.get("activation") is None
         else m.details.get("activation") == "quick_gelu",
         dino_weights=None if random_init or "dino_weights" not in sources
-        else located(None, sources.get("dino_weights"), "dino_weights"))
+        else located(dino_weights, sources.get("dino_weights"), "dino_weights"))
     if device != "cpu":
         built.module.to(device)
     return TorchReference(built)

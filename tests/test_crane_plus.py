@@ -118,3 +118,27 @@ def test_tensorrt_rtx_builds_crane_plus(model):
                             "--compute-capability", "8.6", "-q"]) == 0
     m = json.loads((model / "manifest.json").read_text())
     assert [e["file"] for e in m["engines"]] == ["model.fp16.rtx-sm86.engine"]
+
+
+def test_bench_torch_row_finds_moved_dino_weights(model, dino_file, tmp_path):
+    """edge-bench's torch row rebuilds Crane+ from the recorded files; when the DINOv2 file moved, the row says to
+    pass --dino-weights, and with it the torch reference matches the ONNX model."""
+    import shutil
+
+    from clipad.benchmarks.bench_cli import main as edge_bench
+    from clipad.runtime.manifest import Manifest
+
+    shutil.copytree(model, tmp_path / "m")
+    moved = shutil.copy(dino_file, tmp_path / "moved.pth")
+    manifest = Manifest.read(str(tmp_path / "m"))
+    manifest.sources["dino_weights"]["path"] = str(tmp_path / "gone.pth")
+    manifest.write(str(tmp_path / "m"))
+    common = ["--model", str(tmp_path / "m"), "--backends", "torch,onnxruntime", "--precisions", "fp32",
+              "--iters", "1", "--warmup", "0", "-q"]
+    assert edge_bench(common + ["--json", str(tmp_path / "a.json")]) == 0
+    torch_row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
+    assert torch_row["status"] == "skipped" and "--dino-weights" in torch_row["reason"]
+    assert edge_bench(common + ["--json", str(tmp_path / "b.json"), "--dino-weights", str(moved)]) == 0
+    torch_row, ort_row = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert torch_row["status"] == ort_row["status"] == "ok", (torch_row["reason"], ort_row["reason"])
+    assert ort_row["map_pearson"] > 0.9999 and ort_row["score_max_abs"] < 1e-5
