@@ -109,6 +109,9 @@ def parse_args(argv):
                           "--compute-capability, no GPU needed); auto: whichever can build here")
     eng.add_argument("--compute-capability", metavar="X.Y", help="TensorRT-RTX target, e.g. 8.6 (7.5 8.0 8.6 8.9 "
                                                                    "12.0 12.1)")
+    eng.add_argument("--device", type=int, default=0, metavar="N",
+                     help="GPU index to build on and for (default 0; ignored by ahead-of-time TensorRT-RTX builds "
+                          "without a GPU)")
     eng.add_argument("--workspace", type=float, default=4.0, metavar="GB", help="builder workspace (default 4)")
     eng.add_argument("--timing-cache", metavar="FILE", help="reuse/update this TensorRT timing cache")
     eng.add_argument("--version-compatible", action="store_true",
@@ -148,6 +151,8 @@ def parse_args(argv):
 
 def options(args) -> ExportOptions:
     """The parsed command line as the orchestrator's typed options."""
+    if args.device < 0:
+        raise ClipadError(f"--device {args.device}: a GPU index 0, 1, …")
     model = None
     if not args.from_onnx:
         model = ModelOptions(kind=args.model, ckpt=args.ckpt, epoch=args.epoch, clip_weights=args.clip_weights,
@@ -164,7 +169,8 @@ def options(args) -> ExportOptions:
         accept_accuracy_loss=args.accept_accuracy_loss,
         engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,
-                             timing_cache=args.timing_cache, version_compatible=args.version_compatible),
+                             timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                             device=args.device),
         threads=args.threads)
 
 

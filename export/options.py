@@ -23,6 +23,7 @@ class EngineOptions:
     workspace_gb: float = 4.0
     timing_cache: str | None = None
     version_compatible: bool = False
+    device: int = 0                    # GPU index to build on (full TensorRT, or TensorRT-RTX for a local GPU)
 
 
 @dataclass

@@ -297,7 +297,7 @@ def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
                               "--precision int8 (explicit Q/DQ)")
         log.info("model.int8-cpu.onnx is for CPU runtimes: no TensorRT engine is built from it")
         return 0
-    flavor, trt, gpu = resolve_flavor(e.flavor, e.compute_capability)
+    flavor, trt, gpu = resolve_flavor(e.flavor, e.compute_capability, e.device)
     if flavor is None:
         if required:
             raise ClipadError("TensorRT cannot build here: no GPU with the tensorrt package, and TensorRT-RTX needs "

@@ -31,19 +31,19 @@ def _import(flavor: str):
         return None
 
 
-def _gpu_info():
-    try:
-        from clipad.runtime.backends.cuda_buffers import gpu_info
-    except ImportError:
-        return None
-    return gpu_info()
+def _gpu_info(device: int):
+    from clipad.runtime.backends.cuda_buffers import gpu_at
+
+    return gpu_at(device)
 
 
-def resolve_flavor(flavor: str, compute_capability: str | None) -> tuple[str | None, object | None, dict | None]:
-    """(flavor, module, gpu) to build with, or (None, None, None) when nothing here can build."""
+def resolve_flavor(flavor: str, compute_capability: str | None, device: int = 0
+                   ) -> tuple[str | None, object | None, dict | None]:
+    """(flavor, module, gpu) to build with, or (None, None, None) when nothing here can build. ``gpu`` is GPU
+    ``device``; an index that is not a GPU here is a one-line error."""
     if flavor not in FLAVORS:
         raise ClipadError(f"--trt-flavor {flavor!r}: choose one of {', '.join(FLAVORS)}")
-    gpu = _gpu_info()
+    gpu = _gpu_info(device)
     if flavor in ("auto", "tensorrt"):
         trt = _import("tensorrt")
         if trt is not None and gpu is not None:
@@ -77,7 +77,12 @@ def engine_name(precision: str, flavor: str, cc: str) -> str:
 def build_engine(onnx_path: str, out_dir: str, precision: str, batch: BatchRange, image_size: int, flavor: str, trt,
                  gpu: dict | None, compute_capability: str | None = None, workspace_gb: float = 4.0,
                  timing_cache: str | None = None, version_compatible: bool = False) -> EngineEntry:
-    """Build, write the plan atomically into ``out_dir``, and return its manifest entry."""
+    """Build, write the plan atomically into ``out_dir``, and return its manifest entry. With a ``gpu``, the build
+    runs on that device (TensorRT builds on the current CUDA device, and tunes for it)."""
+    if gpu is not None:
+        from clipad.runtime.backends.cuda_buffers import set_device
+
+        set_device(gpu["device"])
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -101,3 +101,27 @@ def test_from_onnx_adds_int8_without_torch_and_drops_stale_engines(tiny_files, t
     assert sorted(os.listdir(out)) == listing and (out / "manifest.json").read_text() == text
 
 
+
+
+def test_device_chooses_the_gpu_to_build_for(tiny_files, tmp_path, capsys, monkeypatch):
+    """--device N builds on and for GPU N: its compute capability names the engine and the build runs with it current.
+    Two GPUs come from the simulated CUDA runtime (tests/simulated_cuda.py); the build itself is TensorRT-RTX's."""
+    import simulated_cuda
+    from clipad.runtime.backends import cuda_buffers
+
+    out = tmp_path / "m"
+    assert export(tiny_files, out, "clip", ["--precision", "fp16"]) == 0
+    cuda = simulated_cuda.SimulatedCudaRuntime(gpus=[("NVIDIA RTX A2000", (8, 6)),
+                                                     ("NVIDIA GeForce RTX 4090", (8, 9))])
+    monkeypatch.setattr(cuda_buffers, "_rt", cuda)
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--trt-flavor", "rtx", "--device", "1",
+                            "-q"]) == 0
+    (engine,) = manifest(out)["engines"]
+    assert engine["file"] == "model.fp16.rtx-sm89.engine"
+    assert engine["target"]["gpu_name"] == "NVIDIA GeForce RTX 4090" and cuda.current_device == 1
+    capsys.readouterr()
+    for device, needle in (("5", "--device 5: this machine has 2 GPU(s) (0 … 1)"), ("-1", "--device -1")):
+        assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--trt-flavor", "rtx",
+                                "--device", device, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1

@@ -105,6 +105,19 @@ def gpu_info(device: int = 0) -> dict | None:
             "driver_version": _version(int(driver or 0)), "runtime_version": _version(int(runtime or 0))}
 
 
+def gpu_at(device: int) -> dict | None:
+    """``gpu_info(device)``, None when this machine has no usable GPU at all; an index that is not a GPU here is a
+    one-line error (``--device N`` of every command)."""
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise ClipadError(f"--device {device!r}: a GPU index 0, 1, …")
+    gpu = gpu_info(device)
+    if gpu is None:
+        count = device_count()
+        if count and device >= count:
+            raise ClipadError(f"--device {device}: this machine has {count} GPU(s) (0 … {count - 1})")
+    return gpu
+
+
 def no_gpu_reason() -> str:
     """Why gpu_info() is None, for error messages."""
     try:

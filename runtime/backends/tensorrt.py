@@ -114,13 +114,8 @@ def _dtype_name(dtype) -> str:
 
 def _probe_gpu(device: int) -> dict:
     """The GPU to run on, probed before anything touches TensorRT (the lean runtime segfaults without a GPU)."""
-    if not isinstance(device, int) or device < 0:
-        raise ClipadError(f"--device {device!r}: a GPU index 0, 1, …")
-    gpu = cb.gpu_info(device)
+    gpu = cb.gpu_at(device)
     if gpu is None:
-        count = cb.device_count()
-        if count and device >= count:
-            raise ClipadError(f"--device {device}: this machine has {count} GPU(s) (0 … {count - 1})")
         raise ClipadError(f"{cb.no_gpu_reason()}; use --backend onnxruntime")
     return gpu
 
