@@ -87,19 +87,25 @@ def test_reconnects_after_the_server_comes_back(model_dir, tmp_path, capsys):
     assert all(r["frame"] is None for r in rows if r["error"])
 
 
-def test_gives_up_with_a_summary_when_reconnects_run_out(model_dir, tmp_path, capsys):
+def run_until_the_server_dies(model_dir, jsonl, *extra) -> list:
+    """edge-detect on a live local MJPEG stream whose server is killed after three records; its exit code."""
     port = free_port()
     server = start_server(port)
-    jsonl, result = tmp_path / "r.jsonl", []
+    result = []
     thread = run_in_thread(["--model", str(model_dir), "--source", f"http://127.0.0.1:{port}/cam.mjpg",
-                            "--reconnect", "2", "--jsonl", str(jsonl), "-q"], result)
+                            *extra, "--jsonl", str(jsonl), "-q"], result)
     try:
         assert wait_for(lambda: len(records(jsonl)) >= 3)
     finally:
         server.kill()
         server.wait()
     thread.join(60)
-    assert result == [2]
+    return result
+
+
+def test_gives_up_with_a_summary_when_reconnects_run_out(model_dir, tmp_path, capsys):
+    jsonl = tmp_path / "r.jsonl"
+    assert run_until_the_server_dies(model_dir, jsonl, "--reconnect", "2") == [2]
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edge-detect: error:") and "gave up after 2 reconnect attempt(s)" in err[-1]
     gaps = [r["error"] for r in records(jsonl) if r["error"]]
@@ -109,15 +115,5 @@ def test_gives_up_with_a_summary_when_reconnects_run_out(model_dir, tmp_path, ca
 
 
 def test_without_reconnect_a_lost_stream_just_ends(model_dir, tmp_path):
-    port = free_port()
-    server = start_server(port)
-    jsonl, result = tmp_path / "r.jsonl", []
-    thread = run_in_thread(["--model", str(model_dir), "--source", f"http://127.0.0.1:{port}/cam.mjpg",
-                            "--jsonl", str(jsonl), "-q"], result)
-    try:
-        assert wait_for(lambda: len(records(jsonl)) >= 3)
-    finally:
-        server.kill()
-        server.wait()
-    thread.join(60)
-    assert result == [0] and all(r["error"] is None for r in records(jsonl))
+    jsonl = tmp_path / "r.jsonl"
+    assert run_until_the_server_dies(model_dir, jsonl) == [0] and all(r["error"] is None for r in records(jsonl))
