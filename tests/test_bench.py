@@ -117,3 +117,27 @@ def test_overlay_benchmark_runs():
 
     result = measure(640, 360, 56, repeat=3)
     assert set(result) == {"resize_map", "overlay"} and all(v["p50_ms"] > 0 for v in result.values())
+
+
+def test_ort_profile_counts_only_the_profiled_runs(model, tmp_path):
+    """The ONNX Runtime profile summary: MatMul FLOPs from the node shapes, the warm-up run left out, shares that add
+    up; and the command on a real (tiny) export."""
+    from clipad.benchmarks import ort_profile
+
+    args = {"op_name": "MatMul", "input_type_shape": [{"float": [1, 197, 768]}],
+            "output_type_shape": [{"float": [1, 197, 2304]}]}
+    assert ort_profile.matmul_flops(args) == 2 * 768 * 197 * 2304
+
+    def node(ts, dur, op):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": dict(args, op_name=op)}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100_000}, node(10, 90_000, "Softmax"),  # warm-up
+              {"cat": "Session", "name": "model_run", "ts": 200_000, "dur": 50_000}, node(210_000, 30_000, "MatMul"),
+              node(245_000, 10_000, "Add")]
+    summary = ort_profile.summarize(events, runs=1)
+    assert summary["run_ms"] == 50.0 and [o["op"] for o in summary["ops"]] == ["MatMul", "Add"]
+    assert summary["ops"][0]["share"] == 0.75 and summary["ops"][0]["gflop_per_s"] > 0
+    assert ort_profile.main(["--model", str(model), "--runs", "1", "--json", str(tmp_path / "p.json"), "-q"]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert abs(sum(o["share"] for o in report["ops"]) - 1) < 0.01 and report["blas_gflop_per_s"] > 0
+    assert any(o["op"] in ort_profile.MATMUL_OPS and o["gflops"] > 0 for o in report["ops"])
