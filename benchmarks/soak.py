@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+        from clipad.runtime.atomic import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 
