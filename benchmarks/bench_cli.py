@@ -163,6 +163,7 @@ def run(args) -> int:
 
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
     from clipad.runtime.manifest import Manifest
+    from clipad.runtime.outputs import refuse_reports_over
     from clipad.runtime.schema import dump
 
     from .latency import Row, RowSpec, environment, measure_in_child, not_applicable
@@ -175,6 +176,8 @@ def run(args) -> int:
         raise ClipadError("--iters must be >= 1 and --warmup >= 0")
     with tempfile.TemporaryDirectory(prefix="clipad-bench-") as tmp:
         images = _images(args.source, tmp)
+        refuse_reports_over({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, args.model,
+                            images)
         specs = [(b, p, n) for b in backends for p in precisions for n in sizes]
         rows, outputs = [], []
         for backend, precision, batch in tqdm(specs, desc="edge-bench rows", unit="row", disable=args.quiet,

@@ -87,6 +87,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
+    from clipad.runtime.outputs import refuse_reports_over
     from clipad.runtime.schema import dump
 
     from . import report as reports
@@ -94,6 +95,9 @@ def run(args) -> int:
     from .evaluate import evaluate
 
     testset = scan(args.data, args.classes)
+    refuse_reports_over({"--json": args.json, "--csv": args.csv, "--markdown": args.markdown}, args.model,
+                        [p for samples in testset.classes.values() for s in samples for p in (s.path, s.mask_path)
+                         if p])
     detector = open_detector(args)
     other = None
     try:

@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     def go(args) -> int:
         if args.runs < 1:
             raise ClipadError(f"--runs {args.runs}: at least 1")
+        from clipad.runtime.outputs import refuse_reports_over
+
+        refuse_reports_over({"--json": args.json}, args.model)
         report = profile(args.model, args.precision, args.runs, args.threads)
         print(render(report))
         if args.json:

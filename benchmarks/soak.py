@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from clipad.runtime.errors import run_cli
+
 
 def rss_mb(pid: int) -> float | None:
     try:
@@ -72,15 +74,22 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0, help="minutes left out of the slopes (default 1)")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args, extra = ap.parse_known_args(argv)
-    result = soak(args.model, args.video, args.minutes, args.warmup, extra)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        from clipad.runtime.atomic import write_json_atomic
 
-        write_json_atomic(args.json, result)
-    return 0
+    def go(args) -> int:
+        from clipad.runtime.outputs import refuse_reports_over
+
+        refuse_reports_over({"--json": args.json}, args.model, [args.video])
+        result = soak(args.model, args.video, args.minutes, args.warmup, extra)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            from clipad.runtime.atomic import write_json_atomic
+
+            write_json_atomic(args.json, result)
+        return 0
+
+    return run_cli("soak", go, args)
 
 
 if __name__ == "__main__":

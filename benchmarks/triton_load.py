@@ -101,10 +101,12 @@ def markdown(report: dict) -> str:
 def run(args) -> int:
     from clipad.calibration.images import list_images
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
+    from clipad.runtime.outputs import refuse_reports_over
 
     paths = list_images(args.source, "--source")
     if not paths:
         raise ClipadError(f"--source {args.source}: no images")
+    refuse_reports_over({"--json": args.json, "--markdown": args.markdown}, args.model, paths)
     blobs = [open(p, "rb").read() for p in paths]
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = local_rows(args.model, blobs, args.requests)

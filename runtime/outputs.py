@@ -37,6 +37,22 @@ def refuse_overwriting_inputs(planned: dict[str, list[str]], inputs: list[str]) 
                 raise ClipadError(f"{flag} would overwrite the input {path}; choose an output that is not an input")
 
 
+def export_files(model_dir: str) -> list[str]:
+    """The files an export owns: its manifest and every model file and engine the manifest lists."""
+    from .manifest import MANIFEST_NAME, Manifest
+
+    manifest = Manifest.read(model_dir)
+    names = [MANIFEST_NAME, *manifest.files, *(e.file for e in manifest.engines)]
+    return [os.path.join(model_dir, name) for name in names]
+
+
+def refuse_reports_over(reports: dict[str, str | None], model_dir: str, inputs: list[str] = ()) -> None:
+    """Report files (flag -> path or None) of the benchmark and evaluation commands may not replace a file of the
+    export they measure or one of their inputs: checked before anything runs."""
+    refuse_overwriting_inputs({flag: [path] for flag, path in reports.items() if path},
+                              export_files(model_dir) + list(inputs))
+
+
 class JsonlAppender:
     """One JSON object per line, appended with one ``write`` per line (O_APPEND): an existing file is kept and
     extended, two processes appending to the same file interleave whole lines, and a failed write (full disk) is

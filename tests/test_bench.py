@@ -141,3 +141,30 @@ def test_ort_profile_counts_only_the_profiled_runs(model, tmp_path):
     report = json.loads((tmp_path / "p.json").read_text())
     assert abs(sum(o["share"] for o in report["ops"]) - 1) < 0.01 and report["blas_gflop_per_s"] > 0
     assert any(o["op"] in ort_profile.MATMUL_OPS and o["gflops"] > 0 for o in report["ops"])
+
+
+def test_reports_never_replace_the_model_or_the_inputs(model, tmp_path, capsys):
+    """edge-bench, the ONNX Runtime profile, the soak and the Triton load script refuse a report path that is a file of the export they
+    measure or one of their inputs, before measuring anything."""
+    from PIL import Image
+
+    from clipad.benchmarks import ort_profile, soak, triton_load
+    from tiny_fixtures import images, write_video
+
+    Image.fromarray(images(1, 40)[0]).save(tmp_path / "a.png")
+    video = write_video(tmp_path / "v.avi", list(images(3, 40)))
+    cases = [(edge_bench, ["--model", str(model), "--json", str(model / "model.onnx")], model / "model.onnx"),
+             (edge_bench, ["--model", str(model), "--source", str(tmp_path), "--plot", str(tmp_path / "a.png")],
+              tmp_path / "a.png"),
+             (ort_profile.main, ["--model", str(model), "--json", str(model / "manifest.json")],
+              model / "manifest.json"),
+             (soak.main, ["--model", str(model), "--video", video, "--json", video], tmp_path / "v.avi"),
+             (triton_load.main, ["--model", str(model), "--url", "127.0.0.1:9", "--triton-model", "m_pipeline",
+                                 "--source", str(tmp_path), "--markdown", str(model / "model.onnx")],
+              model / "model.onnx")]
+    for command, args, target in cases:
+        before = target.read_bytes()
+        assert command(args + ["-q"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "would overwrite the input" in err[0], err
+        assert target.read_bytes() == before

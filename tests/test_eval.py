@@ -182,3 +182,16 @@ def test_bad_arguments_are_one_line(model, data, tmp_path, capsys, args, needle)
 def test_two_model_classes_need_a_map(model, data, capsys):
     assert edge_eval(["--model", str(model), "--data", str(data), "-q"]) == 2
     assert "--class-map part=MODEL_CLASS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, target", [("--json", "model.onnx"), ("--markdown", "manifest.json"),
+                                          ("--csv", "part/test/good/000.png"),
+                                          ("--json", "part/ground_truth/scratch/000_mask.png")])
+def test_reports_never_replace_the_model_or_the_data(model, data, tmp_path, capsys, flag, target):
+    path = (model if target.endswith((".onnx", ".json")) else data) / target
+    before = path.read_bytes()
+    assert edge_eval(["--model", str(model), "--data", str(data), "--class-map", "part=screw", "-q",
+                      flag, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} would overwrite the input" in err[0]
+    assert path.read_bytes() == before
