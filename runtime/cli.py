@@ -12,7 +12,7 @@ import numpy as np
 
 from .cli_options import add_model_options, open_detector
 from .decision import check_threshold
-from .errors import ClipadError, run_cli
+from .errors import ClipadError, Terminated, run_cli
 
 EPILOG = """\
 examples:
@@ -173,22 +173,22 @@ def run(args) -> int:
         log.info("model %s (%s, %s) on %s; class %r; %s", args.model or args.triton_model, detector.kind, detector.manifest.model.arch,
                  detector.backend.description, class_name, detector.describe_decision(class_name, threshold))
     outputs = FrameOutputs(args, detector, class_name, source, cv2, jsonl)
-    interrupted = stopped = False
+    interrupted, stopped = None, False
     try:
         stopped = StagedRun(detector, source, class_name, threshold, args.batch, outputs.handle,
                             post_thread=cv2 is None).run()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated)
+        interrupted = exc
     finally:
         source.close()
         outputs.close()
         detector.close()
     if not args.quiet:
-        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted or stopped else "", outputs.done,
+        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted is not None or stopped else "", outputs.done,
                  outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
                  if outputs.nonfinite else "", f"; JSONL: {args.jsonl}" if args.jsonl else "")
-    if interrupted:
-        return 0 if source.is_live else 130
+    if interrupted is not None:   # stopping a camera or stream is how such a run ends; a file run was cut short
+        return 0 if source.is_live else 143 if isinstance(interrupted, Terminated) else 130
     return 1 if outputs.done and outputs.errors == outputs.done else 0
 
 

@@ -232,3 +232,25 @@ def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypa
     rows = read_jsonl(jsonl)  # every line complete and parseable
     assert [os.path.basename(r["source"]) for r in rows] == ["0.png", "1.png"]
     assert sorted(os.listdir(tmp_path / "maps")) == ["0.npy", "1.npy"]
+
+
+def test_sigterm_flushes_like_ctrl_c_and_exits_143(model_dir, tmp_path):
+    """SIGTERM (a service manager stopping the run) writes what was inferred, like Ctrl-C, and exits 143 as the
+    README's exit codes say."""
+    import signal
+    import time
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(400):
+        Image.fromarray(np.full((20, 20, 3), i % 250, np.uint8)).save(folder / f"{i:03d}.png")
+    jsonl = tmp_path / "r.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "clipad.runtime.cli", "--model", str(model_dir), "--source",
+                             str(folder), "--jsonl", str(jsonl), "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()
+    rows = read_jsonl(jsonl)
+    assert 3 <= len(rows) < 400 and all(r["error"] is None for r in rows)
