@@ -48,7 +48,68 @@ def _half(model, opset: int | None = None):
     keep = head_nodes(model)
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep,
                                     min_positive_val=1e-7, max_finite_val=1e4)
+    drop_fp16_round_trips(half)
+    topological_order(half.graph)
     return half, len(keep)
+
+
+def topological_order(graph) -> None:
+    """Reorder nodes so each comes after its inputs' producers (the converter appends its Casts at the end, which
+    the ONNX checker rejects), keeping the original order where it is free."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{producer[x] for x in n.input if x in producer and producer[x] != i} for i, n in enumerate(nodes)]
+    users = [[] for _ in nodes]
+    for i, deps in enumerate(needs):
+        for d in deps:
+            users[d].append(i)
+    waiting = [len(d) for d in needs]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ClipadError("internal error: the converted graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _cast_to(node) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def drop_fp16_round_trips(model) -> int:
+    """The float16 converter wraps every kept-FP32 node in Casts of its own, so a tensor flowing from one FP32 node
+    to the next goes FP32 → FP16 → FP32: rounded, and clamped at 65504. Crane+'s ‖Σ f̂‖² (7e5 at 1369 patches)
+    became inf there and every FP16 map NaN; the "FP32" head was rounded to FP16 between each of its ops. Each such
+    pair becomes an Identity of the FP32 tensor, and the FP16 Casts left without a consumer go. Returns how many."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    types = {t.name: t.type.tensor_type.elem_type for t in [*graph.input, *graph.value_info]}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    fixed = 0
+    for i, node in enumerate(graph.node):
+        first = producer.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if first is not None and first.op_type == "Cast" and _cast_to(node) == TensorProto.FLOAT \
+                and _cast_to(first) == TensorProto.FLOAT16 and types.get(first.input[0]) == TensorProto.FLOAT:
+            graph.node[i].CopyFrom(helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name))
+            fixed += 1
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == TensorProto.FLOAT16
+            and not any(o in used for o in n.output)]
+    for node in dead:
+        graph.node.remove(node)
+    return fixed
 
 
 def to_fp16(src: str, dst: str) -> dict:

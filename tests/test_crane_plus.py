@@ -14,7 +14,7 @@ from clipad.export import cli as export_cli
 from clipad.export import precision
 from clipad.export.models import dinov2
 from clipad.runtime.cli import main as edge_detect
-from tiny_fixtures import TINY
+from tiny_fixtures import TINY, fp16_round_trips
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_dattn_graph_is_one_shared_matrix_kept_fp32(model):
     assert "ReduceMean" not in ops and "ReduceSum" in ops    # mean(S) in closed form, not over the P² similarities
     assert not {"Tile", "Expand"} & set(ops)                 # the 16 per-head copies are never made
     half = onnx.load(str(model / "model.fp16.onnx"))
+    assert fp16_round_trips(half) == []      # ‖Σ f̂‖² (7e5 at ViT-L) never passes through FP16 between FP32 nodes
     types = {v.name: v.type.tensor_type.elem_type for v in half.graph.value_info}
     for node in scoped(half, "core.vision.dattn_weights"):
         if node.op_type not in ("Cast", "Constant", "Shape", "Equal", "Not", "And", "Less", "EyeLike"):

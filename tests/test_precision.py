@@ -10,7 +10,7 @@ import pytest
 from clipad.calibration.samples import write_samples
 from clipad.export import precision
 from clipad.runtime.compare import PRECISION_LIMITS, GateLimits
-from tiny_fixtures import export_one_class as export, manifest_json as manifest
+from tiny_fixtures import export_one_class as export, fp16_round_trips, manifest_json as manifest
 
 
 def value_types(model):
@@ -39,6 +39,36 @@ def test_fp16_export_keeps_sensitive_parts_fp32(tiny_files, tmp_path, kind):
             assert all(types.get(o) == onnx.TensorProto.FLOAT for o in node.output), node.name
         if precision.HEAD_SCOPE in precision._scopes(node) and node.op_type != "Cast":
             assert all(types.get(o) != fp16 for o in node.output), node.name
+    assert fp16_round_trips(model) == []
+    onnx.checker.check_model(model)                                          # topologically sorted, valid
+
+
+def test_fp32_nodes_pass_values_above_the_fp16_range_to_each_other():
+    """x → MatMul (converted to FP16) → ReduceSum (kept FP32) → ×1000 → ÷1000 (a kept head scope) → y. The sum of
+    squares-sized values exceeds 65504 between the kept nodes; the onnxruntime converter alone sent it through FP16
+    there (inf). After our pass the value stays FP32 and y equals the FP32 result."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def scoped(node, scope):
+        entry = node.metadata_props.add()
+        entry.key, entry.value = precision.SCOPE_KEY, f"['', '{scope}', '{scope}.x']"
+        return node
+
+    w = numpy_helper.from_array(np.full((8, 8), 30.0, np.float32), "w")
+    k = numpy_helper.from_array(np.array(1000.0, np.float32), "k")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=1),
+             scoped(helper.make_node("Mul", ["s", "k"], ["big"], name="mul"), precision.HEAD_SCOPE),
+             scoped(helper.make_node("Div", ["big", "k"], ["y"], name="div"), precision.HEAD_SCOPE)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w, k])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    half, _ = precision._half(model)
+    x = np.ones((2, 8), np.float32)
+    (y,) = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.isfinite(y).all() and abs(float(y.ravel()[0]) - 2 * 8 * 8 * 30.0) < 1e-3
+    assert fp16_round_trips(half) == []
 
 
 @pytest.mark.parametrize("kind", ["aaclip", "crane"])
@@ -58,6 +88,7 @@ def test_int8_export_symmetric_qdq_linear_only(tiny_files, tmp_path, calib_dir, 
     assert gate["passed"] == (rho >= 0.98) and gate["accepted_despite_failure"] == (not gate["passed"])
     model = onnx.load(str(out / "model.int8.onnx"))
     assert info["high_precision"] == "fp16" and [o.version for o in model.opset_import if o.domain == ""] == [19]
+    assert fp16_round_trips(model) == []
     types = value_types(model)
     for node in model.graph.node:   # FP16 remainder, FP32 keep-list as for --precision fp16
         if node.op_type in ("LayerNormalization", "Softmax", "Resize"):

@@ -131,3 +131,16 @@ def write_video(path, frames) -> str:
         writer.write(frame)
     writer.release()
     return str(path)
+
+
+def fp16_round_trips(model) -> list[str]:
+    """Casts that take an FP32 tensor to FP16 and straight back (a 65504 clamp between two FP32 nodes)."""
+    import onnx
+
+    from clipad.export import precision
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    to = precision._cast_to
+    return [n.name for n in model.graph.node
+            if n.op_type == "Cast" and to(n) == onnx.TensorProto.FLOAT and n.input[0] in producer
+            and producer[n.input[0]].op_type == "Cast" and to(producer[n.input[0]]) == onnx.TensorProto.FLOAT16]
