@@ -184,8 +184,8 @@ def run(args) -> int:
         outputs.close()
         detector.close()
     if not args.quiet:
-        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted is not None or stopped else "", outputs.done,
-                 outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
+        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted is not None or stopped else "",
+                 outputs.done, outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
                  if outputs.nonfinite else "", f"; JSONL: {args.jsonl}" if args.jsonl else "")
     if interrupted is not None:   # stopping a camera or stream is how such a run ends; a file run was cut short
         return 0 if source.is_live else 143 if isinstance(interrupted, Terminated) else 130
