@@ -143,3 +143,28 @@ def test_bench_torch_row_finds_moved_dino_weights(model, dino_file, tmp_path):
     torch_row, ort_row = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert torch_row["status"] == ort_row["status"] == "ok", (torch_row["reason"], ort_row["reason"])
     assert ort_row["map_pearson"] > 0.9999 and ort_row["score_max_abs"] < 1e-5
+
+
+def test_dattn_at_vit_l_size_builds_in_tensorrt(tmp_path):
+    """At 1369 patches the exporter no longer folds the diagonal into a constant (it does at the tiny size), so the
+    ViT-L graph has its own initializers: every one must be of a type TensorRT imports, and TensorRT-RTX must build
+    the D-Attn block (torch.eye had exported as a uint16 arange there and the ViT-L Crane+ engine build failed)."""
+    from clipad.export.models.crane_plus import DAttnWeights
+
+    path = tmp_path / "dattn.onnx"
+    features = torch.randn(1, 1369, 8)
+    torch.onnx.export(DAttnWeights(), (features,), str(path), dynamo=True, opset_version=18, optimize=True)
+    graph = onnx.load(str(path))
+    importable = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                  onnx.TensorProto.BOOL}
+    assert {(i.name, i.data_type) for i in graph.graph.initializer if i.data_type not in importable} == set()
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM86, 0)
+    assert builder.build_serialized_network(network, config) is not None

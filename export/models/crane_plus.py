@@ -41,7 +41,10 @@ class DAttnWeights(torch.nn.Module):
         total = unit.sum(dim=1, keepdim=True)
         mean = (total * total).sum(dim=-1, keepdim=True) / float(sim.shape[-1]) ** 2
         shifted = (sim - BETA * mean) * GAMMA
-        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+        # The diagonal from int64 indices: torch.eye exports (at 1369 patches, too big to fold) as a uint16 arange,
+        # an initializer type TensorRT cannot import.
+        index = torch.arange(sim.shape[-1], device=sim.device)
+        eye = index[:, None] == index[None, :]
         masked = torch.where((shifted < 0) & ~eye, torch.full_like(shifted, float("-inf")), shifted)
         weights = masked.softmax(dim=-1)
         if trace is not None:
