@@ -99,7 +99,8 @@ def parse_args(argv):
                       help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
                            "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
-                      help="write FP16/INT8 files even when their accuracy gate fails (recorded in the manifest)")
+                      help="write FP16/INT8 files even when their accuracy gate fails, and an export whose "
+                           "torch-vs-ONNX parity gate fails (recorded in the manifest)")
     eng = ap.add_argument_group("TensorRT engine")
     eng.add_argument("--from-onnx", metavar="DIR",
                      help="work on an existing export directory: add model.fp16/int8.onnx when missing (or redo "

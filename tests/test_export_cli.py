@@ -74,6 +74,23 @@ def test_failed_export_leaves_previous_output_intact(tiny_files, tmp_path, capsy
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
+def test_failed_parity_is_kept_only_when_accepted_and_then_recorded(tiny_files, tmp_path, capsys, caplog,
+                                                                    monkeypatch):
+    """A parity failure names the model's known reason where it has one (Crane+'s hard D-Attn threshold); with
+    --accept-accuracy-loss the export is written and its manifest says the gate failed and was accepted."""
+    from clipad.export.models.registry import get_kind
+
+    monkeypatch.setattr(onnx_export, "PARITY_LIMITS", GateLimits(score_max_abs=-1.0))  # cannot pass
+    assert export(tiny_files, tmp_path / "m", "clip") == 2
+    err = capsys.readouterr().err
+    assert "parity gate failed" in err and "nothing written" in err and not (tmp_path / "m").exists()
+    assert "hard threshold" in get_kind("crane_plus").parity_note and get_kind("clip").parity_note == ""
+    assert export(tiny_files, tmp_path / "m", "clip", ["--accept-accuracy-loss"]) == 0
+    assert "WARNING: parity gate failed" in caplog.text
+    parity = json.loads((tmp_path / "m" / "manifest.json").read_text())["parity"]
+    assert parity["passed"] is False and parity["accepted_despite_failure"] is True
+
+
 def test_failed_first_export_leaves_nothing(tiny_files, tmp_path, monkeypatch):
     out = tmp_path / "fresh"
 
