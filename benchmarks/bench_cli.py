@@ -162,6 +162,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
+    from clipad.runtime.cli_options import check_threads
     from clipad.runtime.manifest import Manifest
     from clipad.runtime.outputs import refuse_reports_over
     from clipad.runtime.schema import dump
@@ -174,6 +175,7 @@ def run(args) -> int:
     sizes = _batches(args.batch)
     if args.iters < 1 or args.warmup < 0:
         raise ClipadError("--iters must be >= 1 and --warmup >= 0")
+    check_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="clipad-bench-") as tmp:
         images = _images(args.source, tmp)
         refuse_reports_over({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, args.model,

@@ -126,9 +126,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go(args) -> int:
+        from clipad.runtime.cli_options import check_threads
+        from clipad.runtime.outputs import refuse_reports_over
+
         if args.runs < 1:
             raise ClipadError(f"--runs {args.runs}: at least 1")
-        from clipad.runtime.outputs import refuse_reports_over
+        check_threads(args.threads)
 
         refuse_reports_over({"--json": args.json}, args.model)
         report = profile(args.model, args.precision, args.runs, args.threads)

@@ -104,6 +104,7 @@ def test_not_applicable_table():
 @pytest.mark.parametrize("args, needle", [
     (["--backends", "cuda"], "--backends 'cuda'"), (["--precisions", "fp8"], "--precisions 'fp8'"),
     (["--batch", "0"], "--batch '0'"), (["--iters", "0"], "--iters"),
+    (["--threads", "100000"], "--threads 100000: must be between 1 and"),
 ])
 def test_bad_arguments(model, capsys, args, needle):
     assert edge_bench(["--model", str(model), *args, "-q"]) == 2
@@ -137,6 +138,7 @@ def test_ort_profile_counts_only_the_profiled_runs(model, tmp_path):
     summary = ort_profile.summarize(events, runs=1)
     assert summary["run_ms"] == 50.0 and [o["op"] for o in summary["ops"]] == ["MatMul", "Add"]
     assert summary["ops"][0]["share"] == 0.75 and summary["ops"][0]["gflop_per_s"] > 0
+    assert ort_profile.main(["--model", str(model), "--threads", "-3", "-q"]) == 2   # bounded like every --threads
     assert ort_profile.main(["--model", str(model), "--runs", "1", "--json", str(tmp_path / "p.json"), "-q"]) == 0
     report = json.loads((tmp_path / "p.json").read_text())
     assert abs(sum(o["share"] for o in report["ops"]) - 1) < 0.01 and report["blas_gflop_per_s"] > 0
