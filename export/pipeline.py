@@ -23,7 +23,7 @@ from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, 
 
 from .models.registry import get_kind
 from .options import ExportOptions
-from .precision_step import INT8_NEEDS_CALIBRATION
+from .precision_step import INT8_NEEDS_CALIBRATION, enforce_gate
 
 log = logging.getLogger("clipad")
 
@@ -74,14 +74,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
         c = parity.comparison
         log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e",
                  c.anomaly_map.max_abs, c.map_error_over_range, c.image_score.max_abs)
-        if not parity.passed:
-            note = get_kind(m.kind).parity_note
-            if not opts.accept_accuracy_loss:
-                raise ClipadError(f"parity gate failed: {'; '.join(parity.failures)}; nothing written"
-                                  + (f" ({note})" if note else ""))
-            log.warning("WARNING: parity gate failed (%s); kept because of --accept-accuracy-loss (recorded in the "
-                        "manifest)", "; ".join(parity.failures))
-            parity.accepted_despite_failure = True
+        enforce_gate(parity, "parity gate", opts.accept_accuracy_loss, get_kind(m.kind).parity_note)
         del built.module  # free the torch model before the ONNX-only steps
         manifest = new_manifest(opts, built, onnx_file, parity, time.perf_counter() - started)
         if opts.precision != "fp32":

@@ -66,14 +66,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     log.info("      map Pearson min %s, score Spearman %s, score max|Δ| %.2e",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
              "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}", c.image_score.max_abs)
-    if not report.passed:
-        failures = "; ".join(report.failures)
-        if not accept_accuracy_loss:
-            raise ClipadError(f"{precision.upper()} accuracy gate failed: {failures}; nothing written "
-                              f"(--accept-accuracy-loss to keep it anyway)")
-        log.warning("WARNING: %s accuracy gate failed (%s); kept because of --accept-accuracy-loss",
-                    precision.upper(), failures)
-        report.accepted_despite_failure = True
+    enforce_gate(report, f"{precision.upper()} accuracy gate", accept_accuracy_loss)
     opset = conversions.INT8_FP16_OPSET if precision == "int8" and calibration.high_precision == "fp16" else OPSET
     entry = file_entry(dst, "int8" if precision == "int8-cpu" else precision, opset)
     entry.target = "cpu" if precision == "int8-cpu" else None
@@ -81,3 +74,17 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
 
 
 INT8_NEEDS_CALIBRATION = "--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)"
+
+
+def enforce_gate(report, what: str, accept: bool, why: str = "") -> None:
+    """A failed gate stops the export (one line, nothing written, ``why`` appended when the model kind knows a
+    reason), unless ``accept`` (--accept-accuracy-loss): then it is a warning and the report says it was accepted."""
+    if report.passed:
+        return
+    failures = "; ".join(report.failures)
+    if not accept:
+        raise ClipadError(f"{what} failed: {failures}; nothing written (--accept-accuracy-loss to keep it anyway)"
+                          + (f"; {why}" if why else ""))
+    log.warning("WARNING: %s failed (%s); kept because of --accept-accuracy-loss (recorded in the manifest)", what,
+                failures)
+    report.accepted_despite_failure = True

@@ -35,7 +35,7 @@ KINDS = {k.name: k for k in (
               parity_note="Crane+'s D-Attn keeps a similarity only if it is >= 1.2 x mean(S), a hard threshold: an "
                           "entry within float rounding of it can fall differently in torch and ONNX Runtime, which "
                           "moved one magnetic_tile map by 2.7e-3 of its range; if other images agree to ~1e-7, that "
-                          "is the cause, not the export, and --accept-accuracy-loss keeps it (recorded)"),
+                          "is the cause, not the export"),
 )}
 
 
