@@ -11,7 +11,6 @@ export's largest batch; the per-request overhead is served p50 at concurrency 1 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time

@@ -47,7 +47,7 @@ def bad_folder(root):
     (root / "e_empty.jpg").write_bytes(b"")
     data = (root / "a_good.jpg").read_bytes()
     (root / "f_truncated.jpg").write_bytes(data[: len(data) // 3])
-    (root / "g_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    (root / "g_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
     (root / "h_notes.txt").write_text("not an image")
     Image.new("1", (12000, 10000)).save(root / "i_huge.png")  # 120 Mpx: refused as a decompression bomb
     return root

@@ -250,9 +250,11 @@ def test_from_onnx_on_a_torch_free_edge_box(model_dir, tmp_path):
 def test_messages_say_what_is_wrong(tmp_path):
     from clipad.export.weights import read_state_dict, torch_load
 
-    (tmp_path / "random.pth").write_bytes(os.urandom(4000))
-    with pytest.raises(ClipadError, match="not a torch checkpoint, or corrupt"):
-        torch_load(str(tmp_path / "random.pth"), "--ckpt")
+    rng = np.random.default_rng(0)   # seeded: damaged bytes fail in different places inside torch.load
+    for blob in [rng.integers(0, 256, 4000, dtype=np.uint8).tobytes() for _ in range(30)] + [b"\x80\x02" + b"x" * 50]:
+        (tmp_path / "random.pth").write_bytes(blob)
+        with pytest.raises(ClipadError, match="random.pth: not a torch checkpoint, or corrupt or truncated"):
+            torch_load(str(tmp_path / "random.pth"), "--ckpt")
     with pytest.raises(ClipadError, match="is a folder"):
         read_state_dict(str(tmp_path))
     with pytest.raises(ClipadError, match="is a folder"):

@@ -158,7 +158,7 @@ def test_empty_folder_raises(tmp_path):
 
 def test_undecodable_video_raises(tmp_path):
     path = tmp_path / "junk.mp4"
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(ClipadError) as e:
         open_source(str(path))
     assert "junk.mp4" in one_line(e) and "could not be decoded" in one_line(e)
