@@ -34,10 +34,9 @@ def torch_load(path: str, what: str):
                               f"does not allow: {_unsafe_detail(str(exc))}") from None
         detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported operand" in line
                        or "invalid load key" in line), first)
-        raise ClipadError(f"{what} {path}: not a torch checkpoint, or corrupt or truncated ({detail[:120]})") from None
     except Exception as exc:  # torch.load on damaged bytes raises many types (EOFError, IndexError, …)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClipadError(f"{what} {path}: not a torch checkpoint, or corrupt or truncated ({detail[:160]})") from None
+    raise ClipadError(f"{what} {path}: not a torch checkpoint, or corrupt or truncated ({detail[:160]})") from None
 
 
 def _unsafe_detail(message: str) -> str:
