@@ -7,7 +7,9 @@ import logging
 import sys
 from dataclasses import asdict
 
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime import precisions
+from clipad.runtime.commands import run_cli
+from clipad.runtime.errors import ClipadError
 
 from .latency import BACKENDS, PRECISIONS
 
@@ -19,16 +21,16 @@ examples:
 
 rows: every backend x precision x batch. status ok, or skipped / failed with the reason (no GPU, TensorRT not
 installed, no engine for this GPU, a precision the backend cannot run, a batch outside the export's range). Each row
-runs in its own process on the same images (--source, default: 4 generated samples): p50/p90/p99 per image, batch
-p50, throughput, median stage split (pre = resize, infer, post = decision + a 1920x1080 overlay), peak RSS, and its
-accuracy against the FP32 reference on those images (map Pearson min, max |delta score|) with the verdict of its
-precision's gate (fp16/bf16: Pearson >= 0.999; int8: Pearson >= 0.99 and score Spearman >= 0.98). The torch row
-rebuilds the reference model (needs the export extra) from the files the manifest records, checked by sha256, or
-from --clip-weights/--ckpt (and --dino-weights for Crane+).
+runs in its own process on the same images (--source: a folder, glob or one image, at most --max-images; default:
+4 generated samples): p50/p90/p99 per image, batch p50, throughput, median stage split (pre = resize, infer, post =
+decision + a 1920x1080 overlay), peak RSS, and its accuracy against the FP32 reference on those images (map Pearson
+min, max |delta score|). gate: the verdict export-engine recorded for the file that ran (passed, failed, or
+accepted: failed and kept with --accept-accuracy-loss); check: these images held to the same precision's limits
+(only a hint on a few images). The torch row rebuilds the reference model (needs the export extra) from the files
+the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+).
 """
 
 log = logging.getLogger("clipad")
-GATE_PRECISION = {"fp16": "fp16", "bf16": "fp16", "int8": "int8", "int8-cpu": "int8-cpu"}
 
 
 def parse_args(argv):
@@ -43,7 +45,9 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per row (default 1)")
     ap.add_argument("--iters", type=int, default=5, metavar="N", help="timed runs per row (default 5)")
     ap.add_argument("--threads", type=int, help="CPU threads for every backend (default: each library's own)")
-    ap.add_argument("--source", metavar="IMAGES", help="folder or glob of input images (default: 4 generated)")
+    ap.add_argument("--source", metavar="IMAGES", help="folder, glob or one image (default: 4 generated)")
+    ap.add_argument("--max-images", type=int, default=16, metavar="N",
+                    help="use at most the first N images of --source (default 16; said when it cuts)")
     ap.add_argument("--clip-weights", help="torch row: the base weights, when the recorded file moved")
     ap.add_argument("--ckpt", help="torch row: the checkpoint, when the recorded file moved")
     ap.add_argument("--dino-weights", help="torch row (Crane+): the DINOv2 weights, when the recorded file moved")
@@ -72,44 +76,52 @@ def _batches(text: str) -> list[int]:
     return sizes
 
 
-def _images(source: str | None, tmp: str) -> list[str]:
+def _images(source: str | None, tmp: str, limit: int) -> list[str]:
     if source is None:
         from clipad.calibration.samples import write_samples
 
         return write_samples(tmp, count=4, seed=11)
-    from clipad.calibration.cli import list_normal_images
+    from clipad.runtime.inputs import list_images
 
-    return list_normal_images(source)[:16]
+    paths = list_images(source, "--source").paths
+    if len(paths) > limit:
+        log.info("--source %s: using the first %d of %d images (--max-images)", source, limit, len(paths))
+    return paths[:limit]
 
 
-def _accuracy(rows, outputs) -> None:
-    """Each row against the FP32 reference (ONNX Runtime fp32, else torch fp32) on the same inputs."""
-    from clipad.runtime.compare import PRECISION_LIMITS, compare, gate
+def _accuracy(rows, outputs, manifest) -> None:
+    """Each row against the FP32 reference (ONNX Runtime fp32, else torch fp32) on the same inputs, held to its
+    precision's limits (check), next to the gate export-engine recorded for the file that ran (gate)."""
+    from clipad.runtime.compare import compare, gate
 
-    reference = next((outputs[i] for i, r in enumerate(rows) if r.status == "ok" and r.precision == "fp32"
-                      and r.backend == "onnxruntime"), None) or \
-        next((outputs[i] for i, r in enumerate(rows) if r.status == "ok" and r.precision == "fp32"), None)
-    if reference is None:
-        return
-    for row, out in zip(rows, outputs):
-        if out is None:
+    reference_name = precisions.REFERENCE.name
+    ok = [(r, out) for r, out in zip(rows, outputs) if r.status == "ok" and out is not None]
+    reference = next((out for r, out in ok if r.runs == reference_name and r.backend == "onnxruntime"), None) or \
+        next((out for r, out in ok if r.runs == reference_name), None)
+    for row, out in ok:
+        recorded = manifest.precisions.get(row.runs)
+        if recorded is not None:
+            g = recorded.gate
+            row.gate = "passed" if g.passed else "accepted" if g.accepted_despite_failure else "failed"
+        if reference is None:
             continue
         c = compare(reference, out)
         row.map_pearson, row.score_max_abs = c.map_pearson_min, c.image_score.max_abs
-        limits = PRECISION_LIMITS.get(GATE_PRECISION.get(row.precision, ""))
+        limits = precisions.get(row.runs).gate
         if limits is not None:
-            row.gate = "passed" if gate(c, limits, row.precision, "fp32", row.backend).passed else "failed"
+            row.check = "passed" if gate(c, limits, row.runs, reference_name, row.backend).passed else "failed"
 
 
 def markdown(report: dict) -> str:
     env = report["env"]
-    lines = [f"**{report['model']}** — {env['cpu']}, {env['cores']} cores; threads: {env['threads']}", "",
+    lines = [f"**{report['model']}** — {env['cpu']}, {env['cores']} cores; threads: {env['threads']}",
+             f"CPU flags: {', '.join(env.get('cpu_flags') or []) or 'n/a'}", "",
              "| backend | precision | batch | status | p50 ms/img | p90 | p99 | img/s | pre / infer / post ms | "
-             "peak RSS MB | map Pearson | max Δscore | gate |", "|" + "---|" * 13]
+             "peak RSS MB | map Pearson | max Δscore | gate | check |", "|" + "---|" * 14]
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['status']}: {r['reason']} |"
-                         + " |" * 9)
+                         + " |" * 10)
             continue
         st = r["stages_ms"]
         lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | ok ({r['device']}) | {r['p50_ms']:.1f} | "
@@ -117,7 +129,7 @@ def markdown(report: dict) -> str:
                      f"{st['infer']:.1f} / {st['post']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{'–' if r['map_pearson'] is None else format(r['map_pearson'], '.5f')} | "
                      f"{'–' if r['score_max_abs'] is None else format(r['score_max_abs'], '.2e')} | "
-                     f"{r['gate'] or '–'} |")
+                     f"{r['gate'] or '–'} | {r['check'] or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,14 +151,14 @@ def plot(path: str, report: dict) -> None:
     err = [[0] * len(rows), [r["p99_ms"] - r["p50_ms"] for r in rows]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows)) * 1.6, 4.8),
                                       gridspec_kw={"width_ratios": [2, 1]})
-    left.bar(labels, p50, yerr=err, capsize=4, color=["tab:green" if r["gate"] != "failed" else "tab:red"
-                                                      for r in rows])
+    left.bar(labels, p50, yerr=err, capsize=4, color=["tab:red" if "failed" in (r["gate"], r["check"])
+                                                      else "tab:green" for r in rows])
     left.set(ylabel="ms per image (p50, whisker to p99)", title=report["model"])
     right.bar(labels, [r["map_pearson"] or 0 for r in rows],
-              color=["tab:red" if r["gate"] == "failed" else "tab:blue" for r in rows])
+              color=["tab:red" if "failed" in (r["gate"], r["check"]) else "tab:blue" for r in rows])
     low = min([r["map_pearson"] for r in rows if r["map_pearson"]] + [0.99])
     right.set(ylim=(low - 0.05 * (1 - low) - 0.001, 1.0005), ylabel="map Pearson vs FP32",
-              title="accuracy (red: gate failed)")
+              title="accuracy (red: gate or check failed)")
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
@@ -162,25 +174,34 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
-    from clipad.runtime.cli_options import check_threads
+    from clipad.runtime.commands import check_threads
+    from clipad.runtime.files import probe_file, refuse_reports_over
     from clipad.runtime.manifest import Manifest
-    from clipad.runtime.outputs import refuse_reports_over
     from clipad.runtime.schema import dump
 
     from .latency import Row, RowSpec, environment, measure_in_child, not_applicable
 
-    Manifest.read(args.model)   # a clear error before anything runs
+    manifest = Manifest.read(args.model)   # a clear error before anything runs
     backends = _list(args.backends, BACKENDS, "backends")
-    precisions = _list(args.precisions, PRECISIONS, "precisions")
+    wanted = _list(args.precisions, PRECISIONS, "precisions")
     sizes = _batches(args.batch)
     if args.iters < 1 or args.warmup < 0:
         raise ClipadError("--iters must be >= 1 and --warmup >= 0")
+    if args.max_images < 1:
+        raise ClipadError("--max-images must be >= 1")
     check_threads(args.threads)
+    reports = {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}
+    for flag, path in reports.items():
+        probe_file(path, flag)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ClipadError("--plot needs matplotlib: pip install 'clipad-edge[eval]'") from None
     with tempfile.TemporaryDirectory(prefix="clipad-bench-") as tmp:
-        images = _images(args.source, tmp)
-        refuse_reports_over({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, args.model,
-                            images)
-        specs = [(b, p, n) for b in backends for p in precisions for n in sizes]
+        images = _images(args.source, tmp, args.max_images)
+        refuse_reports_over(reports, args.model, images)
+        specs = [(b, p, n) for b in backends for p in wanted for n in sizes]
         rows, outputs = [], []
         for backend, precision, batch in tqdm(specs, desc="edge-bench rows", unit="row", disable=args.quiet,
                                               file=sys.stderr):
@@ -193,7 +214,7 @@ def run(args) -> int:
                                                     args.dino_weights))
             rows.append(row)
             outputs.append(out)
-    _accuracy(rows, outputs)
+    _accuracy(rows, outputs, manifest)
     report = {"model": args.model, "env": environment(args.threads), "images": len(images),
               "rows": [asdict(r) for r in rows]}
     text = markdown(report)
@@ -208,7 +229,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("edge-bench", run, parse_args(argv), "interrupted; no report written")
+    args = parse_args(argv)
+    return run_cli("edge-bench", lambda: run(args), args.quiet, "interrupted; no report written")
 
 
 if __name__ == "__main__":

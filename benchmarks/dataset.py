@@ -1,6 +1,8 @@
 """Test sets in MVTec AD layout: ``ROOT/<class>/test/<defect>/<stem>.<ext>`` with ground-truth masks
-``ROOT/<class>/ground_truth/<defect>/<stem>_mask.png`` (defect where > 127); ``good`` images have no mask and
-``train/`` is ignored. Problems that leave a meaningful evaluation are warnings; the rest are one-line errors."""
+``ROOT/<class>/ground_truth/<defect>/<stem>_mask.png``; ``good`` images have no mask and ``train/`` is ignored. Masks
+are 0/255 (defect where > 127) or 0/1 (a mask whose maximum is 1: defect where 1, counted in the report); a defect
+image's mask with values but none above 127 is a warning and leaves the image out of the pixel metrics. Problems that
+leave a meaningful evaluation are warnings; the rest are one-line errors."""
 from __future__ import annotations
 
 import os
@@ -9,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.inputs import list_images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD = "good"
+MASK_01, MASK_255 = "0/1", "0/255"
 
 
 @dataclass
@@ -37,8 +40,10 @@ class TestSet:
 
 
 def _images(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    try:
+        return list_images(folder, "--data", single_file=False).paths
+    except ClipadError:   # a defect folder without images: the class reports it as empty
+        return []
 
 
 def scan(root: str, classes: list[str] | None = None) -> TestSet:
@@ -76,17 +81,25 @@ def scan(root: str, classes: list[str] | None = None) -> TestSet:
     return out
 
 
-def load_mask(path: str, size: int, image_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The mask thresholded at > 127, then resized to size×size with PIL's nearest neighbour (as torchvision's
-    Resize on a PIL mask) → bool [size, size]. ``image_shape`` (height, width): a mask of another size is an error (it
-    belongs to another image)."""
+def load_mask(path: str, size: int, image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """(bool [size, size], MASK_01 or MASK_255): the mask binarised (0/1 masks: defect where 1; else defect where
+    > 127), then resized to size×size with PIL's nearest neighbour (as torchvision's Resize on a PIL mask).
+    ``image_shape`` (height, width): a mask of another size is an error (it belongs to another image); a mask with
+    values but none above 127 and not 0/1 is an error too (what it marks is unknown)."""
     from PIL import Image
 
-    from clipad.runtime.preprocess import load_image
+    from clipad.runtime.inputs import load_image
 
-    mask = np.asarray(load_image(path).convert("L"))
+    mask = np.asarray(load_image(path, max_side=None).convert("L"))
     if image_shape is not None and mask.shape != tuple(image_shape):
         raise ClipadError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image "
                           f"{image_shape[1]}x{image_shape[0]}")
-    binary = Image.fromarray(np.where(mask > 127, 255, 0).astype(np.uint8))
-    return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST)) > 0
+    top = int(mask.max(initial=0))
+    if top == 1:
+        kind, binary = MASK_01, mask >= 1
+    elif 1 < top <= 127:
+        raise ClipadError(f"{path}: mask values go up to {top}, none above 127 and not a 0/1 mask")
+    else:
+        kind, binary = MASK_255, mask > 127
+    image = Image.fromarray(np.where(binary, 255, 0).astype(np.uint8))
+    return np.asarray(image.resize((size, size), Image.Resampling.NEAREST)) > 0, kind

@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 
-from clipad.runtime.cli_options import add_model_options, open_detector
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime import precisions
+from clipad.runtime.backends import registry
+from clipad.runtime.commands import add_model_options, open_detector, run_cli
+from clipad.runtime.errors import ClipadError
 
 EPILOG = """\
 examples:
@@ -16,7 +18,7 @@ examples:
   edge-eval --model aa_line3 --data line3_test --class-map parts=screw --backend tensorrt --precision fp16
 
 data: ROOT/<class>/test/<defect>/<stem>.<ext>, masks ROOT/<class>/ground_truth/<defect>/<stem>_mask.png
-(defect where > 127), train/ ignored. Each data class runs as the model class of the same name, or the model's only
+(0/255 masks: defect where > 127; 0/1 masks, whose maximum is 1, are read as such and counted), train/ ignored. Each data class runs as the model class of the same name, or the model's only
 class, or as --class-map DATA=MODEL says.
 
 metrics, per class and their unweighted mean: image AUROC, AP, F1-max on the decision score (the calibrated one, or
@@ -40,7 +42,8 @@ def parse_args(argv):
     ap.add_argument("--class-map", nargs="+", default=[], metavar="DATA=MODEL",
                     help="run data class DATA as the model's class MODEL")
     ap.add_argument("--compare", metavar="PRECISION_OR_BACKEND",
-                    help="also run fp32/fp16/int8/int8-cpu (same backend) or onnxruntime/tensorrt (same precision)")
+                    help=f"also run another precision ({', '.join(precisions.NAMES)}) on the same backend, or the same "
+                         f"precision on another backend ({', '.join(b for b in registry.EDGE_CHOICES if b != 'auto')})")
     ap.add_argument("--json", metavar="FILE", help="full report (per class, mean, every image)")
     ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
@@ -71,33 +74,49 @@ def class_map(testset, model_classes: list[str], pairs: list[str]) -> dict[str, 
     return out
 
 
+COMPARE_CHOICES = (*precisions.NAMES, *(b for b in registry.EDGE_CHOICES if b != registry.AUTO))
+
+
 def _second(args, detector):
-    """The Detector that --compare asks for."""
+    """The Detector that --compare asks for: another precision on the same backend, or the same precision on
+    another backend."""
     from clipad.runtime.detector import Detector
 
-    options = dict(threads=args.threads, device=args.device)
-    if args.compare in ("fp32", "fp16", "int8", "int8-cpu"):
-        return Detector.open(args.model, backend=detector.backend.name, precision=args.compare, **options)
-    if args.compare in ("onnxruntime", "tensorrt"):
-        return Detector.open(args.model, backend=args.compare, precision=detector.backend.precision, **options)
-    raise ClipadError(f"--compare {args.compare}: give fp32, fp16, int8, onnxruntime or tensorrt")
+    if args.compare in precisions.PRECISIONS:
+        backend, precision = detector.backend.name, args.compare
+    else:
+        backend, precision = args.compare, detector.backend.precision
+    spec = registry.get(backend)
+    options = {k: v for k, v in dict(threads=args.threads, device=args.device, precision=precision).items()
+               if k in spec.options}
+    return Detector.open(args.model, backend=backend, **options)
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
-    from clipad.runtime.outputs import refuse_reports_over
+    from clipad.runtime.files import probe_file, probe_folder, refuse_reports_over
     from clipad.runtime.schema import dump
 
     from . import report as reports
     from .dataset import scan
     from .evaluate import evaluate
 
+    if args.compare is not None and args.compare not in COMPARE_CHOICES:
+        raise ClipadError(f"--compare {args.compare}: give a precision or a backend ({', '.join(COMPARE_CHOICES)})")
     testset = scan(args.data, args.classes)
-    refuse_reports_over({"--json": args.json, "--csv": args.csv, "--markdown": args.markdown}, args.model,
+    reports_given = {"--json": args.json, "--csv": args.csv, "--markdown": args.markdown}
+    refuse_reports_over(reports_given, args.model,
                         [p for samples in testset.classes.values() for s in samples for p in (s.path, s.mask_path)
                          if p])
+    for flag, path in reports_given.items():   # every report path is checked before the first image runs
+        probe_file(path, flag)
+    for flag, folder in (("--plots", args.plots), ("--save-maps", args.save_maps)):
+        if folder:
+            probe_folder(folder, flag)
+    if args.plots:
+        reports.check_plotting()
     detector = open_detector(args)
     other = None
     try:
@@ -105,6 +124,9 @@ def run(args) -> int:
         other = _second(args, detector) if args.compare else None
         total = sum(len(v) for v in testset.classes.values())
         if not args.quiet:
+            warning = detector.policy.take_warning()
+            if warning:
+                log.warning("WARNING: %s", warning)
             log.info("evaluating %s on %s: %d image(s) in %d class(es)%s", args.model, detector.backend.description,
                      total, len(testset.classes), f"; compared with {other.backend.description}" if other else "")
         with tqdm(total=total, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
@@ -136,7 +158,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("edge-eval", run, parse_args(argv), "interrupted; no report written")
+    args = parse_args(argv)
+    return run_cli("edge-eval", lambda: run(args), args.quiet, "interrupted; no report written")
 
 
 if __name__ == "__main__":

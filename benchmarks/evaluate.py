@@ -13,7 +13,7 @@ from clipad.runtime.compare import map_pearson, spearman
 from clipad.runtime.decision import CONSTANTS, decision_score
 from clipad.runtime.errors import ClipadError
 
-from .dataset import TestSet, load_mask
+from .dataset import MASK_01, TestSet, load_mask
 from .metrics import PixelMetrics, image_metrics
 
 SCHEMA_VERSION = 1
@@ -40,7 +40,7 @@ def _decision_scores(detector, run: Run, class_name: str) -> str:
     official AA-CLIP evaluation does (transductive). Returns where the constants came from."""
     if not CONSTANTS[detector.rule]:
         return "no constants needed"
-    if detector.class_calibration(class_name) is not None:
+    if detector.policy.class_calibration(class_name) is not None:
         return "calibration (normal images)"
     rows = [r for r in run.records if r["error"] is None]
     if len(rows) < 2:
@@ -63,16 +63,17 @@ def _metrics(detector, run: Run, class_name: str) -> dict:
            "pixel": run.pixels.result()}
     decision = {"score": detector.rule, "constants_from": source, "precision": detector.backend.precision,
                 "backend": detector.backend.name}
-    cal = detector.class_calibration(class_name)
+    cal = detector.policy.class_calibration(class_name)
     if cal is not None:
         judged = [r for r in run.records if r["pred"] is not None]
         good = [r for r in judged if r["label"] == "good"]
         bad = [r for r in judged if r["label"] == "defect"]
         false_alarms = sum(r["pred"] == "NG" for r in good)
         misses = sum(r["pred"] == "OK" for r in bad)
-        decision.update(threshold=cal.image_threshold, calibration=f"{detector.calibration.method}, target "
-                        f"false-alarm rate {detector.calibration.target_fpr:g}, {detector.calibration.precision} on "
-                        f"{detector.calibration.backend}",
+        where = detector.policy.calibration
+        decision.update(threshold=cal.image_threshold, calibration=f"{cal.method}, target false-alarm rate "
+                        f"{cal.target_fpr:g}, {cal.images} normal images, {where.precision} on {where.backend}, "
+                        f"{cal.created}",
                         false_alarm_rate=false_alarms / len(good) if good else None,
                         miss_rate=misses / len(bad) if bad else None,
                         confusion={"true_ng": len(bad) - misses, "false_ng": false_alarms,
@@ -84,12 +85,12 @@ def _metrics(detector, run: Run, class_name: str) -> dict:
 def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, save_maps: str | None = None,
              progress=None) -> dict:
     """The report (see ``edge-eval --help``); ``other`` is a second Detector to compare with."""
-    from clipad.runtime.postprocess import save_npy_atomic
-    from clipad.runtime.preprocess import load_image
+    from clipad.runtime.inputs import load_image, original_size
+    from clipad.runtime.render import save_npy_atomic
 
     size = detector.image_size
     report = {"schema_version": SCHEMA_VERSION, "classes": {}, "images": [], "warnings": list(testset.warnings),
-              "unreadable": []}
+              "unreadable": [], "masks_01": []}
     comparison = {}
     for cls, samples in testset.classes.items():
         model_class = class_map[cls]
@@ -110,7 +111,10 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
                 mask = None
                 if sample.mask_path:
                     try:
-                        mask = load_mask(sample.mask_path, size, (image.height, image.width))
+                        width, height = original_size(image) or image.size
+                        mask, kind = load_mask(sample.mask_path, size, (height, width))
+                        if kind == MASK_01:
+                            report["masks_01"].append(sample.mask_path)
                     except ClipadError as exc:
                         report["warnings"].append(f"{cls}: {exc}; left out of the pixel metrics")
             outputs = [_predict(d, image, model_class) for d in ([detector] + ([other] if other else []))]
@@ -136,6 +140,9 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
         if other is not None:
             theirs = _metrics(other, runs[1], model_class)
             comparison[cls] = _compared(report["classes"][cls], theirs, runs[0], runs[1], pearson)
+    if report["masks_01"]:
+        report["warnings"].append(f"{len(report['masks_01'])} mask(s) hold only 0 and 1: read as 0/1 masks (defect "
+                                  f"where 1), not as 0/255 masks (listed in masks_01)")
     report["mean"] = _mean(report["classes"])
     if other is not None:
         report["compare"] = {"classes": comparison, "mean": _mean(comparison)}

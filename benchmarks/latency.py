@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-cpu")
+from clipad.runtime import precisions
+from clipad.runtime.backends import registry
+
+BACKENDS = tuple(b.name for b in registry.BACKENDS.values() if not b.remote)
+PRECISIONS = precisions.NAMES
 FRAME = (1920, 1080)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8")   # what low-precision CPU speed depends on
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Row:
     status: str                  # ok, skipped, failed
     reason: str | None = None
     device: str | None = None
+    runs: str | None = None      # the precision of the file or engine that ran (int8 on a CPU: int8-cpu)
     p50_ms: float | None = None  # per image
     p90_ms: float | None = None
     p99_ms: float | None = None
@@ -45,23 +51,15 @@ class Row:
     throughput_ips: float | None = None
     stages_ms: dict = field(default_factory=dict)     # median per image: pre, infer, post
     peak_rss_mb: float | None = None
-    peak_device_mb: float | None = None
     map_pearson: float | None = None
     score_max_abs: float | None = None
-    gate: str | None = None      # passed / failed (the precision's accuracy gate against the FP32 reference)
+    gate: str | None = None      # the export's recorded gate for the file that ran: passed / failed / accepted
+    check: str | None = None     # this run's outputs held to the precision's gate limits on these images
 
 
 def not_applicable(backend: str, precision: str) -> str | None:
     """Why a backend cannot run a precision at all (the row is skipped), or None."""
-    if backend == "torch" and precision not in ("fp32", "fp16"):
-        return "the torch reference runs fp32 (and fp16 on CUDA)"
-    if backend == "onnxruntime" and precision == "bf16":
-        return "ONNX Runtime's CPU provider has no BF16 path for these models; use openvino"
-    if backend == "openvino" and precision == "int8-cpu":
-        return "int8-cpu is onnxruntime's dynamic INT8 (MatMulInteger); OpenVINO runs the Q/DQ int8 model"
-    if backend == "tensorrt" and precision in ("bf16", "int8-cpu"):
-        return f"no TensorRT engine is built for {precision}"
-    return None
+    return precisions.get(precision).why_not(backend)
 
 
 def _percentiles(values: list[float]) -> tuple[float, float, float]:
@@ -69,49 +67,47 @@ def _percentiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def _open(spec: RowSpec):
-    """(run(batch) -> (maps, scores), description, batch range, image size, detector or None)."""
-    if spec.backend == "torch":
-        import torch
-
-        from clipad.export.reference import reference_from_manifest
-        from clipad.runtime.manifest import Manifest
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if spec.precision == "fp16" and device == "cpu":
-            raise LookupError("torch fp16 needs a CUDA GPU")
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        reference = reference_from_manifest(spec.model_dir, spec.clip_weights, spec.ckpt, device,
-                                            spec.dino_weights)
-        if spec.precision == "fp16":
-            reference.built.module.half()
-        manifest = Manifest.read(spec.model_dir)
-        return reference.run_batch, f"torch {torch.__version__} {spec.precision} ({device})", \
-            (1, 1 << 16), manifest.image_size, None
+    """(backend, policy or None) of the row."""
     from clipad.runtime.backends import cuda_buffers
-    from clipad.runtime.detector import Detector
+    from clipad.runtime.manifest import Manifest
+    from clipad.runtime.policy import DecisionPolicy
 
     if spec.backend == "tensorrt" and cuda_buffers.gpu_info() is None:
         raise LookupError(f"{cuda_buffers.no_gpu_reason()} here: TensorRT rows need a GPU")
-    det = Detector.open(spec.model_dir, backend=spec.backend, precision=spec.precision, threads=spec.threads)
-    return det.run, det.backend.description, det.backend.batch_range, det.image_size, det
+    manifest = Manifest.read(spec.model_dir)
+    options = {"precision": spec.precision, "threads": spec.threads, "clip_weights": spec.clip_weights,
+               "ckpt": spec.ckpt, "dino_weights": spec.dino_weights}
+    taken = registry.get(spec.backend).options
+    backend = registry.open_backend(spec.backend, spec.model_dir, manifest,
+                                    **{k: v for k, v in options.items() if k in taken})
+    return backend, DecisionPolicy(manifest, backend.precision, backend.name)
 
 
 def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
     """Run one row in this process; returns the row and the outputs on the first len(images) inputs."""
     import resource
 
+    from clipad.runtime.batching import run_batched
     from clipad.runtime.errors import ClipadError
-    from clipad.runtime.postprocess import overlay
-    from clipad.runtime.preprocess import load_image, resize_for_model
+    from clipad.runtime.inputs import load_image
+    from clipad.runtime.preprocess import resize_for_model
+    from clipad.runtime.render import overlay
 
     row = Row(spec.backend, spec.precision, spec.batch, "ok")
     try:
-        run, row.device, (lo, hi), size, det = _open(spec)
+        backend, policy = _open(spec)
     except (ClipadError, LookupError, ImportError, OSError) as exc:
         row.status, row.reason = "skipped", str(exc).splitlines()[0][:300]
         return row, None
+    row.device, row.runs, (lo, hi), size = backend.description, backend.precision, backend.batch_range, \
+        backend.image_size
+    names = policy.manifest.class_names
+
+    def run(batch):
+        return run_batched(backend.run, batch, lo, hi)
+
     if not lo <= spec.batch <= hi:
+        backend.close()
         row.status = "skipped"
         row.reason = f"the export runs batches {lo}..{hi}; re-export with --dynamic-batch 1:{spec.batch}"
         return row, None
@@ -128,16 +124,15 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
         maps, scores = run(batch)
         t2 = time.perf_counter()
         for m, s in zip(maps[:, 0], scores[:, 0]):
-            if det is not None:
-                det.to_prediction(det.class_names[0], m, float(s))
-            overlay(frame, m, float(np.nanmin(m)), float(np.nanmax(m)), text_lines=[f"score {float(s):.4f}"])
+            policy.decide(names[0], m, float(s))
+            low, high = policy.display_range(names[0], m)
+            overlay(frame, m, low, high, text_lines=[f"score {float(s):.4f}"])
         t3 = time.perf_counter()
         if i >= spec.warmup:
             for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
                 timings[key].append(1e3 * seconds / spec.batch)
             batches.append(1e3 * (t3 - t0))
-    if det is not None:
-        det.close()
+    backend.close()
     per_image = [b / spec.batch for b in batches]
     row.p50_ms, row.p90_ms, row.p99_ms = _percentiles(per_image)
     row.batch_p50_ms = float(np.median(batches))
@@ -165,9 +160,13 @@ def environment(threads: int | None) -> dict:
     from importlib import metadata
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+            lines = fh.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        present = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        flags = [f for f in CPU_FLAGS if f in present]
     except OSError:
         pass
     versions = {}
@@ -180,6 +179,7 @@ def environment(threads: int | None) -> dict:
     from clipad.runtime.backends import cuda_buffers
 
     gpu = cuda_buffers.gpu_info()
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(),
             "gpu": None if gpu is None else {k: gpu[k] for k in ("name", "compute_capability", "driver_version")},
             "versions": versions, "threads": threads or "library default"}

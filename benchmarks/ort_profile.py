@@ -16,7 +16,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime import precisions
+from clipad.runtime.commands import run_cli
+from clipad.runtime.errors import ClipadError
 
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearMatMul")
 
@@ -74,28 +76,21 @@ def blas_rate(m: int = 1370, k: int = 1024, n: int = 4096, repeat: int = 5) -> f
 def profile(model_dir: str, precision: str, runs: int, threads: int | None) -> dict:
     import onnxruntime as ort
 
-    from clipad.runtime.manifest import Manifest, precision_file
+    from clipad.runtime.backends.onnxruntime import CPU, OnnxRuntimeBackend
+    from clipad.runtime.manifest import Manifest
 
     manifest = Manifest.read(model_dir)
-    name = precision_file(precision)
-    if name not in manifest.files:
-        raise ClipadError(f"{model_dir}: no {name} in this export")
-    path = manifest.verify_file(model_dir, name)
     with tempfile.TemporaryDirectory(prefix="clipad-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "ort")
-        if threads:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        s, lo = manifest.image_size, manifest.batch.min
+        backend = OnnxRuntimeBackend.open(model_dir, manifest, precision=precision, providers=[CPU], threads=threads,
+                                          profile_prefix=os.path.join(tmp, "ort"))
+        name = os.path.basename(backend.path)
+        s, lo = manifest.image_size, backend.batch_range[0]
         batch = np.random.default_rng(0).integers(0, 256, (lo, s, s, 3), dtype=np.uint8)
-        feed = {session.get_inputs()[0].name: batch}
         for _ in range(runs + 1):   # the first run is a warm-up, left out of the summary
-            session.run(None, feed)
-        with open(session.end_profiling()) as fh:
+            backend.run(batch)
+        with open(backend.end_profiling()) as fh:
             events = json.load(fh)
+        backend.close()
     report = summarize(events, runs)
     report.update(model=model_dir, file=name, batch=lo, threads=threads or "onnxruntime default",
                   onnxruntime=ort.__version__, blas_gflop_per_s=round(blas_rate(), 1))
@@ -118,22 +113,24 @@ def render(report: dict, top: int = 12) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clipad.benchmarks.ort_profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, metavar="DIR", help="directory written by export-engine")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"])
+    ap.add_argument("--precision", default=precisions.REFERENCE.name,
+                    choices=[p for p in precisions.NAMES if not precisions.get(p).why_not("onnxruntime")])
     ap.add_argument("--runs", type=int, default=2, help="profiled runs after one warm-up (default 2)")
     ap.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args = ap.parse_args(argv)
 
-    def go(args) -> int:
-        from clipad.runtime.cli_options import check_threads
-        from clipad.runtime.outputs import refuse_reports_over
+    def go() -> int:
+        from clipad.runtime.commands import check_threads
+        from clipad.runtime.files import probe_file, refuse_reports_over
 
         if args.runs < 1:
             raise ClipadError(f"--runs {args.runs}: at least 1")
         check_threads(args.threads)
 
         refuse_reports_over({"--json": args.json}, args.model)
+        probe_file(args.json, "--json")
         report = profile(args.model, args.precision, args.runs, args.threads)
         print(render(report))
         if args.json:
@@ -142,7 +139,7 @@ def main(argv=None) -> int:
             write_json_atomic(args.json, report)
         return 0
 
-    return run_cli("ort_profile", go, args, "interrupted")
+    return run_cli("ort_profile", go, args.quiet)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from clipad.runtime.atomic import write_bytes_atomic
+from clipad.runtime.errors import ClipadError
 
 COLUMNS = [("image", "auroc"), ("image", "ap"), ("image", "f1_max"), ("pixel", "auroc"), ("pixel", "ap"),
            ("pixel", "f1_max"), ("pixel", "aupro")]
@@ -70,6 +71,15 @@ def write_csv(path: str, report: dict) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
+def check_plotting() -> None:
+    """--plots needs matplotlib and scikit-learn: said before the run, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        raise ClipadError(f"--plots needs {exc.name}: pip install 'clipad-edge[eval]'") from None
+
+
 def plots(folder: str, report: dict, detector) -> list[str]:
     """Per class: ROC + PR curves, decision-score histograms (good vs defect, threshold line) and the worst cases."""
     import matplotlib
@@ -118,8 +128,8 @@ def _worst(folder: str, cls: str, rows_: list[dict], threshold, detector, model_
     """Contact sheet: the n defects with the lowest scores (misses first) and the n good images with the highest."""
     import matplotlib.pyplot as plt
 
-    from clipad.runtime.postprocess import overlay
-    from clipad.runtime.preprocess import load_image
+    from clipad.runtime.inputs import load_image
+    from clipad.runtime.render import overlay
 
     misses = sorted((r for r in rows_ if r["label"] == "defect"), key=lambda r: r["decision_score"])[:n]
     alarms = sorted((r for r in rows_ if r["label"] == "good"), key=lambda r: -r["decision_score"])[:n]
@@ -133,8 +143,7 @@ def _worst(folder: str, cls: str, rows_: list[dict], threshold, detector, model_
             r = picked[col]
             rgb = np.asarray(load_image(r["path"]))
             pred = detector.predict(rgb, model_class)
-            cal = detector.class_calibration(model_class)
-            low, high = (cal.display_range if cal else (float(pred.anomaly_map.min()), float(pred.anomaly_map.max())))
+            low, high = detector.policy.display_range(model_class, pred.anomaly_map)
             shown = overlay(np.ascontiguousarray(rgb[:, :, ::-1]), pred.anomaly_map, low, high, label=pred.label)
             ax.imshow(shown[:, :, ::-1])
             verdict = "" if threshold is None else (" NG" if r["decision_score"] >= threshold else " OK")

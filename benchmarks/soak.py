@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from clipad.runtime.errors import run_cli
+from clipad.runtime.commands import run_cli
 
 
 def rss_mb(pid: int) -> float | None:
@@ -77,10 +77,11 @@ def main(argv=None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args, extra = ap.parse_known_args(argv)
 
-    def go(args) -> int:
-        from clipad.runtime.outputs import refuse_reports_over
+    def go() -> int:
+        from clipad.runtime.files import probe_file, refuse_reports_over
 
         refuse_reports_over({"--json": args.json}, args.model, [args.video])
+        probe_file(args.json, "--json")
         result = soak(args.model, args.video, args.minutes, args.warmup, extra)
         print(json.dumps(result, indent=2))
         if args.json:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             write_json_atomic(args.json, result)
         return 0
 
-    return run_cli("soak", go, args)
+    return run_cli("soak", go, args.quiet)
 
 
 if __name__ == "__main__":

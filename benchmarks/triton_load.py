@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime.commands import run_cli
+from clipad.runtime.errors import ClipadError
 
 
 def percentile(values, q):
@@ -98,14 +99,14 @@ def markdown(report: dict) -> str:
 
 
 def run(args) -> int:
-    from clipad.calibration.images import list_images
     from clipad.runtime.atomic import write_bytes_atomic, write_json_atomic
-    from clipad.runtime.outputs import refuse_reports_over
+    from clipad.runtime.files import probe_file, refuse_reports_over
+    from clipad.runtime.inputs import list_images
 
-    paths = list_images(args.source, "--source")
-    if not paths:
-        raise ClipadError(f"--source {args.source}: no images")
+    paths = list_images(args.source, "--source").paths
     refuse_reports_over({"--json": args.json, "--markdown": args.markdown}, args.model, paths)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        probe_file(path, flag)
     blobs = [open(p, "rb").read() for p in paths]
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = local_rows(args.model, blobs, args.requests)
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("-q", "--quiet", action="store_true")
-    return run_cli("triton_load", run, ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    return run_cli("triton_load", lambda: run(args), args.quiet)
 
 
 if __name__ == "__main__":

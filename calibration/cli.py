@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import hashlib
 import logging
 import os
@@ -11,8 +10,8 @@ import sys
 
 import numpy as np
 
-from clipad.runtime.cli_options import add_model_options, open_detector
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime.commands import add_model_options, open_detector, run_cli
+from clipad.runtime.errors import ClipadError
 
 EPILOG = """\
 examples:
@@ -25,8 +24,10 @@ how: every normal image runs through the model as edge-detect runs it (same back
 normalisation) and the image threshold is chosen by --method (conformal: the k-th smallest normal score,
 k = ceil((n+1)(1-target)), so P(false alarm) <= target for parts like the normal ones). The pixel threshold for
 defect regions follows the same rule over the per-image map maxima. The held-out images report the false-alarm
-rate actually observed. Everything goes into manifest.json (per precision and backend; never into the graph), and
-edge-detect then labels OK/NG without --threshold.
+rate actually observed. Everything goes into manifest.json (per precision and backend, each class with its own
+method, target, image count and date; never into the graph), and edge-detect then labels OK/NG without --threshold.
+Folders list their files with an image extension; everything is checked (image count for the target, hold-out,
+a writable model folder) before the first image runs.
 """
 
 log = logging.getLogger("clipad")
@@ -50,20 +51,6 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw (default 0)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return ap.parse_args(argv)
-
-
-def list_normal_images(spec: str) -> list[str]:
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
-    elif any(c in path for c in "*?["):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-    else:
-        raise ClipadError(f"--normal {spec}: not a folder or a glob of images")
-    if not files:
-        raise ClipadError(f"--normal {spec}: no files")
-    return files
 
 
 def collect(detector, files: list[str], classes: list[int], quiet: bool):
@@ -98,15 +85,39 @@ def collect(detector, files: list[str], classes: list[int], quiet: bool):
     return stats, used, unreadable
 
 
+def check_counts(n: int, holdout: float, method: str, alpha: float) -> None:
+    """What the image count allows, checked before any image runs (and again after unreadable ones are skipped)."""
+    from .thresholds import holdout_split, threshold
+
+    held = holdout_split(n, holdout)
+    fit = int((~held).sum())
+    if n < 2:
+        raise ClipadError(f"only {n} readable normal image(s); at least 2 are needed")
+    if holdout > 0 and held.sum() == 0:
+        raise ClipadError(f"--holdout {holdout}: holds out nothing of {n} images")
+    threshold(method, np.arange(fit, dtype=float), alpha)   # raises with the count the target needs
+
+
 def run(args) -> int:
     from clipad import __version__
-    from clipad.runtime.manifest import Calibration, Manifest
+    from clipad.runtime.inputs import list_images
+    from clipad.runtime.manifest import Manifest, check_writable
 
     from .thresholds import calibrate_class, holdout_split
 
     if not 0 < args.target_fpr < 1:
         raise ClipadError(f"--target-fpr {args.target_fpr}: must be between 0 and 1")
-    files = list_normal_images(args.normal)
+    if not 0 <= args.holdout < 1:
+        raise ClipadError(f"--holdout {args.holdout}: must be at least 0 and below 1")
+    manifest = check_writable(args.model)   # a read-only model folder fails now, not after the images ran
+    unknown = [n for n in args.class_name or [] if n not in manifest.class_names]
+    if unknown:
+        raise ClipadError(f"unknown class name {unknown[0]!r}; this model has: {', '.join(manifest.class_names)}")
+    listing = list_images(args.normal, "--normal", single_file=False)
+    if listing.skipped and not args.quiet:
+        log.warning("WARNING: --normal %s: %s", args.normal, listing.skipped_note())
+    files = listing.paths
+    check_counts(len(files), args.holdout, args.method, args.target_fpr)
     with open_detector(args) as detector:
         names = args.class_name or detector.class_names
         classes = [detector.class_index(n) for n in names]
@@ -115,21 +126,21 @@ def run(args) -> int:
                      ", ".join(names), detector.backend.description, len(files), args.method, args.target_fpr)
         stats, hashes, unreadable = collect(detector, files, classes, args.quiet)
         precision, backend, rule = detector.backend.precision, detector.backend.name, detector.rule
+    check_counts(len(hashes), args.holdout, args.method, args.target_fpr)
     held = holdout_split(len(hashes), args.holdout, args.seed)
-    per_class = {detector.class_names[k]: calibrate_class(rule, stats[k], held, args.method, args.target_fpr)
-                 for k in classes}
-    manifest = Manifest.read(args.model)   # read again: keep whatever changed meanwhile
-    previous, _ = manifest.calibration(precision, backend)
-    merged = dict(previous.classes) if previous and (previous.precision, previous.backend) == (precision, backend) \
-        else {}
-    merged.update(per_class)
-    manifest.set_calibration(Calibration(
-        precision=precision, backend=backend, method=args.method, target_fpr=args.target_fpr,
-        images=int((~held).sum()), holdout=int(held.sum()), normal=os.path.abspath(args.normal),
-        images_sha256=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), classes=merged,
-        extra={"tool": f"clipad-edge {__version__}", "unreadable": len(unreadable), "seed": args.seed}))
-    manifest.write(args.model)
+    provenance = {"method": args.method, "target_fpr": args.target_fpr, "images": int((~held).sum()),
+                  "normal": os.path.abspath(args.normal),
+                  "images_sha256": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    extra = {"tool": f"clipad-edge {__version__}", "unreadable": len(unreadable), "seed": args.seed}
+    per_class = {detector.class_names[k]: calibrate_class(rule, stats[k], held, args.method, args.target_fpr,
+                                                          provenance, extra) for k in classes}
+
+    def store(manifest: Manifest) -> None:
+        for name, cal in per_class.items():
+            manifest.set_class_calibration(precision, backend, name, cal)
+
+    Manifest.update(args.model, store)
     if not args.quiet:
         for name, cal in per_class.items():
             fpr = cal.holdout_fpr
@@ -142,7 +153,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("edge-calibrate", run, parse_args(argv), "interrupted; manifest unchanged")
+    args = parse_args(argv)
+    return run_cli("edge-calibrate", lambda: run(args), args.quiet, "interrupted; manifest unchanged")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Image sets prepared with the runtime's own preprocessing: INT8 calibration sets (progress bar, cache of the
-prepared tensors, hold-out for the accuracy gate) and the verify sets of the export's gates."""
+"""Image sets prepared with the runtime's own listing and preprocessing (``clipad.runtime.inputs``): INT8 calibration
+sets (progress bar, cache of the prepared tensors, hold-out for the accuracy gate) and the verify sets of the
+export's gates."""
 from __future__ import annotations
 
 import hashlib
@@ -10,21 +11,11 @@ import numpy as np
 
 from clipad.runtime.atomic import write_atomic
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.inputs import list_images
 from clipad.runtime.preprocess import prepare
 
 log = logging.getLogger("clipad")
 RECOMMENDED_IMAGES = 100
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(folder: str, flag: str = "--calib-data") -> list[str]:
-    if not folder or not os.path.isdir(folder):
-        raise ClipadError(f"{flag} {folder}: not a directory of images")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-    if not files:
-        raise ClipadError(f"{flag} {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 def _cache_key(files: list[str], size: int) -> str:
@@ -40,7 +31,7 @@ def load_set(folder: str, size: int, cache_dir: str | None = None, min_images: i
     """All images of ``folder`` as the model's uint8 input [N, S, S, 3]; unreadable images are an error."""
     from tqdm import tqdm
 
-    files = list_images(folder, flag)
+    files = list_images(folder, flag, single_file=False).paths
     if len(files) < min_images:
         raise ClipadError(f"{flag} {folder}: {len(files)} image(s); at least {min_images} needed")
     if len(files) < RECOMMENDED_IMAGES:
@@ -70,13 +61,8 @@ def load_verify_set(folder: str | None, size: int) -> tuple[np.ndarray, list[str
     if folder is None:
         images = [synthetic_image(i, seed=7)[0] for i in range(3)]
         return np.stack([prepare(im, size) for im in images]), [f"generated:{i}" for i in range(3)]
-    if not os.path.isdir(folder):
-        raise ClipadError(f"--verify-images {folder}: not a directory")
-    names = sorted(f for f in os.listdir(folder) if not f.startswith(".")
-                   and os.path.isfile(os.path.join(folder, f)))
-    if not names:
-        raise ClipadError(f"--verify-images {folder}: no files")
-    return np.stack([prepare(os.path.join(folder, f), size) for f in names]), names
+    paths = list_images(folder, "--verify-images", single_file=False).paths
+    return np.stack([prepare(p, size) for p in paths]), [os.path.basename(p) for p in paths]
 
 
 def split_holdout(data: np.ndarray, names: list[str], every: int = 5, minimum: int = 3):

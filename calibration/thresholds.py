@@ -79,16 +79,20 @@ def fit_constants(rule: str, stats: NormalStats) -> dict:
     return constants
 
 
-def calibrate_class(rule: str, stats: NormalStats, held: np.ndarray, method: str, alpha: float) -> ClassCalibration:
-    """Thresholds of one class from the normal images not held out; the held-out ones measure the false alarms."""
+def calibrate_class(rule: str, stats: NormalStats, held: np.ndarray, method: str, alpha: float,
+                    provenance: dict, extra: dict | None = None) -> ClassCalibration:
+    """Thresholds of one class from the normal images not held out; the held-out ones measure the false alarms.
+    ``provenance``: method, target_fpr, images, normal, images_sha256, created (stored with the class)."""
     fit = NormalStats(stats.map_min[~held], stats.map_max[~held], stats.score[~held])
     constants = fit_constants(rule, fit)
     scores = np.array([decision_score(rule, constants, mx, s) for mx, s in zip(stats.map_max, stats.score)])
+    if not np.isfinite(scores).all():
+        raise ClipadError("the normal images give non-finite decision scores; cannot calibrate")
     image_threshold = threshold(method, scores[~held], alpha)
     pixel_threshold = threshold(method, fit.map_max, alpha, "images (per-image map maxima)")
     return ClassCalibration(
-        decision={"rule": rule, **constants}, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+        decision=constants, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
         normal_scores=sorted(float(v) for v in scores[~held]),
-        display_range=[float(np.median(fit.map_min)), pixel_threshold],
+        display_range=[float(np.median(fit.map_min)), pixel_threshold], **provenance,
         holdout_images=int(held.sum()), holdout_false_alarms=int((scores[held] >= image_threshold).sum()),
-        extra={"holdout_region_false_alarms": int((stats.map_max[held] >= pixel_threshold).sum())})
+        extra={"holdout_region_false_alarms": int((stats.map_max[held] >= pixel_threshold).sum()), **(extra or {})})

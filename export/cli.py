@@ -1,11 +1,14 @@
-"""``export-engine``: training checkpoint → ONNX + manifest.json, verified against the torch reference."""
+"""``export-engine``: training checkpoint → ONNX + manifest.json, verified against the torch reference; precisions,
+TensorRT engines and Triton repositories from an existing export."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from clipad.runtime.errors import ClipadError, run_cli
+from clipad.runtime import precisions
+from clipad.runtime.commands import check_threads, run_cli
+from clipad.runtime.errors import ClipadError
 
 from .models.registry import KINDS
 from .options import (
@@ -13,6 +16,7 @@ from .options import (
     EngineOptions,
     ExportOptions,
     ModelOptions,
+    TritonOptions,
     parse_batch,
 )
 
@@ -33,7 +37,8 @@ class names: AA-CLIP and zero-shot CLIP put the class name into their prompts. T
 toothbrush, wood, zipper; VisA: candle, capsules, cashew, chewinggum, fryum, macaroni1, macaroni2, pcb1..pcb4,
 pipe_fryum; MPDD, BTAD 01..03, medical Brain/Liver/Retina/colon sets) map to AA-CLIP's descriptions
 (e.g. bottle -> "dark bottle", Brain -> "scan", medical domain). Any other name is used literally: pick a short
-visual description of your product, as the authors did. Crane's prompts are learned and class-agnostic.
+visual description of your product, as the authors did. Crane's and Crane+'s prompts are learned and
+class-agnostic (one output channel; --class-name is only its label).
 
 output: DIR/model.onnx (FP32, input "images" uint8 [B,S,S,3] RGB already resized to SxS; outputs
 "anomaly_map" [B,K,S,S] and "image_score" [B,K] float32, raw), model.fp16.onnx / model.int8.onnx with
@@ -47,8 +52,8 @@ log = logging.getLogger("clipad")
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="export-engine", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description="Export a CLIP anomaly detector (AA-CLIP, Crane, zero-shot CLIP) to "
-                                             "ONNX with baked text anchors, verified against the torch reference, "
+                                 description="Export a CLIP anomaly detector (AA-CLIP, Crane, Crane+, zero-shot CLIP) "
+                                             "to ONNX with baked text anchors, verified against the torch reference, "
                                              "optionally as FP16/INT8 ONNX and TensorRT engines.",
                                  epilog=EPILOG)
     ap.add_argument("--model", choices=list(KINDS), help="model kind (required unless --from-onnx): " + "; ".join(
@@ -83,15 +88,17 @@ def parse_args(argv):
                     help="images for the torch-vs-ONNX parity gate and the FP16/INT8 accuracy gates "
                          "(default: generated images for parity, held-back calibration images for INT8)")
     prec = ap.add_argument_group("precision (the FP32 model.onnx is always written; it is the reference)")
-    prec.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-cpu"], default="fp32",
-                      help="also write model.fp16.onnx (mixed FP16/FP32), model.int8.onnx (explicit Q/DQ for "
-                           "TensorRT; needs --calib-data) or model.int8-cpu.onnx (dynamic INT8 linear layers, FP32 "
-                           "rest: the fast INT8 for ONNX Runtime on CPUs; no calibration data needed)")
+    prec.add_argument("--precision", choices=list(precisions.EXPORTABLE), default=precisions.REFERENCE.name,
+                      help="also write this precision's file: " + "; ".join(
+                          f"{p.name}: {p.file}, {p.summary}" + (" (needs --calib-data)" if p.needs_calibration_data
+                                                                else "")
+                          for p in precisions.PRECISIONS.values() if p.conversion))
     prec.add_argument("--calib-data", metavar="DIR", help="INT8: folder of normal images (≥100 recommended)")
     prec.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                       help="INT8 activation range calibration (default minmax; entropy and percentile build "
                            "onnxruntime's histograms, slower)")
-    prec.add_argument("--int8-high-precision", choices=["fp16", "fp32"], default="fp16",
+    prec.add_argument("--int8-high-precision", choices=list(precisions.INT8_REMAINDERS),
+                      default=precisions.INT8_REMAINDERS[0],
                       help="INT8: type of everything that is not a quantized linear layer (attention, GELU, "
                            "residual adds; LayerNorm, softmax and the head stay FP32 either way). Default fp16, "
                            "as ModelOpt does: a strongly typed engine runs exactly these types")
@@ -138,9 +145,10 @@ def parse_args(argv):
     tri.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="US",
                      help="dynamic batching: how long a request may wait for others (default 2000)")
     tri.add_argument("--triton-max-batch", type=int, metavar="N",
-                     help="python: largest batch Triton gathers (default max(8, the export's)); the other backends "
-                          "take the export's batch range")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+                     help="python: largest batch Triton gathers (default: the larger of 8 and the export's largest "
+                          "batch); the other backends take the export's batch range")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (the export and its parity "
+                                                              "gate; default: torch's own)")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args = ap.parse_args(argv)
     if not args.from_onnx and (args.model is None or args.output is None):
@@ -154,6 +162,7 @@ def options(args) -> ExportOptions:
     """The parsed command line as the orchestrator's typed options."""
     if args.device < 0:
         raise ClipadError(f"--device {args.device}: a GPU index 0, 1, …")
+    check_threads(args.threads)
     model = None
     if not args.from_onnx:
         model = ModelOptions(kind=args.model, ckpt=args.ckpt, epoch=args.epoch, clip_weights=args.clip_weights,
@@ -161,6 +170,12 @@ def options(args) -> ExportOptions:
                              image_size=args.image_size, class_names=args.class_names, dataset=args.dataset,
                              domain=args.domain, dino_weights=args.dino_weights,
                              quick_gelu=None if args.activation is None else args.activation == "quick_gelu")
+    triton = None
+    if args.triton_repo:
+        triton = TritonOptions(repo=args.triton_repo, name=args.triton_name, flavor=args.triton_backend,
+                               accelerator=args.triton_accelerator, engine=args.triton_engine,
+                               instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
+                               max_batch=args.triton_max_batch)
     return ExportOptions(
         output=args.from_onnx or args.output, model=model, batch=parse_batch(args.batch, args.dynamic_batch),
         verify_images=args.verify_images, precision=args.precision,
@@ -172,43 +187,18 @@ def options(args) -> ExportOptions:
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,
                              timing_cache=args.timing_cache, version_compatible=args.version_compatible,
                              device=args.device),
-        threads=args.threads)
+        triton=triton, threads=args.threads)
 
 
 def dispatch(args) -> int:
     from .pipeline import run
 
-    if args.triton_repo:
-        return triton(args)
     return run(options(args))
 
 
-def triton(args) -> int:
-    from clipad.runtime.manifest import Manifest, precision_file
-
-    from .pipeline import add_precision, require_calibration
-    from .triton_repo import write_triton_repository
-
-    opts = options(args)
-    manifest = Manifest.read(args.from_onnx)
-    if args.precision != "fp32" and precision_file(args.precision) not in manifest.files \
-            and args.triton_backend != "tensorrt":
-        require_calibration(opts, manifest)
-        add_precision(opts, args.from_onnx, manifest)
-    try:
-        written = write_triton_repository(args.from_onnx, args.triton_repo, args.triton_name, args.triton_backend,
-                                          args.precision, args.instances, args.max_queue_delay_us,
-                                          args.triton_max_batch, args.triton_engine, args.triton_accelerator)
-    except OSError as exc:   # full disk, permissions: nothing half-written is left (staging folder removed)
-        raise ClipadError(f"--triton-repo {args.triton_repo}: {exc.strerror or exc} "
-                          f"({exc.filename or ''}); nothing was replaced") from None
-    log.info("written into %s: %s", args.triton_repo, ", ".join(written))
-    print(f"serve it with: edge-serve {args.triton_repo}")
-    return 0
-
-
 def main(argv=None) -> int:
-    return run_cli("export-engine", dispatch, parse_args(argv), "interrupted; nothing written")
+    args = parse_args(argv)
+    return run_cli("export-engine", lambda: dispatch(args), args.quiet, "interrupted; nothing written")
 
 
 if __name__ == "__main__":

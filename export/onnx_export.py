@@ -1,8 +1,8 @@
 """torch → ONNX (opset 18, explicit-matmul attention, single LayerNormalization nodes) and the parity gate
 (torch reference vs ONNX Runtime through the one comparator, ``clipad.runtime.compare``).
 
-torch is imported only where a torch model is exported or run: ``run_onnx`` and the constants serve the torch-free
-``--from-onnx`` path too."""
+torch is imported only where a torch model is exported or run: ``onnx_backend`` and the constants serve the
+torch-free ``--from-onnx`` path too."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipad.runtime.batching import run_batched
-from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare, gate
+from clipad.runtime import precisions
+from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare_runners, gate
 from clipad.runtime.errors import ClipadError
 
 if TYPE_CHECKING:
@@ -62,25 +62,24 @@ def check_graph(path: str) -> None:
         raise ClipadError(f"exported graph breaks TensorRT rules: opset {opset}, ops {sorted(bad)}")
 
 
-def run_onnx(path: str, data: np.ndarray, batch: tuple[int, int], threads: int | None = None):
-    """(anomaly_map, image_score) of an ONNX file on CPU ONNX Runtime, for any number of images."""
-    import onnxruntime as ort
+def onnx_backend(path: str, image_size: int, batch: tuple[int, int], precision: str | None = None):
+    """ONNX Runtime (CPU) on an ONNX file that has no manifest yet (the export's gates), as a ``Backend``."""
+    from clipad.runtime.backends.onnxruntime import CPU, OnnxRuntimeBackend
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    maps, scores = run_batched(lambda chunk: session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk}), data, *batch)
-    return maps, scores
+    return OnnxRuntimeBackend(path, image_size=image_size, batch_range=batch,
+                              precision=precision or precisions.REFERENCE.name, input_name=INPUT_NAME,
+                              output_names=list(OUTPUT_NAMES), providers=[CPU])
 
 
 def parity_gate(built: BuiltDetector, onnx_path: str, data: np.ndarray, names: list[str],
                 batch: tuple[int, int]) -> GateReport:
     """Torch reference vs ONNX Runtime (CPU) on the verify images, held to the parity limits."""
-    from .reference import TorchReference
+    from .reference import TorchBackend
 
-    reference = run_batched(TorchReference(built).run_batch, data, *batch)
-    candidate = run_onnx(onnx_path, data, batch)
-    comparison = compare(reference, candidate, names)
+    reference = TorchBackend(built)
+    candidate = onnx_backend(onnx_path, built.image_size, batch)
+    try:
+        comparison = compare_runners(reference, candidate, data, names)
+    finally:
+        candidate.close()
     return gate(comparison, PARITY_LIMITS, "parity", "torch", "onnxruntime CPUExecutionProvider")

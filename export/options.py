@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from clipad.runtime import precisions
 from clipad.runtime.errors import ClipadError
 
 
@@ -11,7 +12,7 @@ from clipad.runtime.errors import ClipadError
 class CalibrationOptions:
     data: str | None = None            # folder of normal images (INT8)
     method: str = "minmax"
-    high_precision: str = "fp16"       # type of everything that is not a quantized linear layer
+    high_precision: str = precisions.INT8_REMAINDERS[0]   # type of everything that is not a quantized linear layer
     keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
 
 
@@ -24,6 +25,18 @@ class EngineOptions:
     timing_cache: str | None = None
     version_compatible: bool = False
     device: int = 0                    # GPU index to build on (full TensorRT, or TensorRT-RTX for a local GPU)
+
+
+@dataclass
+class TritonOptions:
+    repo: str                          # the Triton model repository to write into
+    name: str | None = None            # model name (default: the export folder's name)
+    flavor: str = "auto"               # tensorrt, onnxruntime, python, auto
+    accelerator: str = "none"          # onnxruntime flavor: none, tensorrt, openvino
+    engine: str | None = None          # tensorrt flavor: which listed engine
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    max_batch: int | None = None       # python flavor: largest batch Triton gathers
 
 
 @dataclass
@@ -49,11 +62,12 @@ class ExportOptions:
     model: ModelOptions | None = None             # None: work on the existing export in ``output``
     batch: tuple[int, int] = (1, 1)
     verify_images: str | None = None
-    precision: str = "fp32"
+    precision: str = precisions.REFERENCE.name
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     accept_accuracy_loss: bool = False
     engine: EngineOptions = field(default_factory=EngineOptions)
-    threads: int | None = None
+    triton: TritonOptions | None = None           # also write the export into a Triton model repository
+    threads: int | None = None                    # torch threads
 
 
 def parse_batch(batch: int | None, dynamic: str | None) -> tuple[int, int]:

@@ -2,8 +2,10 @@
 
 From a checkpoint: torch model → FP32 ONNX → parity gate → FP16/INT8 ONNX + accuracy gate → manifest, written
 atomically as a whole folder; then a TensorRT engine when TensorRT can build here. From an existing export
-(``--from-onnx``): add or redo the precision's ONNX, then build its engine. The steps (``onnx_export``,
-``precision_step``, ``tensorrt_build``) take explicit parameters and never import this module.
+(``--from-onnx``): add or redo the precision's ONNX, then build its engine or write a Triton repository. Every change
+to an existing export goes through ``Manifest.update`` (lock, re-read, files and manifest together), so a calibration
+or another export step that finished meanwhile is kept. The steps (``onnx_export``, ``precision_step``,
+``tensorrt_build``, ``triton_repo``) take explicit parameters and never import this module.
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import shutil
 import time
 
 from clipad import __version__
+from clipad.runtime import precisions
 from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, InputSpec, Manifest, ModelInfo,
-                                     TensorSpec, file_entry, precision_file, sha256_file)
+                                     TensorSpec, check_writable, file_entry, sha256_file)
 
 from .models.registry import get_kind
 from .options import ExportOptions
-from .precision_step import INT8_NEEDS_CALIBRATION, enforce_gate
+from .precision_step import enforce_gate, needs_calibration
 
 log = logging.getLogger("clipad")
 
@@ -77,7 +81,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
         enforce_gate(parity, "parity gate", opts.accept_accuracy_loss, get_kind(m.kind).parity_note)
         del built.module  # free the torch model before the ONNX-only steps
         manifest = new_manifest(opts, built, onnx_file, parity, time.perf_counter() - started)
-        if opts.precision != "fp32":
+        if not precisions.get(opts.precision).reference:
             name, entry, report = make_precision(opts.precision, onnx_file, tmp,
                                                  None if gates_on_holdout(opts) else verify,
                                                  (lo, hi), m.image_size, opts.calibration,
@@ -93,7 +97,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("ONNX export done in %.1f s (peak memory %.0f MB): %s", time.perf_counter() - started, peak_mb, out)
     rc = engine_step(opts, out, required=False) if opts.engine.build else 0
-    log.info("next: edge-detect --model %s --source IMAGES_OR_VIDEO --save overlays/", opts.output)
+    log.info("next: edge-detect --model %s --source IMAGES_OR_VIDEO --save overlays/", shlex.quote(opts.output))
     return rc
 
 
@@ -117,7 +121,7 @@ def new_manifest(opts: ExportOptions, built, onnx_file: str, parity, seconds: fl
         outputs=[TensorSpec("anomaly_map", "float32", [batch_dim, k, s, s]),
                  TensorSpec("image_score", "float32", [batch_dim, k])],
         batch=BatchRange(min=lo, max=hi, opt=lo),
-        files={"model.onnx": file_entry(onnx_file, "fp32", OPSET)},
+        files={precisions.REFERENCE.file: file_entry(onnx_file, precisions.REFERENCE.name, OPSET)},
         sources={"clip_weights": {"random_init": True, "seed": m.seed} if m.random_init else
                  source_entry(m.clip_weights), "checkpoint": source_entry(m.ckpt),
                  **({"dino_weights": source_entry(m.dino_weights)} if m.dino_weights else {})},
@@ -163,7 +167,7 @@ def check_output(out: str) -> None:
     except ClipadError:
         raise ClipadError(f"--output {out}: its manifest.json is unreadable, so what it owns is unknown; refusing "
                           f"to replace it") from None
-    owned = {MANIFEST_NAME, *previous.files, *(e.file for e in previous.engines)}
+    owned = set(previous.owned_files())
     foreign = sorted(f for f in os.listdir(out) if f not in owned)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -173,7 +177,7 @@ def check_output(out: str) -> None:
 
 def check_arguments(opts: ExportOptions) -> None:
     """Every argument that can be checked without loading weights, so a typo fails in seconds, not after minutes."""
-    from clipad.calibration.images import list_images
+    from clipad.runtime.inputs import list_images
 
     from . import archs
 
@@ -202,52 +206,70 @@ def check_arguments(opts: ExportOptions) -> None:
     if m.clip_weights and not os.path.isfile(m.clip_weights):
         raise ClipadError(f"--clip-weights {m.clip_weights}: " + ("is a folder, not a weight file"
                                                                   if os.path.isdir(m.clip_weights) else "no such file"))
-    if opts.verify_images and (not os.path.isdir(opts.verify_images) or not os.listdir(opts.verify_images)):
-        raise ClipadError(f"--verify-images {opts.verify_images}: not a folder with images")
-    if opts.precision == "int8":
-        list_images(opts.calibration.data)
+    check_images(opts)
+
+
+def check_images(opts: ExportOptions) -> None:
+    from clipad.runtime.inputs import list_images
+
+    if opts.verify_images:
+        list_images(opts.verify_images, "--verify-images", single_file=False)
+    if precisions.get(opts.precision).needs_calibration_data and opts.calibration.data:
+        list_images(opts.calibration.data, "--calib-data", single_file=False)
 
 
 # ---- shared by both paths --------------------------------------------------------------------------------------------
 def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -> None:
-    """INT8 ONNX is made from calibration data; only an export that already has model.int8.onnx can do without."""
-    if opts.precision != "int8" or opts.calibration.data:
+    """A precision made from calibration data needs --calib-data, unless the export already has its file."""
+    wanted = precisions.get(opts.precision)
+    if not wanted.needs_calibration_data or opts.calibration.data:
         return
-    if manifest is not None and "model.int8.onnx" in manifest.files:
+    if manifest is not None and wanted.file in manifest.files:
         return
-    raise ClipadError(INT8_NEEDS_CALIBRATION)
+    raise ClipadError(needs_calibration(wanted.name))
 
 
 def gates_on_holdout(opts: ExportOptions) -> bool:
-    """The accuracy gate's images are --verify-images, else for INT8 a hold-out of the calibration set, else the
-    parity images."""
-    return opts.precision == "int8" and not opts.verify_images
+    """The accuracy gate's images are --verify-images, else for a precision made from calibration data a hold-out of
+    the calibration set, else the parity images."""
+    return precisions.get(opts.precision).needs_calibration_data and not opts.verify_images
 
 
 # ---- on an existing export -------------------------------------------------------------------------------------------
 def export_from_onnx(opts: ExportOptions) -> int:
     model_dir = os.path.abspath(opts.output)
     manifest = Manifest.read(model_dir)  # clear errors before importing TensorRT
-    file_name = precision_file(opts.precision)
-    if opts.precision != "fp32" and (file_name not in manifest.files or opts.calibration.data):
+    wanted = precisions.get(opts.precision)
+    serves_engine = opts.triton is not None and opts.triton.flavor == "tensorrt"
+    make_file = not wanted.reference and (wanted.file not in manifest.files or bool(opts.calibration.data)) \
+        and not serves_engine
+    if make_file:
         require_calibration(opts, manifest)
+        check_images(opts)
+        check_writable(model_dir)
         add_precision(opts, model_dir, manifest)
+    if opts.triton is not None:
+        return triton_step(opts, model_dir)
+    if make_file:
         return engine_step(opts, model_dir, required=False) if opts.engine.build else 0
     if not opts.engine.build:
-        log.info("%s is already in %s and --no-engine was given: nothing to do", file_name, model_dir)
+        log.info("%s is already in %s and --no-engine was given: nothing to do", wanted.file, model_dir)
         return 0
+    check_writable(model_dir)
     return engine_step(opts, model_dir, required=True)
 
 
 def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> None:
-    """Add (or redo) model.<precision>.onnx in an existing export, atomically; engines built from the old file of
-    that precision are removed, since they no longer match it."""
+    """Add (or redo) a precision's file in an existing export. The work happens on the manifest as read at the
+    start; the file and its manifest entry are then installed together under the lock, on the manifest as it is
+    then. Engines and calibrations made from the previous file of that precision are removed, since they no longer
+    match it."""
     from clipad.calibration.images import load_verify_set
 
     from .precision_step import make_precision
 
-    fp32 = manifest.verify_file(model_dir, "model.onnx")
-    name = precision_file(opts.precision)
+    fp32 = manifest.verify_file(model_dir, precisions.REFERENCE.file)
+    name = precisions.get(opts.precision).file
     try:
         import onnx  # noqa: F401  (the conversions need it; the lean edge install does not have it)
     except ImportError:
@@ -261,24 +283,30 @@ def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> No
     try:
         name, entry, report = make_precision(opts.precision, fp32, tmp, verify, batch, size,
                                              opts.calibration, opts.accept_accuracy_loss)
-        os.replace(os.path.join(tmp, name), os.path.join(model_dir, name))
+
+        def install(current: Manifest):
+            if current.files[precisions.REFERENCE.file].sha256 != manifest.files[precisions.REFERENCE.file].sha256:
+                raise ClipadError(f"{model_dir}: {precisions.REFERENCE.file} changed while {name} was being made "
+                                  f"(re-exported meanwhile?); nothing was changed, run the command again")
+            stale = [e for e in current.engines if e.precision == opts.precision]
+            dropped = [c for c in current.calibrations if c.precision == opts.precision]
+            current.files[name] = entry
+            current.precisions[opts.precision] = report
+            current.engines = [e for e in current.engines if e not in stale]
+            current.calibrations = [c for c in current.calibrations if c not in dropped]
+            return stale, dropped
+
+        stale, dropped = Manifest.update(model_dir, install, files={name: os.path.join(tmp, name)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    stale = [e for e in manifest.engines if e.precision == opts.precision]
-    stale_calibrations = [c for c in manifest.calibrations if c.precision == opts.precision]
-    manifest.files[name] = entry
-    manifest.precisions[opts.precision] = report
-    manifest.engines = [e for e in manifest.engines if e not in stale]
-    manifest.calibrations = [c for c in manifest.calibrations if c not in stale_calibrations]
-    manifest.write(model_dir)
-    for calibration in stale_calibrations:
+    for calibration in dropped:
         log.warning("removed the %s thresholds calibrated on %s: they were measured on the previous %s; run "
                     "edge-calibrate --precision %s again", calibration.precision, calibration.backend, name,
                     calibration.precision)
-    for entry in stale:
-        log.warning("removed %s: it was built from the previous %s", entry.file, name)
+    for engine in stale:
+        log.warning("removed %s: it was built from the previous %s", engine.file, name)
         try:
-            os.remove(os.path.join(model_dir, entry.file))
+            os.remove(os.path.join(model_dir, engine.file))
         except FileNotFoundError:
             pass
     log.info("%s written into %s", name, model_dir)
@@ -290,11 +318,12 @@ def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
     from .tensorrt_build import build_command, build_engine, resolve_flavor
 
     e = opts.engine
-    if opts.precision == "int8-cpu":
+    wanted = precisions.get(opts.precision)
+    if not wanted.builds_engine:
         if required:
-            raise ClipadError("int8-cpu is the INT8 model for CPU runtimes; TensorRT engines are built from "
-                              "--precision int8 (explicit Q/DQ)")
-        log.info("model.int8-cpu.onnx is for CPU runtimes: no TensorRT engine is built from it")
+            raise ClipadError(f"no TensorRT engine is built from {wanted.name} ({wanted.summary}); engines are built "
+                              f"from --precision {', '.join(precisions.ENGINE_PRECISIONS)}")
+        log.info("%s: no TensorRT engine is built from it (%s)", wanted.file, wanted.summary)
         return 0
     flavor, trt, gpu = resolve_flavor(e.flavor, e.compute_capability, e.device)
     if flavor is None:
@@ -306,17 +335,42 @@ def engine_step(opts: ExportOptions, model_dir: str, required: bool) -> int:
               f"On the target run:\n  {build_command(model_dir, opts.precision)}")
         return 0
     manifest = Manifest.read(model_dir)
-    name = precision_file(opts.precision)
-    if name not in manifest.files:
-        raise ClipadError(f"{model_dir}: no {name} in this export; re-run export-engine with --precision "
+    if wanted.file not in manifest.files:
+        raise ClipadError(f"{model_dir}: no {wanted.file} in this export; re-run export-engine with --precision "
                           f"{opts.precision}")
-    onnx_path = manifest.verify_file(model_dir, name)
+    onnx_path = manifest.verify_file(model_dir, wanted.file)
     target = e.compute_capability or (gpu or {}).get("compute_capability", "?")
     log.info("[engine] TensorRT %s %s: %s engine for %s …", flavor, trt.__version__, opts.precision.upper(),
              f"sm {target}" if not gpu else f"{gpu.get('name')} (sm {gpu.get('compute_capability')})")
-    entry = build_engine(onnx_path, model_dir, opts.precision, manifest.batch, manifest.image_size, flavor, trt,
-                         gpu, e.compute_capability, e.workspace_gb, e.timing_cache, e.version_compatible)
-    manifest.engines = [x for x in manifest.engines if x.file != entry.file] + [entry]
-    manifest.write(model_dir)
+    tmp = make_temp_dir_beside(os.path.join(model_dir, "engine"), "partial")
+    try:
+        entry = build_engine(onnx_path, tmp, opts.precision, manifest.batch, manifest.image_size, flavor, trt, gpu,
+                             e.compute_capability, e.workspace_gb, e.timing_cache, e.version_compatible,
+                             command_dir=model_dir)
+
+        def record(current: Manifest) -> None:
+            if current.files.get(wanted.file) is None or current.files[wanted.file].sha256 != entry.onnx_sha256:
+                raise ClipadError(f"{model_dir}: {wanted.file} changed while its engine was built; nothing was "
+                                  f"changed, run the command again")
+            current.engines = [x for x in current.engines if x.file != entry.file] + [entry]
+
+        Manifest.update(model_dir, record, files={entry.file: os.path.join(tmp, entry.file)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("         %s (%.1f MB, %.1f s)", entry.file, entry.bytes / 1e6, entry.build_seconds)
+    return 0
+
+
+def triton_step(opts: ExportOptions, model_dir: str) -> int:
+    """Write the export (serving ``opts.precision``) into a Triton model repository."""
+    from .triton_repo import write_triton_repository
+
+    t = opts.triton
+    try:
+        written = write_triton_repository(model_dir, t, opts.precision)
+    except OSError as exc:   # full disk, permissions: nothing half-written is left (staging folder removed)
+        raise ClipadError(f"--triton-repo {t.repo}: {exc.strerror or exc} ({exc.filename or ''}); nothing was "
+                          f"replaced") from None
+    log.info("written into %s: %s", t.repo, ", ".join(written))
+    print(f"serve it with: edge-serve {shlex.quote(t.repo)}")
     return 0

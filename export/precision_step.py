@@ -1,4 +1,4 @@
-"""The FP16/INT8 step: write model.<precision>.onnx from the FP32 ONNX into a folder and gate it against FP32.
+"""The precision step: write a precision's file from the FP32 ONNX into a folder and gate it against FP32.
 
 A leaf of the orchestrator (``pipeline``): explicit parameters in, (file name, manifest entry, report) out. It needs
 no torch, so it also runs on an existing export (``--from-onnx DIR --precision int8 --calib-data …``).
@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 
+from clipad.runtime import precisions
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry, precision_file
+from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
 
 from .options import CalibrationOptions
 
@@ -23,57 +24,60 @@ def cache_dir() -> str:
     return os.path.join(base, "clipad", "calibration")
 
 
-def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[np.ndarray, list[str]],
+def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[np.ndarray, list[str]] | None,
                    batch: tuple[int, int], image_size: int, calibration: CalibrationOptions,
                    accept_accuracy_loss: bool) -> tuple[str, FileEntry, PrecisionReport]:
-    """Write ``out_dir/model.<precision>.onnx`` and gate it; a failing gate raises unless accepted.
+    """Write ``out_dir/<the precision's file>`` by its registry ``conversion`` and gate it; a failing gate raises
+    unless accepted.
 
-    The gate images are ``verify``; for INT8 without --verify-images (``verify`` is None) every fifth calibration
-    image is held back instead.
+    The gate images are ``verify``; for a precision made from calibration data without --verify-images (``verify``
+    is None) every fifth calibration image is held back instead.
     """
     from clipad.calibration.images import load_set, split_holdout
 
-    from . import precision as conversions
+    from . import convert
     from .onnx_export import OPSET
 
-    name = precision_file(precision)
-    dst = os.path.join(out_dir, name)
-    if precision == "int8":
+    wanted = precisions.get(precision)
+    if wanted.conversion is None:
+        raise ClipadError(f"--precision {precision}: export-engine makes no file for it ({wanted.summary})")
+    dst = os.path.join(out_dir, wanted.file)
+    gate_data, gate_names = verify if verify is not None else (None, None)
+    if wanted.needs_calibration_data:
         if not calibration.data:
-            raise ClipadError(INT8_NEEDS_CALIBRATION)
+            raise ClipadError(needs_calibration(precision))
         calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
         if verify is None:
             calib, calib_names, gate_data, gate_names = split_holdout(calib, calib_names)
-        else:
-            gate_data, gate_names = verify
-        log.info("[3b] INT8 calibration (%s) on %d image(s) …", calibration.method, len(calib))
-        conversion = conversions.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
-                                         high_precision=calibration.high_precision, cache_dir=cache_dir(),
-                                         keep_float=tuple(calibration.keep_float))
-        conversion["calibration_data"] = os.path.abspath(calibration.data)
-    elif precision == "int8-cpu":
-        gate_data, gate_names = verify
-        log.info("[3b] INT8 for CPUs (dynamic quantization of the linear layers) …")
-        conversion = conversions.to_int8_dynamic(fp32_file, dst)
+        log.info("[3b] %s calibration (%s) on %d image(s) …", precision.upper(), calibration.method, len(calib))
     else:
-        gate_data, gate_names = verify
-        log.info("[3b] FP16 conversion …")
-        conversion = conversions.to_fp16(fp32_file, dst)
+        calib = None
+        log.info("[3b] %s conversion …", precision.upper())
+    if wanted.conversion == "float16":
+        conversion = convert.to_fp16(fp32_file, dst)
+    elif wanted.conversion == "static-qdq":
+        conversion = convert.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
+                                     high_precision=calibration.high_precision, cache_dir=cache_dir(),
+                                     keep_float=tuple(calibration.keep_float))
+        conversion["calibration_data"] = os.path.abspath(calibration.data)
+    elif wanted.conversion == "dynamic-int8":
+        conversion = convert.to_int8_dynamic(fp32_file, dst)
+    else:
+        raise ClipadError(f"internal error: no converter for {wanted.conversion!r}")
     log.info("[3c] %s accuracy gate on %d image(s) …", precision.upper(), len(gate_data))
-    report = conversions.precision_gate(precision, fp32_file, dst, gate_data,
-                                        [os.path.basename(n) for n in gate_names], batch)
+    report = convert.precision_gate(precision, fp32_file, dst, gate_data,
+                                    [os.path.basename(n) for n in gate_names], batch, image_size)
     c = report.comparison
     log.info("      map Pearson min %s, score Spearman %s, score max|Δ| %.2e",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
              "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}", c.image_score.max_abs)
     enforce_gate(report, f"{precision.upper()} accuracy gate", accept_accuracy_loss)
-    opset = conversions.INT8_FP16_OPSET if precision == "int8" and calibration.high_precision == "fp16" else OPSET
-    entry = file_entry(dst, "int8" if precision == "int8-cpu" else precision, opset)
-    entry.target = "cpu" if precision == "int8-cpu" else None
-    return name, entry, PrecisionReport(gate=report, conversion=conversion)
+    entry = file_entry(dst, precision, conversion.pop("opset", None) or OPSET)
+    return wanted.file, entry, PrecisionReport(gate=report, conversion=conversion)
 
 
-INT8_NEEDS_CALIBRATION = "--precision int8 needs --calib-data DIR (a folder of normal images, ≥100 recommended)"
+def needs_calibration(precision: str) -> str:
+    return f"--precision {precision} needs --calib-data DIR (a folder of normal images, ≥100 recommended)"
 
 
 def enforce_gate(report, what: str, accept: bool, why: str = "") -> None:

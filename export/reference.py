@@ -1,6 +1,7 @@
-"""Torch reference pipeline: any image → the official preprocessing → raw map, raw image score and map maximum.
+"""The torch reference as a ``Backend``: any image → the official preprocessing → raw map and raw image score.
 
-This is the executable ground truth every backend (ONNX Runtime, TensorRT) is compared against.
+This is the executable ground truth every other backend (ONNX Runtime, OpenVINO, TensorRT) is compared against, through
+the same interface and comparator (``clipad.runtime.compare.compare_runners``).
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clipad.runtime import precisions
+from clipad.runtime.backends.base import Backend
+from clipad.runtime.errors import ClipadError
 from clipad.runtime.preprocess import ImageLike, prepare
 
 from .models.factory import BuiltDetector
@@ -21,34 +25,65 @@ class ReferenceOutput:
     map_max: np.ndarray       # [K] float32
 
 
-class TorchReference:
-    def __init__(self, built: BuiltDetector, threads: int | None = None):
-        self.built = built
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, built: BuiltDetector, precision: str | None = None, threads: int | None = None,
+                 device: str = "cpu"):
+        chosen = precisions.get(precision)
+        why = chosen.why_not(self.name)
+        if why:
+            raise ClipadError(f"--precision {chosen.name}: {why}")
+        if not chosen.reference and device == "cpu":
+            raise ClipadError(f"torch {chosen.name} needs a CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
+        self.built, self.device, self.precision = built, device, chosen.name
+        self.image_size = built.image_size
+        if device != "cpu":
+            built.module.to(device)
+        if not chosen.reference:
+            built.module.half()
+
+    @classmethod
+    def open(cls, model_dir, manifest, precision: str | None = None, threads: int | None = None,
+             device: int | None = None, clip_weights: str | None = None, ckpt: str | None = None,
+             dino_weights: str | None = None) -> "TorchBackend":
+        """The reference rebuilt from the files the export's manifest records (``edge-bench``'s torch rows)."""
+        where = "cpu" if not torch.cuda.is_available() else f"cuda:{device or 0}"
+        built = rebuild_from_manifest(model_dir, clip_weights, ckpt, dino_weights)
+        return cls(built, precision, threads, where)
+
+    @property
+    def description(self) -> str:
+        return f"torch {torch.__version__} {self.precision} ({self.device})"
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        return 1, 1 << 16
 
     @torch.no_grad()
-    def run_batch(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B, S, S, 3] RGB → (anomaly_map [B, K, S, S], image_score [B, K]) as float32 numpy."""
-        device = next(self.built.module.parameters()).device
-        maps, scores = self.built.module(torch.from_numpy(np.ascontiguousarray(batch_u8)).to(device))
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.built.module(torch.from_numpy(batch_u8).to(self.device))
         return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
     def predict(self, images: list[ImageLike] | ImageLike, color_order: str = "rgb") -> list[ReferenceOutput]:
         if not isinstance(images, list):
             images = [images]
         batch = np.stack([prepare(im, self.built.image_size, color_order) for im in images])
-        maps, scores = self.run_batch(batch)
+        maps, scores = self.run(batch)
         return [ReferenceOutput(m, s, m.reshape(m.shape[0], -1).max(axis=1)) for m, s in zip(maps, scores)]
 
+    def _release(self) -> None:
+        self.built = None
 
-def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckpt: str | None = None,
-                            device: str = "cpu", dino_weights: str | None = None) -> TorchReference:
-    """The torch reference of an export, rebuilt from the source files its manifest records (checked by sha256), or
+
+def rebuild_from_manifest(model_dir: str, clip_weights: str | None = None, ckpt: str | None = None,
+                          dino_weights: str | None = None) -> BuiltDetector:
+    """The torch model of an export, rebuilt from the source files its manifest records (checked by sha256), or
     from ``clip_weights`` / ``ckpt`` / ``dino_weights`` when the files moved. One-line errors say what is missing."""
     import os
 
-    from clipad.runtime.errors import ClipadError
     from clipad.runtime.manifest import Manifest, sha256_file
 
     from .models.factory import build_detector
@@ -86,6 +121,4 @@ def reference_from_manifest(model_dir: str, clip_weights: str | None = None, ckp
         else m.details.get("activation") == "quick_gelu",
         dino_weights=None if random_init or "dino_weights" not in sources
         else located(dino_weights, sources.get("dino_weights"), "dino_weights"))
-    if device != "cpu":
-        built.module.to(device)
-    return TorchReference(built)
+    return built

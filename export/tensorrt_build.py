@@ -62,7 +62,9 @@ def resolve_flavor(flavor: str, compute_capability: str | None, device: int = 0
 
 
 def build_command(model_dir: str, precision: str, flavor: str = "auto", cc: str | None = None) -> str:
-    cmd = f"export-engine --from-onnx {model_dir} --precision {precision}"
+    import shlex
+
+    cmd = f"export-engine --from-onnx {shlex.quote(model_dir)} --precision {precision}"
     if flavor != "auto":
         cmd += f" --trt-flavor {flavor}"
     if cc:
@@ -76,9 +78,11 @@ def engine_name(precision: str, flavor: str, cc: str) -> str:
 
 def build_engine(onnx_path: str, out_dir: str, precision: str, batch: BatchRange, image_size: int, flavor: str, trt,
                  gpu: dict | None, compute_capability: str | None = None, workspace_gb: float = 4.0,
-                 timing_cache: str | None = None, version_compatible: bool = False) -> EngineEntry:
-    """Build, write the plan atomically into ``out_dir``, and return its manifest entry. With a ``gpu``, the build
-    runs on that device (TensorRT builds on the current CUDA device, and tunes for it)."""
+                 timing_cache: str | None = None, version_compatible: bool = False,
+                 command_dir: str | None = None) -> EngineEntry:
+    """Build, write the plan atomically into ``out_dir``, and return its manifest entry (whose rebuild command names
+    ``command_dir``, the export folder, default ``out_dir``). With a ``gpu``, the build runs on that device (TensorRT
+    builds on the current CUDA device, and tunes for it)."""
     if gpu is not None:
         from clipad.runtime.backends.cuda_buffers import set_device
 
@@ -140,4 +144,4 @@ def build_engine(onnx_path: str, out_dir: str, precision: str, batch: BatchRange
         bytes=os.path.getsize(path), batch=BatchRange(batch.min, batch.max, batch.opt),
         version_compatible=bool(version_compatible), build_seconds=round(seconds, 2),
         built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        build_command=build_command(out_dir, precision, flavor, compute_capability))
+        build_command=build_command(command_dir or out_dir, precision, flavor, compute_capability))

@@ -17,24 +17,23 @@ import os
 import re
 import shutil
 
-from clipad.runtime.atomic import (
-    make_temp_dir_beside,
-    remove_stale_temp_dirs,
-    replace_dir,
-)
+from clipad.runtime import precisions
+from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import Manifest, precision_file
-from clipad.runtime.triton_python import (
+from clipad.runtime.manifest import Manifest
+from clipad.runtime.serving.triton_models import (
     BACKEND_PARAMETER,
     MANIFEST_PARAMETER,
     POST_OUTPUTS,
     PRECISION_PARAMETER,
 )
 
+from .options import TritonOptions
+
 log = logging.getLogger("clipad")
-FLAVOURS = ("auto", "tensorrt", "onnxruntime", "python")
+FLAVORS = ("auto", "tensorrt", "onnxruntime", "python")
 ACCELERATORS = ("none", "tensorrt", "openvino")
-SHIM = "from clipad.runtime.triton_python import {cls} as TritonPythonModel  # noqa: F401\n"
+SHIM = "from clipad.runtime.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401\n"
 SHIM_HEADER = """# Written by export-engine --triton-repo. Needs clipad-edge importable by Triton's Python backend
 # (pip install clipad-edge in the server's environment; edge-serve arranges it for its own environment).
 import os
@@ -64,26 +63,26 @@ def tensors(kind: str, items: list[str]) -> str:
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
-def write_triton_repository(model_dir: str, repo: str, name: str | None = None, flavour: str = "auto",
-                            precision: str = "fp32", instances: int = 1, max_queue_delay_us: int = 2000,
-                            max_batch: int | None = None, engine: str | None = None,
-                            accelerator: str = "none") -> dict[str, str]:
-    """Write the four models; returns {model name: folder}. ``accelerator`` (onnxruntime flavour): none (Triton's
-    default: CUDA on GPU instances, else CPU), tensorrt (ONNX Runtime's TensorRT provider, FP16 when serving fp16) or
-    openvino (CPU instances)."""
+def write_triton_repository(model_dir: str, options: TritonOptions, precision: str) -> dict[str, str]:
+    """Write the four models serving ``precision``; returns {model name: folder}. ``options.accelerator``
+    (onnxruntime flavor): none (Triton's default: CUDA on GPU instances, else CPU), tensorrt (ONNX Runtime's TensorRT
+    provider, FP16 when serving fp16) or openvino (CPU instances)."""
+    repo, name, flavor, accelerator = options.repo, options.name, options.flavor, options.accelerator
+    instances, max_queue_delay_us = options.instances, options.max_queue_delay_us
+    max_batch, engine = options.max_batch, options.engine
     model_dir = os.path.abspath(model_dir)
     manifest = Manifest.read(model_dir)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(model_dir.rstrip(os.sep)))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}", name):
         raise ClipadError(f"--triton-name {name!r}: use letters, digits, '_', '.', '-' (a Triton model name)")
-    if flavour not in FLAVOURS:
-        raise ClipadError(f"--triton-backend {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    if flavor not in FLAVORS:
+        raise ClipadError(f"--triton-backend {flavor!r}: choose one of {', '.join(FLAVORS)}")
     if accelerator not in ACCELERATORS:
         raise ClipadError(f"--triton-accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
     if instances < 1 or max_queue_delay_us < 0:
         raise ClipadError("--instances must be at least 1 and --max-queue-delay-us at least 0")
-    if flavour == "auto":
-        flavour = "tensorrt" if manifest.engines else "onnxruntime"
+    if flavor == "auto":
+        flavor = "tensorrt" if manifest.engines else "onnxruntime"
     repo = os.path.abspath(repo)
     if repo == model_dir or repo.startswith(model_dir + os.sep) or model_dir.startswith(repo + os.sep):
         raise ClipadError(f"--triton-repo {repo}: must not be the export folder, inside it, or contain it")
@@ -94,18 +93,19 @@ def write_triton_repository(model_dir: str, repo: str, name: str | None = None, 
     for folder in names.values():
         _check_owned(os.path.join(repo, folder))
 
-    model_batch = _model_batch(manifest, flavour, max_batch)
-    if accelerator != "none" and flavour != "onnxruntime":
+    model_batch = _model_batch(manifest, flavor, max_batch)
+    if accelerator != "none" and flavor != "onnxruntime":
         raise ClipadError(f"--triton-accelerator {accelerator} is for --triton-backend onnxruntime")
-    served = served_manifest(manifest, flavour, precision)
-    served.extra["triton"] = {"flavour": flavour, "precision": precision, "accelerator": accelerator}
-    if flavour == "tensorrt":
+    precisions.get(precision)
+    served = served_manifest(manifest, flavor, precision)
+    served.extra["triton"] = {"flavor": flavor, "precision": precision, "accelerator": accelerator}
+    if flavor == "tensorrt":
         entry = _engine(manifest, precision, engine)
         served.extra["triton"].update(engine=entry.file, trt_version=entry.trt_version, flavor=entry.flavor,
                                       compute_capability=entry.target.compute_capability)
     common = {MANIFEST_PARAMETER: json.dumps(served.to_dict(), separators=(",", ":"), ensure_ascii=False),
-              PRECISION_PARAMETER: _served_precision(manifest, flavour, precision, engine),
-              BACKEND_PARAMETER: {"python": "onnxruntime"}.get(flavour, flavour)}
+              PRECISION_PARAMETER: _served_precision(manifest, flavor, precision, engine),
+              BACKEND_PARAMETER: {"python": "onnxruntime"}.get(flavor, flavor)}
     written = {}
     remove_stale_temp_dirs(os.path.join(repo, name), "partial")
     staging = make_temp_dir_beside(os.path.join(repo, name), "partial")
@@ -114,7 +114,7 @@ def write_triton_repository(model_dir: str, repo: str, name: str | None = None, 
             target = os.path.join(staging, folder)
             os.makedirs(os.path.join(target, "1"))
             if role == "model":
-                config = _write_model(model_dir, manifest, served, target, folder, flavour, precision, engine,
+                config = _write_model(model_dir, manifest, served, target, folder, flavor, precision, engine,
                                       model_batch, instances, max_queue_delay_us, common) + _accelerator(
                                           accelerator, precision)
                 shutil.copyfile(os.path.join(model_dir, "manifest.json"), os.path.join(target, "manifest.json"))
@@ -148,17 +148,17 @@ def _check_owned(folder: str) -> None:
                           f"it (choose another --triton-name or remove it)")
 
 
-def _model_batch(manifest: Manifest, flavour: str, max_batch: int | None) -> int:
+def _model_batch(manifest: Manifest, flavor: str, max_batch: int | None) -> int:
     """Triton's max_batch_size for the model (the batch dimension is implicit in its dims)."""
     lo, hi = manifest.batch.min, manifest.batch.max
-    if flavour == "python":
+    if flavor == "python":
         value = max_batch or max(8, hi)     # the lean runtime splits and pads to the file's own batch range
     else:
         if lo != 1:
             raise ClipadError(f"the export's batch range is [{lo}, {hi}]; Triton sends batches of 1 … max_batch_size: "
                               f"re-export with --dynamic-batch 1:N (or --batch 1), or use --triton-backend python")
         if max_batch and max_batch != hi:
-            raise ClipadError(f"--triton-max-batch {max_batch}: the {flavour} model's batch range is fixed by the "
+            raise ClipadError(f"--triton-max-batch {max_batch}: the {flavor} model's batch range is fixed by the "
                               f"export (1 … {hi}); re-export with --dynamic-batch 1:{max_batch}")
         value = hi
     if value < 1:
@@ -166,8 +166,8 @@ def _model_batch(manifest: Manifest, flavour: str, max_batch: int | None) -> int
     return value
 
 
-def _served_precision(manifest: Manifest, flavour: str, precision: str, engine: str | None) -> str:
-    if flavour == "tensorrt":
+def _served_precision(manifest: Manifest, flavor: str, precision: str, engine: str | None) -> str:
+    if flavor == "tensorrt":
         return _engine(manifest, precision, engine).precision
     return precision
 
@@ -191,28 +191,38 @@ def _verified_engine(model_dir: str, entry) -> str:
     return path
 
 
-def served_manifest(manifest: Manifest, flavour: str, precision: str) -> Manifest:
+def served_files(manifest: Manifest, precision: str) -> set[str]:
+    """The files the python flavor ships: the FP32 reference, the precision's file and, when the export has it, the
+    precision's CPU substitute (that flavor runs ONNX Runtime on the CPU, which then picks it)."""
+    wanted = precisions.get(precision)
+    names = {precisions.REFERENCE.file, wanted.file}
+    if wanted.cpu_substitute:
+        names.add(precisions.get(wanted.cpu_substitute).file)
+    return {n for n in names if n in manifest.files}
+
+
+def served_manifest(manifest: Manifest, flavor: str, precision: str) -> Manifest:
     """The manifest the served model carries: the export's, with only the files the served model uses."""
     data = manifest.to_dict()
-    keep = {"model.onnx", precision_file(precision)} if flavour == "python" else set(data["files"])
+    keep = served_files(manifest, precision) if flavor == "python" else set(data["files"])
     data["files"] = {k: v for k, v in data["files"].items() if k in keep}
-    if flavour != "tensorrt":
+    if flavor != "tensorrt":
         data["engines"] = []
     return Manifest.from_dict(data, "served manifest")
 
 
-def _write_model(model_dir, manifest, served, target, folder, flavour, precision, engine, model_batch, instances,
+def _write_model(model_dir, manifest, served, target, folder, flavor, precision, engine, model_batch, instances,
                  delay_us, common) -> str:
     version = os.path.join(target, "1")
-    if flavour == "python":
+    if flavor == "python":
         for file in served.files:
             shutil.copyfile(manifest.verify_file(model_dir, file), os.path.join(version, file))
         served.write(version)
         _write_shim(target, "OnnxModel")
         head = f'name: {pbtxt_string(folder)}\nbackend: "python"\n'
         group = f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
-    elif flavour == "onnxruntime":
-        file = precision_file(precision)
+    elif flavor == "onnxruntime":
+        file = precisions.get(precision).file
         if file not in manifest.files:
             raise ClipadError(f"{model_dir}: no {file} to serve; add it with export-engine --from-onnx {model_dir} "
                               f"--precision {precision}")
@@ -234,7 +244,7 @@ def _write_model(model_dir, manifest, served, target, folder, flavour, precision
 
 def _accelerator(name: str, precision: str) -> str:
     if name == "tensorrt":
-        mode = "FP16" if precision == "fp16" else "FP32"
+        mode = "FP16" if precisions.get(precision).conversion == "float16" else "FP32"
         return ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
                 f'parameters {{ key: "precision_mode" value: "{mode}" }} }} ] }} }}\n')
     if name == "openvino":

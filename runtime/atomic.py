@@ -20,10 +20,11 @@ def temp_path_beside(path: str, suffix: str = ".tmp") -> str:
     return os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}{suffix}")
 
 
-def write_atomic(path: str, write: Callable[[BinaryIO], Any], durable: bool = False) -> str:
+def write_atomic(path: str, write: Callable[[BinaryIO], Any], durable: bool = False, mode: int | None = None) -> str:
     """Call ``write(binary_file)`` on a temp file beside ``path`` and rename it to ``path``; returns ``path``.
 
-    ``durable`` also fsyncs before the rename (manifests, engines; not per-frame outputs, where it costs latency).
+    ``durable`` also fsyncs before the rename (manifests, engines; not per-frame outputs, where it costs latency);
+    ``mode`` sets the new file's permission bits (to keep those of the file it replaces).
     OSError (full disk, permissions, missing folder) becomes a one-line ClipadError naming ``path``.
     """
     path = os.fspath(path)
@@ -35,6 +36,8 @@ def write_atomic(path: str, write: Callable[[BinaryIO], Any], durable: bool = Fa
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -45,14 +48,14 @@ def write_atomic(path: str, write: Callable[[BinaryIO], Any], durable: bool = Fa
     return path
 
 
-def write_bytes_atomic(path: str, data: bytes, durable: bool = False) -> str:
-    return write_atomic(path, lambda fh: fh.write(data), durable)
+def write_bytes_atomic(path: str, data: bytes, durable: bool = False, mode: int | None = None) -> str:
+    return write_atomic(path, lambda fh: fh.write(data), durable, mode)
 
 
-def write_json_atomic(path: str, data: Any) -> str:
+def write_json_atomic(path: str, data: Any, mode: int | None = None) -> str:
     """Strict JSON (NaN/inf are refused: they are not JSON), indented, newline-terminated."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    return write_bytes_atomic(path, text.encode(), durable=True)
+    return write_bytes_atomic(path, text.encode(), durable=True, mode=mode)
 
 
 def _remove(path: str) -> None:

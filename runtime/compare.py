@@ -1,8 +1,9 @@
 """One comparator for every "does this backend/precision still give the reference's outputs" question: the export
-parity gate (torch vs ONNX Runtime), the FP16/INT8 accuracy gates (FP32 ONNX vs the converted ONNX) and the real
-TensorRT engine test (FP32 ONNX vs engine).
+parity gate (torch vs ONNX Runtime), the precision gates (FP32 ONNX vs the converted ONNX), ``edge-bench``'s accuracy
+columns, ``edge-eval --compare`` and the real TensorRT engine test (FP32 ONNX vs engine).
 
-``compare(reference, candidate, names)`` measures; ``gate(report, limits)`` decides. A non-finite value in either side,
+``compare_runners(reference, candidate, images)`` runs two backends on the same images and measures (``Comparator``
+when the outputs come in batches); ``gate(comparison, limits)`` decides. A non-finite value in either side,
 or a map that is constant on one side only, fails every gate and names the images: reductions never skip them.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ CONSTANT_RTOL = 1e-6   # a map whose max − min is below this share of its magn
 
 @dataclass
 class OutputError:
-    max_abs: float = 0.0
-    max_rel: float = 0.0
+    max_abs: float | None = 0.0     # None (stored NaN): no image had finite outputs on both sides
+    max_rel: float | None = 0.0
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Comparison:
 
     @property
     def map_error_over_range(self) -> float:
+        if self.anomaly_map.max_abs is None:
+            return float("nan")
         return self.anomaly_map.max_abs / max(self.map_range, 1e-12)
 
 
@@ -61,10 +64,7 @@ class GateReport:
     accepted_despite_failure: bool = False
 
 
-PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)
-PRECISION_LIMITS = {"fp16": GateLimits(map_pearson_min=0.999),
-                    "int8": GateLimits(map_pearson_min=0.99, score_spearman_min=0.98),
-                    "int8-cpu": GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)}
+PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)   # precisions' limits: runtime.precisions
 
 
 def is_flat(x: np.ndarray) -> bool:
@@ -100,63 +100,106 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if denom == 0 else float(np.clip((ra @ rb) / denom, -1.0, 1.0))
 
 
-def _error(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray) -> OutputError:
-    if not finite.any():
-        return OutputError(float("nan"), float("nan"))
-    r, c = ref[finite].astype(np.float64), cand[finite].astype(np.float64)
+class Comparator:
+    """``compare`` fed in batches, so memory holds one batch of maps whatever the number of images (the gates,
+    ``edge-eval --compare``, ``edge-bench``)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.pearson: list[float] = []
+        self.constant: list[str] = []
+        self.bad = {"reference": [], "candidate": []}
+        self.map_abs = self.map_rel = self.score_abs = self.score_rel = 0.0
+        self.map_range = 0.0
+        self.finite_rows = 0
+        self.ref_scores: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray],
+            names: list[str] | None = None) -> None:
+        ref_maps, ref_scores = (np.asarray(a) for a in reference)
+        maps, scores = (np.asarray(a) for a in candidate)
+        if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
+            raise ValueError(f"shapes differ: reference {ref_maps.shape}/{ref_scores.shape}, candidate "
+                             f"{maps.shape}/{scores.shape}")
+        n = len(ref_maps)
+        start = len(self.names)
+        names = list(names) if names is not None else [f"#{start + i}" for i in range(n)]
+        if len(names) != n:
+            raise ValueError(f"{len(names)} names for {n} images")
+        self.names += names
+        for i in range(n):
+            ref_ok = bool(np.isfinite(ref_maps[i]).all() and np.isfinite(ref_scores[i]).all())
+            cand_ok = bool(np.isfinite(maps[i]).all() and np.isfinite(scores[i]).all())
+            if not ref_ok:
+                self.bad["reference"].append(names[i])
+            if not cand_ok:
+                self.bad["candidate"].append(names[i])
+            if not (ref_ok and cand_ok):
+                self.pearson.append(0.0)
+                continue
+            classes = range(ref_maps.shape[1])
+            self.pearson.append(min(map_pearson(ref_maps[i, k], maps[i, k]) for k in classes))
+            if any(is_flat(ref_maps[i, k]) != is_flat(maps[i, k]) for k in classes):
+                self.constant.append(names[i])
+            self.map_range = max([self.map_range] + [float(np.ptp(ref_maps[i, k])) for k in classes])
+            self.map_abs, self.map_rel = _worse((self.map_abs, self.map_rel), ref_maps[i], maps[i])
+            self.score_abs, self.score_rel = _worse((self.score_abs, self.score_rel), ref_scores[i], scores[i])
+            self.ref_scores.append(np.asarray(ref_scores[i], np.float64).reshape(-1))
+            self.scores.append(np.asarray(scores[i], np.float64).reshape(-1))
+            self.finite_rows += 1
+
+    def result(self) -> Comparison:
+        nan = float("nan")
+        rho, std = None, 0.0
+        if self.finite_rows:
+            ref, cand = np.stack(self.ref_scores), np.stack(self.scores)
+            std = float(ref.std(axis=0).min())
+            if self.finite_rows >= 3:
+                per_class = [spearman(ref[:, k], cand[:, k]) for k in range(ref.shape[1])]
+                rho = None if any(r is None for r in per_class) else min(per_class)
+        any_finite = self.finite_rows > 0
+        return Comparison(
+            images=len(self.names), names=list(self.names),
+            anomaly_map=OutputError(self.map_abs, self.map_rel) if any_finite else OutputError(nan, nan),
+            image_score=OutputError(self.score_abs, self.score_rel) if any_finite else OutputError(nan, nan),
+            map_range=self.map_range, map_pearson=[round(p, 7) for p in self.pearson],
+            map_pearson_min=min(self.pearson) if self.pearson else None,
+            map_pearson_mean=float(np.mean(self.pearson)) if self.pearson else None,
+            score_spearman=rho, score_reference_std=std,
+            nonfinite_images={k: list(v) for k, v in self.bad.items()}, constant_map_images=list(self.constant))
+
+
+def _worse(current: tuple[float, float], ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    r, c = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
     diff = np.abs(r - c)
-    return OutputError(float(diff.max()), float((diff / np.maximum(np.abs(r), 1e-12)).max()))
+    return (max(current[0], float(diff.max(initial=0.0))),
+            max(current[1], float((diff / np.maximum(np.abs(r), 1e-12)).max(initial=0.0))))
 
 
 def compare(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray],
             names: list[str] | None = None) -> Comparison:
     """Compare (anomaly_map [N, K, S, S], image_score [N, K]) of a reference and a candidate on the same N images."""
-    ref_maps, ref_scores = (np.asarray(a) for a in reference)
-    maps, scores = (np.asarray(a) for a in candidate)
-    if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
-        raise ValueError(f"shapes differ: reference {ref_maps.shape}/{ref_scores.shape}, candidate "
-                         f"{maps.shape}/{scores.shape}")
-    n = len(ref_maps)
-    names = list(names) if names is not None else [f"#{i}" for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"{len(names)} names for {n} images")
+    comparator = Comparator()
+    comparator.add(reference, candidate, names)
+    return comparator.result()
 
-    def bad(m, s):
-        flat = m.reshape(n, -1)
-        return ~(np.isfinite(flat).all(axis=1) & np.isfinite(s.reshape(n, -1)).all(axis=1))
 
-    ref_bad, cand_bad = bad(ref_maps, ref_scores), bad(maps, scores)
-    both_finite = ~(ref_bad | cand_bad)
-    pearson, constant = [], []
-    for i in range(n):
-        if not both_finite[i]:
-            pearson.append(0.0)
-            continue
-        classes = range(ref_maps.shape[1])
-        per_class = [map_pearson(ref_maps[i, k], maps[i, k]) for k in classes]
-        if any(is_flat(ref_maps[i, k]) != is_flat(maps[i, k]) for k in classes):
-            constant.append(names[i])
-        pearson.append(min(per_class))
-    rows = both_finite
-    map_mask = np.broadcast_to(rows.reshape(n, *([1] * (ref_maps.ndim - 1))), ref_maps.shape)
-    score_mask = np.broadcast_to(rows.reshape(n, *([1] * (ref_scores.ndim - 1))), ref_scores.shape)
-    per_map_range = [float(np.ptp(ref_maps[i, k])) for i in np.flatnonzero(rows) for k in range(ref_maps.shape[1])]
-    rho = None
-    if rows.sum() >= 3:
-        per_class = [spearman(ref_scores[rows, k], scores[rows, k]) for k in range(ref_scores.shape[1])]
-        rho = None if any(r is None for r in per_class) else min(per_class)
-    return Comparison(
-        images=n, names=names,
-        anomaly_map=_error(ref_maps, maps, map_mask), image_score=_error(ref_scores, scores, score_mask),
-        map_range=max(per_map_range, default=0.0),
-        map_pearson=[round(p, 7) for p in pearson],
-        map_pearson_min=min(pearson) if pearson else None,
-        map_pearson_mean=float(np.mean(pearson)) if pearson else None,
-        score_spearman=rho,
-        score_reference_std=float(ref_scores[rows].std(axis=0).min()) if rows.any() else 0.0,
-        nonfinite_images={"reference": [names[i] for i in np.flatnonzero(ref_bad)],
-                          "candidate": [names[i] for i in np.flatnonzero(cand_bad)]},
-        constant_map_images=constant)
+def compare_runners(reference, candidate, images: np.ndarray, names: list[str] | None = None,
+                    chunk: int = 8, progress=None) -> Comparison:
+    """Run the same uint8 images [N, S, S, 3] through two ``Backend``s (each split and padded to its own batch
+    range) and compare their outputs, ``chunk`` images at a time."""
+    from .batching import run_batched
+
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
+    comparator = Comparator()
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk]
+        comparator.add(run_batched(reference.run, part, *reference.batch_range),
+                       run_batched(candidate.run, part, *candidate.batch_range), names[start:start + chunk])
+        if progress is not None:
+            progress(len(part))
+    return comparator.result()
 
 
 def _listed(images: list[str], limit: int = 8) -> str:

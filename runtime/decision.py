@@ -1,9 +1,6 @@
-"""The OK/NG rule, fail-closed, used by every live path (Detector, edge-detect, edge-eval), and the decision scores
-it is applied to.
-
-NG when the score reaches the threshold; OK below it; no label without a threshold. A model output that is not finite
-(NaN or inf anywhere in the score or the map) is never OK: it is NG with an error, threshold or not, because a part
-whose inspection produced garbage has not passed inspection.
+"""The decision scores OK/NG is decided on, the conformal p-value and normalised score, and the checks that keep
+the decision fail-closed (``policy.DecisionPolicy`` applies them): a model output that is not finite (NaN or inf
+anywhere in the score or the map) is never OK, because a part whose inspection produced garbage has not passed.
 
 Decision score per model (``RULES``): AA-CLIP's image score as its paper defines it, 0.5 · max(map) + 0.5 · score after
 per-class min-max normalisation (medical: the normalised map maximum only), with the constants that the official
@@ -44,31 +41,9 @@ def nonfinite_error(score: float, anomaly_map: np.ndarray | None) -> str | None:
     return None if not bad else f"model output is not finite ({', '.join(bad)} NaN/inf); labelled NG"
 
 
-def decide(score: float, threshold: float | None, anomaly_map: np.ndarray | None = None) -> tuple[str | None,
-                                                                                             str | None]:
-    """(label, error): label "NG"/"OK" or None without a threshold; error set when the outputs are not finite."""
-    error = nonfinite_error(float(score), anomaly_map)
-    if error is not None:
-        return "NG", error
-    if threshold is None:
-        return None, None
-    return ("NG" if float(score) >= float(threshold) else "OK"), None
-
-
 RULES = ("aaclip_industrial", "aaclip_medical", "image_score", "map_max")
 CONSTANTS = {"aaclip_industrial": ("p_min", "p_max", "i_min", "i_max"), "aaclip_medical": ("p_min", "p_max"),
              "image_score": (), "map_max": ()}
-
-
-def rule_for(kind: str, domain: str | None, declared: str | None = None) -> str:
-    """The decision-score rule of a model: the one its manifest names, else the one of its kind."""
-    if declared:
-        if declared not in RULES:
-            raise ClipadError(f"unknown decision score {declared!r} in the manifest; upgrade clipad-edge")
-        return declared
-    if kind == "aaclip":
-        return "aaclip_medical" if domain == "medical" else "aaclip_industrial"
-    return "map_max" if kind == "clip" else "image_score"
 
 
 def decision_score(rule: str, constants: dict | None, map_max: float, score: float) -> float | None:

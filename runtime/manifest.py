@@ -1,27 +1,36 @@
 """The versioned ``manifest.json`` sidecar, as one typed schema: the only thing the runtime reads about a model.
 
 Written by ``export-engine`` next to the model files (nothing is ever prepended to an ONNX or engine file, so
-trtexec / DeepStream load them as they are); hashes tie it to the exact files. Every writer and reader goes through
-``Manifest.read`` / ``Manifest.write``: one version check, one validation, one atomic writer.
+trtexec / DeepStream load them as they are); hashes tie it to the exact files. Readers go through ``Manifest.read``;
+every writer of an existing export goes through ``Manifest.update(dir, change)``, which takes the folder's lock,
+re-reads, applies the change and writes atomically (keeping the file's mode), so two commands working on one export
+never lose each other's changes.
 
-Versions: 2 is current. 1 (clipad-edge 0.1.0) is read and upgraded in memory (its reports get the comparator's shape);
-the next write stores version 2. A newer version than this runtime knows is refused with a one-line error.
-Fields added later without breaking readers keep the version; unknown keys are preserved on rewrite.
+Versions: 3 is current. 1 (clipad-edge 0.1.0) and 2 are read and upgraded in memory (``manifest_upgrade``); the next
+write stores version 3. A newer version than this runtime knows is refused with a one-line error (so a schema-3
+manifest read by an older clipad-edge says "newer than this clipad-edge supports").
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
-from . import schema
+from . import precisions, schema
 from .atomic import write_json_atomic
-from .compare import Comparison, GateLimits, GateReport, OutputError
+from .compare import GateReport
+from .decision import CONSTANTS, RULES
 from .errors import ClipadError
+from .filelock import FileLock, pause_point
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.json.lock"
+LOCK_TIMEOUT_S = 120.0
+T = TypeVar("T")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -36,6 +45,16 @@ def _plain_file_name(name: str, where: str) -> None:
     """Model files live in the model folder itself: a path, '..' or an absolute name is refused."""
     if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name or "\0" in name:
         raise schema.SchemaError(f"{where}: {name!r} is not a plain file name inside the model folder")
+
+
+def _precision_name(name: str, where: str) -> None:
+    if name not in precisions.PRECISIONS:
+        raise schema.SchemaError(f"{where}: unknown precision {name!r} (known: {', '.join(precisions.NAMES)})")
+
+
+def _finite(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise schema.SchemaError(f"{where}: must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -74,9 +93,9 @@ class ModelInfo:
     arch: str
     image_size: int
     class_names: list[str]
+    decision_score: str                           # the decision-score rule (runtime.decision.RULES): the one source
     prompt_names: list[str] = field(default_factory=list)
     domain: str | None = None
-    decision_score: str | None = None             # rule name (runtime.decision.RULES); None: derived from the kind
     anchor_sha256: str = ""
     random_init: bool = False
     details: dict = field(default_factory=dict)   # model-kind provenance (weights format, checkpoint epoch, blur …)
@@ -84,6 +103,11 @@ class ModelInfo:
     def validate(self, where: str) -> None:
         if not self.class_names:
             raise schema.SchemaError(f"{where}.class_names: empty")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise schema.SchemaError(f"{where}.class_names: a name appears twice ({self.class_names})")
+        if self.decision_score not in RULES:
+            raise schema.SchemaError(f"{where}.decision_score: unknown rule {self.decision_score!r} (known: "
+                                     f"{', '.join(RULES)}); upgrade clipad-edge or re-export")
 
 
 @dataclass
@@ -93,7 +117,9 @@ class FileEntry:
     precision: str
     format: str = "onnx"
     opset: int | None = None
-    target: str | None = None     # "cpu" for a variant made for CPU runtimes
+
+    def validate(self, where: str) -> None:
+        _precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
@@ -122,6 +148,7 @@ class EngineEntry:
 
     def validate(self, where: str) -> None:
         _plain_file_name(self.file, f"{where}.file")
+        _precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
@@ -132,14 +159,20 @@ class PrecisionReport:
 
 @dataclass
 class ClassCalibration:
-    """One class's decision from normal images (``edge-calibrate``): OK/NG on the decision score, defect regions on
-    the map, p-values against the stored normal scores."""
+    """One class's decision from normal images (``edge-calibrate``), with its own provenance: OK/NG on the decision
+    score, defect regions on the map, p-values against the stored normal scores."""
     decision: dict                   # the decision-score rule's constants, e.g. AA-CLIP's {"p_min","p_max","i_min","i_max"}
     image_threshold: float           # NG when the decision score >= this
     pixel_threshold: float           # map values >= this are defect regions
     normal_scores: list[float]       # sorted decision scores of the calibration images (conformal p-values)
     display_range: list[float]       # fixed overlay colour range [low, high]
-    holdout_images: int = 0
+    method: str                      # conformal, quantile or meanstd
+    target_fpr: float
+    images: int                      # normal images the thresholds were fitted on
+    normal: str                      # where the normal images came from
+    images_sha256: str               # over the sorted per-file sha256s of the normal images used
+    created: str
+    holdout_images: int = 0          # normal images held out to measure the false-alarm rate
     holdout_false_alarms: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -148,26 +181,48 @@ class ClassCalibration:
         return self.holdout_false_alarms / self.holdout_images if self.holdout_images else None
 
     def validate(self, where: str) -> None:
-        if not self.normal_scores or list(self.normal_scores) != sorted(self.normal_scores):
-            raise schema.SchemaError(f"{where}.normal_scores: must be a non-empty ascending list")
+        for name in ("image_threshold", "pixel_threshold"):
+            _finite(getattr(self, name), f"{where}.{name}")
+        if not self.normal_scores:
+            raise schema.SchemaError(f"{where}.normal_scores: empty")
+        for i, value in enumerate(self.normal_scores):
+            _finite(value, f"{where}.normal_scores[{i}]")
+        if list(self.normal_scores) != sorted(self.normal_scores):
+            raise schema.SchemaError(f"{where}.normal_scores: must be in ascending order")
         if len(self.display_range) != 2:
             raise schema.SchemaError(f"{where}.display_range: expected [low, high]")
+        for i, value in enumerate(self.display_range):
+            _finite(value, f"{where}.display_range[{i}]")
+        _finite(self.target_fpr, f"{where}.target_fpr")
+        if not 0 < self.target_fpr < 1:
+            raise schema.SchemaError(f"{where}.target_fpr: must be between 0 and 1, got {self.target_fpr}")
+        for key, value in self.decision.items():
+            if key != "rule":
+                _finite(value, f"{where}.decision.{key}")
+
+    def check_rule(self, rule: str, where: str) -> None:
+        """The constants the model's decision-score rule needs, and no other rule named."""
+        if self.decision.get("rule", rule) != rule:
+            raise schema.SchemaError(f"{where}.decision.rule: {self.decision['rule']!r} is not the model's decision "
+                                     f"score {rule!r} (model.decision_score is the one source); re-run edge-calibrate")
+        missing = [k for k in CONSTANTS[rule] if k not in self.decision]
+        if missing:
+            raise schema.SchemaError(f"{where}.decision: the {rule} rule needs {', '.join(missing)}")
+        for low, high in (("p_min", "p_max"), ("i_min", "i_max")):
+            if low in self.decision and high in self.decision and not self.decision[high] > self.decision[low]:
+                raise schema.SchemaError(f"{where}.decision: {high} must be above {low}")
 
 
 @dataclass
 class Calibration:
-    """Thresholds for one precision on one backend (a model folder can hold several)."""
+    """Thresholds for one precision on one backend, per class (a model folder can hold several)."""
     precision: str
     backend: str
-    method: str                      # conformal, quantile or meanstd
-    target_fpr: float
-    images: int                      # normal images the thresholds were fitted on
-    holdout: int                     # normal images held out to measure the false-alarm rate
-    normal: str                      # where the normal images came from
-    images_sha256: str               # over the sorted per-file sha256s of all normal images used
-    created: str
     classes: dict[str, ClassCalibration]
     extra: dict = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        _precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
@@ -189,12 +244,30 @@ class Manifest:
     def validate(self, where: str) -> None:
         for name in self.files:
             _plain_file_name(name, f"{where}.files")
-        if "model.onnx" not in self.files:
-            raise schema.SchemaError(f"{where}.files: no model.onnx entry")
+        if precisions.REFERENCE.file not in self.files:
+            raise schema.SchemaError(f"{where}.files: no {precisions.REFERENCE.file} entry")
+        for name in self.precisions:
+            _precision_name(name, f"{where}.precisions")
+        s, k = self.model.image_size, len(self.model.class_names)
+        shapes = {o.name: o.shape[1:] for o in self.outputs}
+        expected = {"anomaly_map": [k, s, s], "image_score": [k]}
+        for name, shape in expected.items():
+            if name in shapes and shapes[name] != shape:
+                raise schema.SchemaError(f"{where}.outputs.{name}: shape [batch, {', '.join(map(str, shapes[name]))}]"
+                                         f" does not fit {k} class name(s) {self.model.class_names} at {s} px "
+                                         f"(expected [batch, {', '.join(map(str, shape))}])")
+        for i, calibration in enumerate(self.calibrations):
+            for name, cal in calibration.classes.items():
+                at = f"{where}.calibrations[{i}].classes.{name}"
+                if name not in self.model.class_names:
+                    raise schema.SchemaError(f"{at}: not a class of this model ({', '.join(self.model.class_names)})")
+                cal.check_rule(self.model.decision_score, at)
 
     # ---- reading and writing ---------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data, where: str = MANIFEST_NAME) -> "Manifest":
+        from .manifest_upgrade import upgrade
+
         if not isinstance(data, dict) or "schema_version" not in data:
             raise ClipadError(f"{where}: not a clipad manifest (no schema_version)")
         version = data["schema_version"]
@@ -204,15 +277,10 @@ class Manifest:
             raise ClipadError(f"{where}: schema_version {version} is newer than this clipad-edge supports "
                               f"({SCHEMA_VERSION}); upgrade clipad-edge")
         try:
-            if version == 1:
-                try:
-                    data = upgrade_v1(data)
-                except (TypeError, AttributeError, ValueError, KeyError) as exc:   # a damaged version-1 document
-                    raise schema.SchemaError(f"version-1 manifest cannot be upgraded ({type(exc).__name__}: "
-                                             f"{str(exc).splitlines()[0][:120]})") from None
-            return schema.load(cls, data, "manifest")
+            return schema.load(cls, upgrade(data, version), "manifest")
         except schema.SchemaError as exc:
-            raise ClipadError(f"{where}: invalid manifest: {exc}; re-export with export-engine") from None
+            raise ClipadError(f"{where}: invalid manifest: {exc}; re-export with export-engine (or re-run "
+                              f"edge-calibrate for a calibration)") from None
 
     def to_dict(self) -> dict:
         out = schema.dump(self)
@@ -230,15 +298,61 @@ class Manifest:
         if not os.path.isfile(path):
             raise ClipadError(f"--model {model_dir}: no {MANIFEST_NAME} (not a directory written by export-engine)")
         try:
-            with open(path) as fh:
-                data = json.load(fh)
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read())
         except (OSError, ValueError) as exc:
             raise ClipadError(f"{path}: unreadable manifest ({exc})") from None
         return cls.from_dict(data, path)
 
     def write(self, model_dir: str) -> str:
-        """Atomically (temp file + rename) replace ``model_dir/manifest.json``."""
-        return write_json_atomic(os.path.join(model_dir, MANIFEST_NAME), self.to_dict())
+        """Atomically (temp file + rename) replace ``model_dir/manifest.json``, keeping an existing file's mode. Used
+        for a new export's folder; an existing export is changed through ``update``."""
+        path = os.path.join(model_dir, MANIFEST_NAME)
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = None
+        return write_json_atomic(path, self.to_dict(), mode=mode)
+
+    @classmethod
+    def update(cls, model_dir: str, change: Callable[["Manifest"], T], files: dict[str, str] | None = None,
+               timeout: float = LOCK_TIMEOUT_S) -> T:
+        """Under the folder's lock: read the manifest as it is now, move ``files`` (name -> a finished file beside
+        the folder, e.g. in a temp folder inside it) into place, ``change(manifest)`` it and write it atomically.
+        If anything fails, the files it replaced are put back: model files change only together with the manifest
+        that lists them. Returns what ``change`` returns. Work that takes long is done before, outside the lock."""
+        pause_point("before-manifest-update")
+        with lock(model_dir, timeout=timeout):
+            manifest = cls.read(model_dir)
+            moved: list[tuple[str, str | None]] = []   # (installed path, backup of what it replaced)
+            try:
+                for name, ready in (files or {}).items():
+                    target = os.path.join(model_dir, name)
+                    backup = None
+                    if os.path.exists(target):
+                        backup = f"{target}.replaced-{os.getpid()}"
+                        os.replace(target, backup)
+                    moved.append((target, backup))
+                    os.replace(ready, target)
+                result = change(manifest)
+                manifest.write(model_dir)
+            except BaseException:
+                for target, backup in reversed(moved):
+                    try:
+                        if backup is not None:
+                            os.replace(backup, target)
+                        elif os.path.exists(target):
+                            os.remove(target)
+                    except OSError:
+                        pass
+                raise
+            for _, backup in moved:
+                if backup is not None:
+                    try:
+                        os.remove(backup)
+                    except OSError:
+                        pass
+        return result
 
     # ---- helpers every consumer needs ------------------------------------------------------------------------------
     @property
@@ -262,11 +376,13 @@ class Manifest:
                            f"{other.backend}): run edge-calibrate --precision {precision} for this precision's own")
         return None, None
 
-    def set_calibration(self, calibration: Calibration) -> None:
-        """Add, replacing the one for the same precision and backend."""
-        self.calibrations = [c for c in self.calibrations
-                             if (c.precision, c.backend) != (calibration.precision, calibration.backend)]
-        self.calibrations.append(calibration)
+    def set_class_calibration(self, precision: str, backend: str, class_name: str, cal: ClassCalibration) -> None:
+        """Add or replace one class's thresholds for this precision and backend; other classes keep theirs."""
+        existing = next((c for c in self.calibrations if (c.precision, c.backend) == (precision, backend)), None)
+        if existing is None:
+            existing = Calibration(precision=precision, backend=backend, classes={})
+            self.calibrations.append(existing)
+        existing.classes[class_name] = cal
 
     def verify_file(self, model_dir: str, name: str) -> str:
         """Path of a model file listed in the manifest, after checking its size and sha256."""
@@ -280,68 +396,25 @@ class Manifest:
             raise ClipadError(f"{path}: sha256 does not match the manifest (file changed or truncated); re-export")
         return path
 
+    def owned_files(self) -> list[str]:
+        """The names of everything in the folder that the export owns: manifest, lock, model files, engines."""
+        return [MANIFEST_NAME, LOCK_NAME, *self.files, *(e.file for e in self.engines)]
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")   # int8: Q/DQ for TensorRT; int8-cpu: dynamic INT8 for CPUs
+
+def lock(model_dir: str, timeout: float = LOCK_TIMEOUT_S, shared: bool = False) -> FileLock:
+    """The lock of an export folder's manifest (every writer holds it while it reads, changes and writes)."""
+    return FileLock(os.path.join(model_dir, LOCK_NAME), f"{os.path.join(model_dir, MANIFEST_NAME)}", timeout, shared)
 
 
-def precision_file(precision: str) -> str:
-    """The ONNX file of a precision in an export folder."""
-    if precision not in PRECISIONS:
-        raise ClipadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+def check_writable(model_dir: str) -> Manifest:
+    """The manifest of an export this user can change (checked before long work, so it never ends in a lost
+    result)."""
+    manifest = Manifest.read(model_dir)
+    if not os.access(model_dir, os.W_OK):
+        raise ClipadError(f"--model {model_dir}: the model folder is read-only for this user; its manifest cannot be "
+                          f"updated")
+    return manifest
 
 
 def file_entry(path: str, precision: str, opset: int | None) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=os.path.getsize(path), precision=precision, opset=opset)
-
-
-# ---- version 1 (clipad-edge 0.1.0) -----------------------------------------------------------------------------------
-_V1_MODEL_KEYS = ("kind", "arch", "image_size", "class_names", "prompt_names", "domain", "anchor_sha256",
-                  "random_init")
-
-
-def _v1_gate(old: dict, name: str, reference: str, candidate: str) -> dict:
-    """A version-1 parity or precision-gate report in the comparator's shape (per-image lists were not stored)."""
-    limits = old.get("limits") or {}
-    names = list(old.get("verify_images") or [])
-    amap, score = old.get("anomaly_map") or {}, old.get("image_score") or {}
-    comparison = Comparison(
-        images=int(old.get("images", 0)), names=names,
-        anomaly_map=OutputError(amap.get("max_abs", old.get("map_max_abs", 0.0)), amap.get("max_rel", 0.0)),
-        image_score=OutputError(score.get("max_abs", old.get("score_max_abs", 0.0)), score.get("max_rel", 0.0)),
-        map_range=old.get("map_range", 0.0), map_pearson=[],
-        map_pearson_min=old.get("map_pearson_min"), map_pearson_mean=old.get("map_pearson_mean"),
-        score_spearman=old.get("score_spearman_min"), score_reference_std=old.get("score_fp32_std", 0.0),
-        nonfinite_images={"reference": [], "candidate": []}, constant_map_images=[])
-    gate_limits = GateLimits(map_error_over_range=limits.get("map_error_over_range"),
-                             score_max_abs=limits.get("image_score_max_abs"),
-                             map_pearson_min=limits.get("map_pearson_min"),
-                             score_spearman_min=limits.get("score_spearman_min"))
-    report = GateReport(name=name, reference=reference, candidate=candidate, comparison=comparison,
-                        limits=gate_limits, passed=bool(old.get("passed")),
-                        accepted_despite_failure=bool(old.get("accepted_despite_failure", False)))
-    return schema.dump(report)
-
-
-def upgrade_v1(data: dict) -> dict:
-    """Version 1 → 2: model provenance moves under ``model.details``, reports take the comparator's shape."""
-    out = dict(data)
-    model = dict(data.get("model") or {})
-    out["model"] = {k: model[k] for k in _V1_MODEL_KEYS if k in model}
-    out["model"]["details"] = {k: v for k, v in model.items() if k not in _V1_MODEL_KEYS}
-    if "image_size" not in out["model"]:
-        shape = (data.get("input") or {}).get("shape") or [None, None]
-        out["model"]["image_size"] = shape[1]
-    if isinstance(data.get("parity"), dict):
-        out["parity"] = _v1_gate(data["parity"], "parity", "torch", data["parity"].get("backend", "onnxruntime"))
-    precisions = {}
-    for precision, info in (data.get("precisions") or {}).items():
-        info = dict(info)
-        gate = info.pop("gate", {})
-        precisions[precision] = {"gate": _v1_gate(gate, precision, "onnxruntime fp32",
-                                                  f"onnxruntime {precision}"), "conversion": info}
-    out["precisions"] = precisions
-    if data.get("thresholds"):  # version 1 had the field but nothing wrote it
-        raise schema.SchemaError("thresholds from an unknown writer; run edge-calibrate again")
-    out.pop("thresholds", None)
-    return out

@@ -10,7 +10,6 @@ cv2 is imported lazily so ``import clipad.runtime`` stays light.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import threading
@@ -22,11 +21,10 @@ from typing import Iterator
 import numpy as np
 
 from .errors import ClipadError
-from .preprocess import load_image
+from .inputs import GLOB_CHARS, list_images, read_bgr
 
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 URL_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
-GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass
@@ -44,6 +42,7 @@ class Source:
 
     total: int | None = None
     is_live: bool = False
+    skipped: list[str] = []     # files of a folder or glob left out (no image extension)
 
     def __iter__(self) -> Iterator[Frame]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -68,7 +67,10 @@ def _redact(url: str) -> str:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "stream"
+    """A file-name stem from any text: Unicode kept (検査 stays 検査), only path separators, control characters and
+    leading/trailing dots replaced."""
+    cleaned = re.sub(r"[\x00-\x1f\x7f/\\]+", "_", text).strip(". ")
+    return cleaned or "stream"
 
 
 def _quiet_videocapture(arg):
@@ -88,20 +90,6 @@ def _quiet_videocapture(arg):
             logging.setLogLevel(old)
 
 
-LARGE_SIDE = 4096   # still images with a longer side are reduced while decoding (memory bound; README)
-
-
-def read_image_bgr(path: str, max_side: int | None = LARGE_SIDE) -> tuple[np.ndarray | None, str | None]:
-    """Decode a still image robustly (via ``load_image``) → (BGR uint8 HxWx3, None) or (None, one-line error)."""
-    try:
-        rgb = np.asarray(load_image(path, max_side=max_side), dtype=np.uint8)
-    except ClipadError as exc:
-        return None, _one_line(exc)
-    except Exception as exc:  # any other decoder failure is still a per-file error, never a crash
-        return None, _one_line(f"{path}: unreadable image ({type(exc).__name__}: {exc})")
-    return np.ascontiguousarray(rgb[:, :, ::-1]), None
-
-
 def _unique_stems(paths: list[str]) -> list[str]:
     """File stems, falling back to the full name (then a counter) where two files would share one output name."""
     stems = [Path(p).stem for p in paths]
@@ -116,20 +104,6 @@ def _unique_stems(paths: list[str]) -> list[str]:
     return out
 
 
-def _original_size(path: str, image: np.ndarray | None) -> tuple[int, int] | None:
-    """(width, height) of the file when the decoded image was reduced, else None."""
-    if image is None or max(image.shape[:2]) * 2 <= LARGE_SIDE:
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            size = im.size
-    except Exception:  # decoded a moment ago; a race with the file changing is not worth a crash
-        return None
-    return None if size == (image.shape[1], image.shape[0]) else size
-
-
 class ImageFiles(Source):
     """A list of still-image paths; each yields exactly one Frame (errors included). Re-iterable."""
 
@@ -140,9 +114,8 @@ class ImageFiles(Source):
 
     def __iter__(self) -> Iterator[Frame]:
         for path, stem in zip(self.paths, self.stems):
-            image, error = read_image_bgr(path)
-            yield Frame(source=path, frame=None, image=image, error=error, stem=stem,
-                        original_size=_original_size(path, image))
+            image, error, original = read_bgr(path)
+            yield Frame(source=path, frame=None, image=image, error=error, stem=stem, original_size=original)
 
 
 class VideoFile(Source):
@@ -325,26 +298,8 @@ class LiveCapture(Source):
             self._thread.join(timeout)
 
 
-def _list_folder(path: str) -> list[str]:
-    """Every visible entry that is not a sub-folder; entries that cannot be inspected (symlink loops, broken links,
-    permissions) are kept, so they become per-file error records instead of stopping the run."""
-    try:
-        with os.scandir(path) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError as exc:
-        raise ClipadError(f"{path}: folder cannot be read ({exc.strerror or exc})") from None
-    files = []
-    for entry in entries:
-        try:
-            if entry.is_dir():
-                continue
-        except OSError:
-            pass
-        files.append(os.path.join(path, entry.name))
-    return files
-
-
-def open_source(spec: str | int, max_frames: int | None = None, reconnect: int = 0, loop: bool = False) -> Source:
+def open_source(spec: str | int, max_frames: int | None = None, reconnect: int = 0, loop: bool = False,
+                flag: str = "--source") -> Source:
     """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, video file, image file, folder or glob.
     ``reconnect``: how many times a camera or stream that stops delivering is re-opened."""
     if reconnect < 0:
@@ -370,18 +325,11 @@ def open_source(spec: str | int, max_frames: int | None = None, reconnect: int =
                            open_error=f"{shown}: stream could not be opened (wrong address, or unreachable?)",
                            reconnect=reconnect)
     path = os.path.expanduser(text)
-    if os.path.isdir(path):
-        files = _list_folder(path)
-        if not files:
-            raise ClipadError(f"{path}: folder contains no files")
-        return ImageFiles(files, max_frames)
-    if os.path.isfile(path):
-        if Path(path).suffix.lower() in VIDEO_EXTS:
-            return VideoFile(path, max_frames, loop)
-        return ImageFiles([path], max_frames)
-    if GLOB_CHARS & set(path):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise ClipadError(f"{path}: no files match this pattern")
-        return ImageFiles(files, max_frames)
-    raise ClipadError(f"{path}: no such file or directory")
+    if os.path.isfile(path) and Path(path).suffix.lower() in VIDEO_EXTS:
+        return VideoFile(path, max_frames, loop)
+    if os.path.isdir(path) or os.path.isfile(path) or GLOB_CHARS & set(path):
+        listing = list_images(path, flag)
+        source = ImageFiles(listing.paths, max_frames)
+        source.skipped = listing.skipped
+        return source
+    raise ClipadError(f"{flag} {text}: no such file, folder, glob, camera index or URL")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clipad.runtime.batching import chunks, pad_batch, run_batched
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from tiny_fixtures import export_tiny
 

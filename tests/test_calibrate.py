@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 
@@ -14,7 +15,7 @@ from PIL import Image
 from clipad.calibration import thresholds as th
 from clipad.calibration.cli import main as edge_calibrate
 from clipad.calibration.samples import write_samples
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.decision import decision_score, normalized_score, p_value
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import Manifest
@@ -95,8 +96,12 @@ def test_aaclip_decision_score_is_the_official_formula_with_fitted_constants():
 # ---- the command -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def normal_dir(tmp_path_factory):
+    """30 defect-free sample images (the generator draws every second one with a defect: those are left out)."""
     folder = tmp_path_factory.mktemp("normal")
-    write_samples(str(folder), count=30, seed=5)
+    for path in write_samples(str(folder), count=60, seed=5):
+        if "_defect" in path:
+            os.remove(path)
+    assert len(os.listdir(folder)) == 30
     return folder
 
 
@@ -119,10 +124,10 @@ def test_calibrate_then_detect_labels_without_threshold(copy, normal_dir, tmp_pa
     assert edge_calibrate(["--model", str(copy), "--normal", str(normal_dir), "--target-fpr", "0.1", "-q"]) == 0
     m = Manifest.read(str(copy))
     (cal,) = m.calibrations
-    assert (cal.precision, cal.backend, cal.method) == ("fp32", "onnxruntime", "conformal")
-    assert cal.images == 24 and cal.holdout == 6 and set(cal.classes) == {"bottle", "screw"}
+    assert (cal.precision, cal.backend) == ("fp32", "onnxruntime") and set(cal.classes) == {"bottle", "screw"}
     bottle = cal.classes["bottle"]
-    assert len(bottle.normal_scores) == 24 and bottle.decision["rule"] == "aaclip_industrial"
+    assert bottle.method == "conformal" and bottle.images == 24 and bottle.holdout_images == 6
+    assert len(bottle.normal_scores) == 24 and set(bottle.decision) == {"p_min", "p_max", "i_min", "i_max"}
     k = math.ceil(25 * 0.9 - 1e-9)
     assert bottle.image_threshold == bottle.normal_scores[k - 1]
     jsonl = tmp_path / "r.jsonl"
@@ -133,8 +138,15 @@ def test_calibrate_then_detect_labels_without_threshold(copy, normal_dir, tmp_pa
     for r in rows:
         assert r["label"] == ("NG" if r["decision_score"] >= bottle.image_threshold else "OK")
         assert r["p_value"] == pytest.approx(p_value(bottle.normal_scores, r["decision_score"]))
+        assert r["pixel_label"] == ("NG" if r["map_max"] >= bottle.pixel_threshold else "OK")
+        if "NG" in (r["label"], r["pixel_label"]):
+            assert r["regions"], "an NG part always shows where"
         for region in r["regions"]:
-            assert region["max"] >= bottle.pixel_threshold and region["area"] > 0
+            assert region["area"] > 0 and region["kind"] in ("defect", "peak")
+            if region["kind"] == "defect":
+                assert region["max"] >= bottle.pixel_threshold
+            else:   # the peak of a part the resize left below the pixel threshold: only for NG parts
+                assert len(r["regions"]) == 1 and "NG" in (r["label"], r["pixel_label"])
     first = rows[0]
     mask = np.asarray(Image.open(tmp_path / "masks" / (first["source"].rsplit("/", 1)[1][:-4] + ".png")))
     assert mask.shape == np.asarray(Image.open(first["source"])).shape[:2] and set(np.unique(mask)) <= {0, 255}
@@ -161,12 +173,15 @@ def test_calibrations_per_precision(copy, normal_dir, caplog):
     from clipad.runtime.detector import Detector
 
     with Detector.open(str(copy), precision="int8") as det:
-        assert det.calibration.precision == "int8"
-    m = Manifest.read(str(copy))
-    m.calibrations = [c for c in m.calibrations if c.precision == "fp32"]
-    m.write(str(copy))
-    with Detector.open(str(copy), precision="int8") as det:   # only fp32's: used, with a warning
-        assert det.calibration.precision == "fp32"
+        assert det.policy.calibration.precision == "int8"
+
+    def keep_fp32(m):
+        m.calibrations = [c for c in m.calibrations if c.precision == "fp32"]
+
+    Manifest.update(str(copy), keep_fp32)
+    with Detector.open(str(copy), precision="int8") as det:   # only fp32's: used, with a warning at the first decision
+        assert det.policy.calibration.precision == "fp32"
+        det.predict(np.zeros((20, 20, 3), np.uint8))
     assert "no calibration for int8; using the fp32 thresholds" in caplog.text
 
 
@@ -184,8 +199,8 @@ def test_redoing_int8_drops_its_stale_calibration(copy, normal_dir, calib_dir, c
 
 @pytest.mark.parametrize("problem, needle", [
     ("too_few_for_alpha", "needs at least 99 normal images"),
-    ("no_folder", "not a folder or a glob"),
-    ("empty_glob", "no files"),
+    ("no_folder", "no such file, folder or glob"),
+    ("empty_glob", "no image files"),
     ("unknown_class", "unknown class name 'bottel'"),
     ("bad_holdout", "--holdout 1.5"),
     ("bad_fpr", "--target-fpr 0.0"),
@@ -210,7 +225,7 @@ def test_bad_input_is_one_line(copy, normal_dir, tmp_path, capsys, problem, need
         bad.mkdir()
         (bad / "a.png").write_bytes(b"")
         (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-        args = ["--model", str(copy), "--normal", str(bad)]
+        args = ["--model", str(copy), "--normal", str(bad), "--target-fpr", "0.5"]
     before = (copy / "manifest.json").read_text()
     assert edge_calibrate(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -224,5 +239,6 @@ def test_unreadable_images_are_skipped_and_counted(copy, normal_dir, tmp_path, c
     (mixed / "zz_broken.png").write_bytes(b"not an image")
     assert edge_calibrate(["--model", str(copy), "--normal", str(mixed), "--target-fpr", "0.2", "-q"]) == 0
     (cal,) = Manifest.read(str(copy)).calibrations
-    assert cal.images + cal.holdout == 30 and cal.extra["unreadable"] == 1
+    bottle = cal.classes["bottle"]
+    assert bottle.images + bottle.holdout_images == 30 and bottle.extra["unreadable"] == 1
     assert "zz_broken.png" in caplog.text

@@ -7,7 +7,7 @@ import pytest
 from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
 from clipad.calibration import ranges
-from clipad.export import precision
+from clipad.export import convert as precision
 from tiny_fixtures import export_tiny, images
 
 

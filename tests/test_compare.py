@@ -9,8 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from scipy.stats import pearsonr, spearmanr
 
-from clipad.export import precision
-from clipad.runtime.compare import PARITY_LIMITS, PRECISION_LIMITS, GateLimits, average_ranks, compare, gate
+from clipad.export import convert as precision
+from clipad.runtime import precisions
+from clipad.runtime.compare import PARITY_LIMITS, Comparator, GateLimits, average_ranks, compare, compare_runners, gate
+
+PRECISION_LIMITS = {p.name: p.gate for p in precisions.PRECISIONS.values() if p.gate is not None}
 from tiny_fixtures import export_one_class
 
 
@@ -69,6 +72,46 @@ def test_constant_candidate_map_fails_and_is_named():
     assert not report.passed and any("constant on one side only on c" in f for f in report.failures)
     both = compare((np.zeros((3, 1, 4, 4)), np.zeros((3, 1))), (np.zeros((3, 1, 4, 4)), np.zeros((3, 1))))
     assert both.map_pearson == [1.0, 1.0, 1.0] and both.constant_map_images == []
+
+
+def test_streamed_comparison_equals_the_whole():
+    """The Comparator fed in uneven batches gives exactly what one comparison of everything gives."""
+    ref = outputs(n=7, seed=3)
+    rng = np.random.default_rng(4)
+    cand = (ref[0] + 0.1 * rng.normal(size=ref[0].shape).astype(np.float32), ref[1] * 1.01)
+    cand[0][4, 1, 0, 0] = np.nan
+    names = [f"i{j}" for j in range(7)]
+    whole = compare(ref, cand, names)
+    streamed = Comparator()
+    for start, stop in ((0, 3), (3, 4), (4, 7)):
+        streamed.add((ref[0][start:stop], ref[1][start:stop]), (cand[0][start:stop], cand[1][start:stop]),
+                     names[start:stop])
+    assert streamed.result() == whole
+    assert whole.nonfinite_images["candidate"] == ["i4"] and whole.images == 7
+
+
+class _Fixed:
+    """A runner with given outputs and a batch range (the compare_runners contract: run(batch) -> maps, scores)."""
+
+    def __init__(self, maps, scores, batch_range):
+        self.maps, self.scores, self.batch_range, self.seen = maps, scores, batch_range, []
+
+    def run(self, batch):
+        lo, hi = self.batch_range
+        assert lo <= len(batch) <= hi
+        idx = batch[:, 0, 0, 0].astype(int)
+        self.seen.append(len(batch))
+        return self.maps[idx], self.scores[idx]
+
+
+def test_compare_runners_batches_each_side_in_its_own_range():
+    ref = outputs(n=5)
+    images = np.zeros((5, 2, 2, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(5)
+    a, b = _Fixed(*ref, (1, 1)), _Fixed(ref[0].copy(), ref[1] + 0.5, (2, 2))
+    c = compare_runners(a, b, images, [f"n{i}" for i in range(5)], chunk=3)
+    assert a.seen == [1] * 5 and b.seen == [2, 2, 2]   # the last chunk of 2 images holds 1 real + 1 padded image
+    assert c.images == 5 and c.map_pearson_min == 1.0 and c.image_score.max_abs == pytest.approx(0.5)
 
 
 def test_spearman_needs_three_images():

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from clipad.export import cli as export_cli
-from clipad.export import precision
+from clipad.export import convert as precision
 from clipad.export.models import dinov2
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from tiny_fixtures import TINY, fp16_round_trips
 
 

@@ -10,29 +10,59 @@ from PIL import Image
 
 from clipad.runtime import detector as detector_module
 from clipad.runtime.backends.base import Backend
-from clipad.runtime.cli import display_range
-from clipad.runtime.cli import main as edge_detect
-from clipad.runtime.decision import check_threshold, decide
+from clipad.runtime.decision import check_threshold
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import Calibration, ClassCalibration, Manifest
+from clipad.runtime.manifest import ClassCalibration, Manifest
+from clipad.runtime.policy import DecisionPolicy
+from conftest import REPO
 from tiny_fixtures import export_tiny
+
+SCHEMA2 = REPO / "tests" / "data" / "schema2-aaclip-tiny"
+
+
+def calibration(threshold: float, display=(0.0, 1.0)) -> ClassCalibration:
+    """A map_max class calibration built in memory (no schema validation: the policy must hold on its own)."""
+    return ClassCalibration(decision={}, image_threshold=threshold, pixel_threshold=threshold,
+                            normal_scores=[0.0, 0.1], display_range=list(display), method="conformal",
+                            target_fpr=0.1, images=2, normal="/x", images_sha256="0" * 64, created="now")
+
+
+def clip_policy(model_dir, threshold: float | None) -> DecisionPolicy:
+    manifest = Manifest.read(str(model_dir))
+    if threshold is not None:
+        manifest.set_class_calibration("fp32", "onnxruntime", "bottle", calibration(threshold))
+    return DecisionPolicy(manifest, "fp32", "onnxruntime")
 
 
 @pytest.mark.parametrize("score, threshold, amap, expected", [
-    (0.7, 0.5, None, ("NG", None)), (0.5, 0.5, None, ("NG", None)), (0.49, 0.5, None, ("OK", None)),
-    (0.9, None, None, (None, None)), (float("nan"), 0.5, None, ("NG", "score nan")),
-    (float("nan"), None, None, ("NG", "score nan")), (float("-inf"), 0.5, None, ("NG", "score -inf")),
+    (0.7, 0.5, np.full((2, 2), 0.7), ("NG", None)), (0.5, 0.5, np.full((2, 2), 0.5), ("NG", None)),
+    (0.49, 0.5, np.full((2, 2), 0.49), ("OK", None)), (0.9, None, np.zeros((2, 2)), (None, None)),
+    (float("nan"), 0.5, np.zeros((2, 2)), ("NG", "score nan")),
+    (float("nan"), None, np.zeros((2, 2)), ("NG", "score nan")),
+    (float("-inf"), 0.5, np.zeros((2, 2)), ("NG", "score -inf")),
     (0.1, 0.5, np.array([[0.0, np.nan]]), ("NG", "1 of 2 map values")),
     (0.1, None, np.array([[np.inf, 1.0]]), ("NG", "1 of 2 map values")),
     (0.1, 0.5, np.zeros((2, 2)), ("OK", None)),
+    (0.1, float("nan"), np.zeros((2, 2)), ("NG", "threshold is not finite")),
+    (0.1, float("inf"), np.zeros((2, 2)), ("NG", "threshold is not finite")),
+    (0.1, float("-inf"), np.zeros((2, 2)), ("NG", "threshold is not finite")),
 ])
-def test_decide(score, threshold, amap, expected):
-    label, error = decide(score, threshold, amap)
-    assert label == expected[0]
-    assert (error is None) == (expected[1] is None)
-    if error is not None:
-        assert expected[1] in error and "NG" in error
+def test_policy_decides_fail_closed(model_dir, score, threshold, amap, expected):
+    """zero-shot CLIP decides on the map maximum; whatever the path, a non-finite output or threshold is NG."""
+    d = clip_policy(model_dir, threshold).decide("bottle", amap.astype(np.float32), score)
+    assert d.label == expected[0]
+    assert (d.error is None) == (expected[1] is None)
+    if d.error is not None:
+        assert expected[1] in d.error and "NG" in d.error
+
+
+def test_override_threshold_is_on_the_raw_score(model_dir):
+    policy = clip_policy(model_dir, 0.5)
+    assert policy.decide("bottle", np.zeros((2, 2), np.float32), 0.7, override=0.6).label == "NG"
+    assert policy.decide("bottle", np.full((2, 2), 0.9, np.float32), 0.5, override=0.6).label == "OK"
+    assert "--threshold" in policy.describe("bottle", 0.6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
@@ -48,7 +78,7 @@ class NonFiniteFakeBackend(Backend):
     name = "fake-nonfinite"
 
     def __init__(self, real: Backend):
-        self.real = real
+        self.real, self.image_size, self.precision = real, real.image_size, real.precision
 
     @property
     def description(self):
@@ -58,7 +88,7 @@ class NonFiniteFakeBackend(Backend):
     def batch_range(self):
         return self.real.batch_range
 
-    def run(self, batch_u8):
+    def _infer(self, batch_u8):
         maps, scores = self.real.run(batch_u8)
         poisoned = batch_u8[:, 0, 0, 0] == 0
         scores[poisoned, 0] = np.nan
@@ -121,15 +151,11 @@ def test_display_range_is_the_selected_class(model_dir, tmp_path):
 
     copy = tmp_path / "m"
     shutil.copytree(model_dir, copy)
-    manifest = Manifest.read(str(copy))
-    screw = ClassCalibration(decision={"rule": "map_max"}, image_threshold=300.0, pixel_threshold=200.0,
-                             normal_scores=[1.0, 2.0], display_range=[100.0, 200.0])
-    manifest.set_calibration(Calibration("fp32", "onnxruntime", "conformal", 0.1, 2, 0, "x", "0" * 64, "now",
-                                         {"screw": screw}))
-    manifest.write(str(copy))
+    Manifest.update(str(copy), lambda m: m.set_class_calibration("fp32", "onnxruntime", "screw",
+                                                                   calibration(300.0, (100.0, 200.0))))
     amap = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     with Detector.open(str(copy)) as det:
-        assert display_range(det, "screw", amap) == (100.0, 200.0)
-        assert display_range(det, "bottle", amap) == (0.0, 1.0)     # no calibration for bottle: its own range
+        assert det.policy.display_range("screw", amap) == (100.0, 200.0)
+        assert det.policy.display_range("bottle", amap) == (0.0, 1.0)     # no calibration for bottle: its own range
         amap[0, 0] = np.nan
-        assert display_range(det, "bottle", amap) == (pytest.approx(1 / 15), 1.0)
+        assert det.policy.display_range("bottle", amap) == (pytest.approx(1 / 15), 1.0)

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from clipad.export import cli as export_cli
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from tiny_fixtures import TINY, write_video
 
 KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
-        "regions", "latency_ms", "error"}
+        "regions", "latency_ms", "error", "pixel_label", "calibration"}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_bad_input_folder_continues_and_reports(model_dir, tmp_path):
     rc = edge_detect(["--model", str(model_dir), "--source", str(folder), "--jsonl", str(jsonl), "--save",
                       str(tmp_path / "ov"), "--save-maps", str(tmp_path / "maps"), "-q"])
     assert rc == 0
-    rows = read_jsonl(jsonl)
-    assert [os.path.basename(r["source"]) for r in rows] == sorted(os.listdir(folder))
+    rows = read_jsonl(jsonl)   # the folder's files with an image extension, every one a record (notes.txt is not)
+    assert [os.path.basename(r["source"]) for r in rows] == sorted(set(os.listdir(folder)) - {"h_notes.txt"})
     ok = {os.path.basename(r["source"]) for r in rows if r["error"] is None}
     assert ok == {"a_good.jpg", "b_rgba.png", "c_grey.png", "d_16bit.png"}
     for r in rows:
@@ -195,7 +195,7 @@ def test_runtime_works_where_torch_cannot_be_imported(model_dir, tmp_path):
             raise SystemExit("fake torch was importable")
         import clipad.runtime
         from clipad.runtime.detector import Detector
-        from clipad.runtime.cli import main
+        from clipad.runtime.detect.cli import main
         rc = main(["--model", {str(model_dir)!r}, "--source", {str(tmp_path / 'z.png')!r},
                    "--jsonl", {str(tmp_path / 'z.jsonl')!r}, "-q"])
         assert "torch" not in sys.modules or sys.modules["torch"] is None
@@ -245,7 +245,7 @@ def test_sigterm_flushes_like_ctrl_c_and_exits_143(model_dir, tmp_path):
     for i in range(400):
         Image.fromarray(np.full((20, 20, 3), i % 250, np.uint8)).save(folder / f"{i:03d}.png")
     jsonl = tmp_path / "r.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "clipad.runtime.cli", "--model", str(model_dir), "--source",
+    proc = subprocess.Popen([sys.executable, "-m", "clipad.runtime.detect.cli", "--model", str(model_dir), "--source",
                              str(folder), "--jsonl", str(jsonl), "-q"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3) and time.monotonic() < deadline:

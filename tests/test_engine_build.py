@@ -92,7 +92,7 @@ def test_from_onnx_adds_int8_without_torch_and_drops_stale_engines(tiny_files, t
     assert export_cli.main(["--from-onnx", str(out), "--precision", "fp16", "--no-engine", "-q"]) == 0
     assert manifest(out)["precisions"]["fp16"]["gate"]["passed"]
     listing = sorted(os.listdir(out))
-    assert listing == ["manifest.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx"]
+    assert listing == [".manifest.json.lock", "manifest.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx"]
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"\x89PNG truncated")

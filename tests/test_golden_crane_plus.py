@@ -159,7 +159,7 @@ def test_crane_plus_matches_golden(golden_weights, dino_weights):
 @pytest.mark.slow
 def test_crane_plus_onnx_via_edge_detect_matches_golden(golden_weights, dino_weights, tmp_path):
     from clipad.export import cli as export_cli
-    from clipad.runtime.cli import main as edge_detect
+    from clipad.runtime.detect.cli import main as edge_detect
     from conftest import golden_folder
 
     g = golden()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipad.export import cli as export_cli
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from conftest import CRANE_FIXTURES, GOLDEN, golden_folder, need_shared
 
 TOL = json.loads((GOLDEN / "tolerances.json").read_text()) if GOLDEN.exists() else {}

@@ -10,17 +10,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from clipad.export import cli as export_cli
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import Manifest
-from clipad.runtime.outputs import JsonlAppender
+from clipad.runtime.files import JsonlAppender
 from tiny_fixtures import TINY, export_tiny, write_video
 
 EDGE_DETECT = os.path.join(os.path.dirname(sys.executable), "edge-detect")
@@ -60,7 +59,8 @@ def test_outputs_never_overwrite_inputs(model_dir, tmp_path, capsys, flag):
         os.symlink(folder / "2.jpg", tmp_path / "link.jsonl")
         args = ["--jsonl", str(tmp_path / "link.jsonl")]
     assert edge_detect(["--model", str(model_dir), "--source", str(folder), *args, "-q"]) == 2
-    one_line_error(capsys, "would overwrite the input")
+    one_line_error(capsys, "the next run would read these outputs as inputs" if flag == "--save"
+                   else "would overwrite the input")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
@@ -177,13 +177,13 @@ def test_edge_detect_bad_arguments(model_dir, tmp_path, capsys, args, needle):
 
 def test_symlink_loops_and_unreadable_entries_are_records(model_dir, tmp_path):
     folder = jpegs(tmp_path / "imgs", 2)
-    os.symlink(folder / "loop", folder / "loop")          # a symlink pointing at itself
+    os.symlink(folder / "loop.png", folder / "loop.png")          # a symlink pointing at itself
     os.symlink(tmp_path / "gone.jpg", folder / "broken.jpg")
     jsonl = tmp_path / "r.jsonl"
     assert edge_detect(["--model", str(model_dir), "--source", str(folder), "--jsonl", str(jsonl), "-q"]) == 0
     rows = {os.path.basename(r["source"]): r for r in map(json.loads, jsonl.read_text().splitlines())}
-    assert set(rows) == {"0.jpg", "1.jpg", "loop", "broken.jpg"}
-    assert rows["loop"]["error"] and rows["broken.jpg"]["error"] and rows["0.jpg"]["error"] is None
+    assert set(rows) == {"0.jpg", "1.jpg", "loop.png", "broken.jpg"}
+    assert rows["loop.png"]["error"] and rows["broken.jpg"]["error"] and rows["0.jpg"]["error"] is None
 
 
 def test_onnx_that_does_not_match_the_manifest_fails_at_open(model_dir, tmp_path, capsys):
@@ -191,9 +191,30 @@ def test_onnx_that_does_not_match_the_manifest_fails_at_open(model_dir, tmp_path
     shutil.copytree(model_dir, copy)
     m = Manifest.read(str(copy))
     m.model.image_size = 112                         # as if the manifest belonged to another export
+    m.input.shape[1:3] = [112, 112]
+    m.outputs[0].shape[2:] = [112, 112]
     m.write(str(copy))
     assert edge_detect(["--model", str(copy), "--source", str(jpegs(tmp_path / "i", 1)), "-q"]) == 2
     one_line_error(capsys, "does not belong to this manifest")
+
+
+def test_class_names_that_do_not_match_the_graph_fail_at_open(model_dir, tmp_path, capsys):
+    """One class name for a two-channel graph: refused when the model is opened (it was an IndexError traceback at
+    the first image, or a silent "no calibration" with the other name)."""
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    m = Manifest.read(str(copy))
+    assert len(m.class_names) == 2
+    m.model.class_names = ["b"]
+    m.outputs[0].shape[1], m.outputs[1].shape[1] = 1, 1   # a consistent manifest, for another graph
+    m.write(str(copy))
+    assert edge_detect(["--model", str(copy), "--source", str(jpegs(tmp_path / "i", 1)), "--class-name", "b",
+                        "-q"]) == 2
+    one_line_error(capsys, "the model has 2 output channel(s) but the manifest names 1 class(es)")
+    m.outputs[0].shape[1], m.outputs[1].shape[1] = 2, 2   # the shapes say 2, the names 1: the manifest is invalid
+    (copy / "manifest.json").write_text(json.dumps(m.to_dict()))
+    assert edge_detect(["--model", str(copy), "--source", str(jpegs(tmp_path / "i", 1)), "-q"]) == 2
+    one_line_error(capsys, "does not fit 1 class name(s)")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -240,7 +261,14 @@ def test_from_onnx_on_a_torch_free_edge_box(model_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has no model.fp16.onnx" in proc.stderr and "clipad-edge[export]" in proc.stderr
+
+
+def test_engine_build_on_a_torch_free_box(model_dir, tmp_path):
     pytest.importorskip("tensorrt_rtx")
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    env = dict(os.environ, PYTHONPATH=str(fake_packages(tmp_path / "fake", "torch", "onnx")))
+    exe = os.path.join(os.path.dirname(sys.executable), "export-engine")
     proc = subprocess.run([exe, "--from-onnx", str(copy), "--precision", "fp32", "--trt-flavor", "rtx",
                            "--compute-capability", "8.6", "-q"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -267,7 +295,7 @@ def test_truncated_video_says_how_many_frames_came(model_dir, tmp_path):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     jsonl = tmp_path / "r.jsonl"
-    edge_detect(["--model", str(model_dir), "--source", path, "--jsonl", str(jsonl), "-q"])
+    assert edge_detect(["--model", str(model_dir), "--source", path, "--jsonl", str(jsonl), "-q"]) == 0
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     last = rows[-1]
     assert last["error"] and "of the 20 frames its header promises" in last["error"]
@@ -294,12 +322,11 @@ def test_export_folder_follows_the_umask(tiny_files, tmp_path):
         os.umask(old)
     assert (os.stat(out).st_mode & 0o777) == 0o755
     assert all((os.stat(out / f).st_mode & 0o777) == 0o644 for f in os.listdir(out))
-    time.sleep(0)
 
 
 def test_large_images_are_reduced_while_decoding(tmp_path):
-    from clipad.runtime.postprocess import resize_mask, scale_regions
-    from clipad.runtime.preprocess import load_image
+    from clipad.runtime.inputs import load_image
+    from clipad.runtime.render import resize_mask, scale_regions
     from clipad.runtime.sources import ImageFiles
 
     wide = np.zeros((60, 5000, 3), np.uint8)
@@ -308,11 +335,12 @@ def test_large_images_are_reduced_while_decoding(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.jpg")
     assert load_image(str(tmp_path / "wide.png"), max_side=4096).size == (2500, 30)
     assert max(load_image(str(tmp_path / "wide.jpg"), max_side=4096).size) <= 4096
-    assert load_image(str(tmp_path / "wide.png")).size == (5000, 60)          # without a bound: untouched
+    assert load_image(str(tmp_path / "wide.png"), max_side=None).size == (5000, 60)   # without a bound: untouched
+    assert load_image(str(tmp_path / "wide.png")).size == (2500, 30)      # the one policy every tool reads with
     frames = list(ImageFiles([str(tmp_path / "wide.png")]))
     assert frames[0].image.shape == (30, 2500, 3) and frames[0].original_size == (5000, 60)
-    assert scale_regions([{"bbox": [10, 2, 4, 3], "area": 12, "max": 1.0}], 2.0) == [
-        {"bbox": [20, 4, 8, 6], "area": 48, "max": 1.0}]
+    assert scale_regions([{"bbox": [10, 2, 4, 3], "area": 12, "max": 1.0, "kind": "peak"}], 2.0) == [
+        {"bbox": [20, 4, 8, 6], "area": 48, "max": 1.0, "kind": "peak"}]
     assert resize_mask(np.zeros((30, 2500), np.uint8), (5000, 60)).shape == (60, 5000)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGES = {"clipad": "clipad", "clipad.runtime": "runtime", "clipad.runtime.backends": "runtime/backends",
+            "clipad.runtime.detect": "runtime/detect", "clipad.runtime.serving": "runtime/serving",
             "clipad.export": "export", "clipad.export.models": "export/models", "clipad.calibration": "calibration",
             "clipad.benchmarks": "benchmarks"}
 
@@ -113,8 +114,20 @@ def test_runtime_never_imports_torch_or_export():
 
 def test_steps_and_backends_do_not_import_their_orchestrators():
     edges = graph()
-    for step in ("onnx_export", "precision_step", "precision", "tensorrt_build", "options", "reference"):
+    for step in ("onnx_export", "precision_step", "convert", "tensorrt_build", "triton_repo", "options", "reference"):
         assert not edges[f"clipad.export.{step}"] & {"clipad.export.pipeline", "clipad.export.cli"}, step
-    for backend in ("base", "onnxruntime", "tensorrt", "cuda_buffers"):
-        assert "clipad.runtime.backends.select" not in edges[f"clipad.runtime.backends.{backend}"], backend
+    for backend in ("base", "onnxruntime", "openvino", "tensorrt", "triton", "cuda_buffers"):
+        assert "clipad.runtime.backends.registry" not in edges[f"clipad.runtime.backends.{backend}"], backend
     assert edges["clipad.runtime.backends.base"] <= {"clipad.runtime.errors"}
+
+
+def test_the_edge_core_does_not_import_commands_or_serving():
+    """The layout's promise: the core (manifest, policy, pre/post, sources, backends, detector) stands without the
+    edge-detect command and without serving; serving and the command build on the core."""
+    edges = graph()
+    core = [m for m in edges if m.startswith("clipad.runtime.") and not m.startswith(
+        ("clipad.runtime.detect", "clipad.runtime.serving", "clipad.runtime.commands", "clipad.runtime.triton_python"))]
+    assert len(core) > 20
+    for module in core:
+        bad = {t for t in edges[module] if t.startswith(("clipad.runtime.detect", "clipad.runtime.serving"))}
+        assert not bad, f"{module} imports {bad}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clipad.export import cli as export_cli
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import SCHEMA_VERSION, Manifest
@@ -73,11 +73,11 @@ def test_round_trip_keeps_unknown_keys(old_export):
     m = Manifest.read(str(old_export))
     data = m.to_dict()
     data["from_a_newer_writer"] = {"kept": True}
-    data["calibrations"] = [{"precision": "fp32", "backend": "onnxruntime", "method": "conformal", "target_fpr": 0.01,
-                             "images": 99, "holdout": 25, "normal": "/x", "images_sha256": "0" * 64, "created": "now",
-                             "classes": {"bottle": {"decision": {"rule": "aaclip_industrial"}, "image_threshold": 0.7,
-                                                    "pixel_threshold": 1.5, "normal_scores": [0.1, 0.2],
-                                                    "display_range": [0.0, 1.5], "new_field": 3}}}]
+    data["calibrations"] = [{"precision": "fp32", "backend": "onnxruntime", "classes": {"bottle": {
+        "decision": {"p_min": 0.0, "p_max": 1.0, "i_min": 0.0, "i_max": 1.0}, "image_threshold": 0.7,
+        "pixel_threshold": 1.5, "normal_scores": [0.1, 0.2], "display_range": [0.0, 1.5], "method": "conformal",
+        "target_fpr": 0.01, "images": 99, "normal": "/x", "images_sha256": "0" * 64, "created": "now",
+        "new_field": 3}}}]
     again = Manifest.from_dict(json.loads(json.dumps(data)))
     bottle = again.calibrations[0].classes["bottle"]
     assert bottle.image_threshold == 0.7 and bottle.extra == {"new_field": 3}
@@ -109,6 +109,11 @@ def bad(data: dict, path: list, value):
     (["schema_version"], 99, "newer than this clipad-edge supports"),
     (["schema_version"], "2", "is not a version number"),
     (["calibrations"], [{"precision": "fp32"}], "manifest.calibrations[0]: missing backend"),
+    (["calibrations"], [{"precision": "fp17", "backend": "onnxruntime", "classes": {}}], "unknown precision 'fp17'"),
+    (["files", "model.onnx", "precision"], "int4", "manifest.files.model.onnx.precision: unknown precision 'int4'"),
+    (["model", "decision_score"], "bogus", "model.decision_score: unknown rule 'bogus'"),
+    (["model", "class_names"], ["bottle"], "does not fit 1 class name(s) ['bottle']"),
+    (["model", "class_names"], ["bottle", "bottle"], "a name appears twice"),
     (["files"], ["model.onnx"], "manifest.files: expected an object"),
     (["schema_version"], 0, "is not a version number"),
     (["model", "class_names"], None, "manifest.model.class_names: expected a list"),
@@ -144,3 +149,93 @@ def test_written_manifest_is_strict_json_and_honours_the_umask(old_export):
     os.umask(umask)
     assert (os.stat(old_export / "manifest.json").st_mode & 0o777) == (0o666 & ~umask)
     assert not [f for f in os.listdir(old_export) if f.startswith(".")]
+
+
+SCHEMA2 = REPO / "tests" / "data" / "schema2-aaclip-tiny"
+
+
+def calibrated(data: dict) -> dict:
+    """``data`` (a schema-3 document) with one valid calibration for class screw."""
+    data = json.loads(json.dumps(data))
+    data["calibrations"] = [{"precision": "fp32", "backend": "onnxruntime", "classes": {"screw": {
+        "decision": {"p_min": 0.0, "p_max": 2.0, "i_min": 0.1, "i_max": 0.9}, "image_threshold": 0.7,
+        "pixel_threshold": 1.5, "normal_scores": [0.1, 0.2], "display_range": [0.0, 1.5], "method": "conformal",
+        "target_fpr": 0.2, "images": 9, "normal": "/x", "images_sha256": "0" * 64, "created": "now"}}}]
+    return data
+
+
+@pytest.mark.parametrize("key, value", [
+    ("image_threshold", float("nan")), ("image_threshold", float("inf")), ("pixel_threshold", float("-inf")),
+    ("normal_scores", [0.1, float("nan")]), ("display_range", [0.0, float("inf")]), ("target_fpr", float("nan")),
+    ("target_fpr", 1.5), ("decision", {"p_min": float("nan"), "p_max": 2.0, "i_min": 0.1, "i_max": 0.9}),
+    ("decision", {"p_min": 0.0, "p_max": 2.0, "i_min": 0.1}), ("decision", {"p_min": 3.0, "p_max": 2.0,
+                                                                             "i_min": 0.1, "i_max": 0.9}),
+    ("decision", {"rule": "bogus", "p_min": 0.0, "p_max": 2.0, "i_min": 0.1, "i_max": 0.9}),
+])
+def test_every_decision_number_must_be_finite_after_parsing(key, value):
+    """Whatever the JSON spelled (NaN, Infinity, 1e999): a non-finite or inconsistent decision number makes the
+    manifest invalid, one line."""
+    data = calibrated(Manifest.read(str(RELEASE_0_1_0)).to_dict())
+    assert Manifest.from_dict(json.loads(json.dumps(data)))   # the valid one reads
+    data["calibrations"][0]["classes"]["screw"][key] = value
+    with pytest.raises(ClipadError) as err:
+        Manifest.from_dict(json.loads(json.dumps(data)), "x/manifest.json")
+    assert "invalid manifest" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_1e999_in_the_file_is_refused(old_export, capsys):
+    data = calibrated(Manifest.read(str(old_export)).to_dict())
+    text = json.dumps(data).replace('"image_threshold": 0.7', '"image_threshold": 1e999')
+    (old_export / "manifest.json").write_text(text)
+    assert edge_detect(["--model", str(old_export), "--source", str(RELEASE_0_1_0 / "README.md"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "image_threshold: must be a finite number" in err and err.count("\n") == 1
+
+
+def test_schema2_export_reads_upgraded():
+    """Schema 2 stored the CPU INT8 file as int8 + target cpu and one description per precision x backend."""
+    m = Manifest.read(str(SCHEMA2))
+    assert json.loads((SCHEMA2 / "manifest.json").read_text())["schema_version"] == 2
+    assert m.files["model.int8-cpu.onnx"].precision == "int8-cpu"
+    assert m.model.decision_score == "aaclip_industrial"
+    by_precision = {c.precision: c for c in m.calibrations}
+    bottle = by_precision["int8-cpu"].classes["bottle"]
+    assert bottle.method == "conformal" and bottle.target_fpr == 0.2 and bottle.images == 10
+    assert "rule" not in bottle.decision and "provenance_upgraded" in bottle.extra
+    assert by_precision["fp32"].classes["bottle"].method == "meanstd"
+
+
+def test_schema2_export_runs_and_upgrades_on_the_next_write(tmp_path):
+    copy = tmp_path / "s2"
+    shutil.copytree(SCHEMA2, copy)
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    with Detector.open(str(copy), backend="onnxruntime", precision="int8") as det:
+        assert det.backend.precision == "int8-cpu"          # the CPU file, picked for int8 on a CPU
+        pred = det.predict(image)
+        assert pred.label in ("OK", "NG") and pred.calibration["method"] == "conformal"
+    Manifest.update(str(copy), lambda m: None)
+    stored = json.loads((copy / "manifest.json").read_text())
+    assert stored["schema_version"] == SCHEMA_VERSION == 3
+    assert stored["files"]["model.int8-cpu.onnx"]["precision"] == "int8-cpu"
+    assert "target" not in stored["files"]["model.int8-cpu.onnx"]
+
+
+def test_schema3_read_by_an_older_runtime_says_newer(monkeypatch, tmp_path):
+    """What a user of the previous release sees: the version check comes first, one line."""
+    from clipad.runtime import manifest as manifest_module
+
+    copy = tmp_path / "s2"
+    shutil.copytree(SCHEMA2, copy)
+    Manifest.update(str(copy), lambda m: None)
+    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 2)
+    with pytest.raises(ClipadError, match="schema_version 3 is newer than this clipad-edge supports"):
+        Manifest.read(str(copy))
+
+
+def test_rewrite_keeps_the_files_mode(tmp_path):
+    for mode in (0o600, 0o444, 0o640):
+        copy = tmp_path / f"m{mode:o}"
+        shutil.copytree(SCHEMA2, copy)
+        os.chmod(copy / "manifest.json", mode)
+        Manifest.update(str(copy), lambda m: None)
+        assert os.stat(copy / "manifest.json").st_mode & 0o777 == mode

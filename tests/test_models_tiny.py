@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipad.export.models.factory import build_detector
-from clipad.export.reference import TorchReference
+from clipad.export.reference import TorchBackend
 from tiny_fixtures import TINY, images
 
 SIZE = 70  # 5x5 grid from a 4x4 base table: exercises the positional resize
@@ -82,7 +82,7 @@ def test_positional_tables_differ_by_model(tiny_files):
 def test_reference_pipeline_any_image_mode(tiny_files, tmp_path):
     from PIL import Image
 
-    ref = TorchReference(build("clip", tiny_files))
+    ref = TorchBackend(build("clip", tiny_files))
     rgb = np.random.default_rng(1).integers(0, 256, (40, 90, 3), dtype=np.uint8)
     paths = []
     for mode in ("RGB", "L", "RGBA"):

@@ -26,7 +26,10 @@ def test_wheel_contents_and_lean_base_requirements(tmp_path):
     assert base and not any(r.lower().startswith(("torch", "open-clip", "open_clip")) for r in base), base
     assert any(r.startswith("torch") and 'extra == "export"' in r for r in requires)
     assert "export-engine = clipad.export.cli:main" in entry_points
-    assert "edge-detect = clipad.runtime.cli:main" in entry_points
+    assert "edge-detect = clipad.runtime.detect.cli:main" in entry_points
+    for module in ("clipad/runtime/detect/cli.py", "clipad/runtime/serving/triton_models.py",
+                   "clipad/runtime/triton_python.py", "clipad/runtime/precisions.py"):
+        assert module in names, module
 
 
 def test_regular_install_imports_and_runs(tmp_path):
@@ -35,13 +38,28 @@ def test_regular_install_imports_and_runs(tmp_path):
 
     subprocess.run([sys.executable, "-m", "pip", "install", str(REPO), "--no-deps", "--no-build-isolation", "-q",
                     "--target", str(tmp_path / "site")], check=True, capture_output=True, timeout=300)
-    code = ("import clipad, clipad.runtime.cli, clipad.runtime.backends.tensorrt, clipad.export.cli, "
-            "clipad.calibration.images, clipad.benchmarks.postprocess; print(clipad.__file__)")
+    code = ("import clipad, clipad.runtime.detect.cli, clipad.runtime.backends.tensorrt, clipad.export.cli, "
+            "clipad.calibration.images, clipad.benchmarks.overlay_timing, clipad.runtime.serving.edge_serve; "
+            "print(clipad.__file__)")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(str(tmp_path / "site"))
-    proc = subprocess.run([sys.executable, "-m", "clipad.runtime.cli", "--help"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "clipad.runtime.detect.cli", "--help"], env=env, capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and "--save-maps" in proc.stdout
+
+
+def test_documented_and_old_import_paths_keep_working():
+    """The README's API import and the module that Triton repositories written before the serving/ layout import."""
+    from clipad.runtime import triton_python
+    from clipad.runtime.detector import Detector, Prediction  # noqa: F401
+    from clipad.runtime.serving import triton_models
+
+    for name in ("Preprocess", "OnnxModel", "Postprocess"):
+        assert getattr(triton_python, name) is getattr(triton_models, name)
+    old_shim = "from clipad.runtime.triton_python import Postprocess as TritonPythonModel\n"
+    namespace: dict = {}
+    exec(old_shim, namespace)   # exactly what an older repository's model.py runs
+    assert namespace["TritonPythonModel"] is triton_models.Postprocess

@@ -1,21 +1,21 @@
-"""The staged edge-detect run: results in input order with any batch, stages overlapping (checked from event
-timestamps with a FAKE slow backend, not timed), stop requests and failures of any stage, and batches from live
-sources that never wait."""
+"""The staged edge-detect run: results in input order with any batch, stages overlapping, stop requests and failures
+of any stage, and batches from live sources that never wait. Overlap and "never waits" are proven with events (a
+FAKE instrumented backend): a stage that did not overlap, or a batcher that waited, would block and the test fails;
+nothing depends on how fast this machine is."""
 from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from clipad.runtime.backends.base import Backend
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.pipeline import StagedRun
+from clipad.runtime.detect.staged import StagedRun
 from clipad.runtime.sources import Frame, ImageFiles, Source
 from tiny_fixtures import export_tiny
 
@@ -37,28 +37,29 @@ def folder(tmp_path_factory):
     return root
 
 
-class SlowFakeBackend(Backend):
-    """FAKE backend for tests: the real one, plus a sleep per run and a log of when each run started and ended."""
+class InstrumentedFakeBackend(Backend):
+    """FAKE backend for tests: the real one, plus an event per inference run (set when run i starts) and the batch
+    sizes it was given."""
 
-    name = "fake-slow"
+    name = "fake-instrumented"
 
-    def __init__(self, real: Backend, seconds: float):
-        self.real, self.seconds, self.events = real, seconds, []
+    def __init__(self, real: Backend):
+        self.real, self.image_size, self.precision = real, real.image_size, real.precision
+        self.started = [threading.Event() for _ in range(64)]
+        self.sizes: list[int] = []
 
     @property
     def description(self):
-        return "FAKE slow " + self.real.description
+        return "FAKE instrumented " + self.real.description
 
     @property
     def batch_range(self):
         return self.real.batch_range
 
-    def run(self, batch_u8):
-        start = time.monotonic()
-        time.sleep(self.seconds)
-        out = self.real.run(batch_u8)
-        self.events.append((start, time.monotonic(), len(batch_u8)))
-        return out
+    def _infer(self, batch_u8):
+        self.started[len(self.sizes)].set()
+        self.sizes.append(len(batch_u8))
+        return self.real.run(batch_u8)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4])
@@ -78,29 +79,24 @@ def test_order_and_numbers_with_any_batch(model_dir, folder, batch):
 
 
 def test_inference_and_post_processing_overlap(model_dir, folder):
-    posts = []
+    """Post-processing of frame i waits until inference of frame i+1 has started: with a post-processing thread that
+    happens (the stages overlap), without one it cannot (post runs on the inference thread)."""
+    files = sorted(str(p) for p in folder.glob("[0-9].png"))
+    overlapped = []
 
-    def slow_post(work):
-        start = time.monotonic()
-        time.sleep(0.06)
-        posts.append((start, time.monotonic()))
+    def post_waiting_for_the_next_inference(work):
+        i = int(work.frame.stem)
+        if i + 1 < len(files):
+            overlapped.append(fake.started[i + 1].wait(timeout=20 if threaded else 0.3))
 
-    with Detector.open(str(model_dir)) as det:
-        det.backend = SlowFakeBackend(det.backend, 0.06)
-        StagedRun(det, ImageFiles(sorted(str(p) for p in folder.glob("[0-9].png"))), det.class_names[0], None, 1,
-                  slow_post).run()
-        infers = det.backend.events
-    assert len(infers) == len(posts) == 7
-    # post-processing of frame i runs while frame i+1 is inferred
-    overlapping = sum(posts[i][0] < infers[i + 1][1] and infers[i + 1][0] < posts[i][1] for i in range(6))
-    assert overlapping >= 4
-    with Detector.open(str(model_dir)) as det:   # without the post thread nothing overlaps
-        det.backend = SlowFakeBackend(det.backend, 0.02)
-        posts.clear()
-        StagedRun(det, ImageFiles(sorted(str(p) for p in folder.glob("[0-9].png"))), det.class_names[0], None, 1,
-                  slow_post, post_thread=False).run()
-        infers = det.backend.events
-    assert not any(posts[i][0] < infers[i + 1][1] and infers[i + 1][0] < posts[i][1] for i in range(6))
+    for threaded in (True, False):
+        overlapped.clear()
+        with Detector.open(str(model_dir)) as det:
+            fake = det.backend = InstrumentedFakeBackend(det.backend)
+            StagedRun(det, ImageFiles(files), det.class_names[0], None, 1, post_waiting_for_the_next_inference,
+                      post_thread=threaded).run()
+        assert len(overlapped) == len(files) - 1
+        assert all(overlapped) if threaded else not any(overlapped)
 
 
 def test_stop_request_and_failures_end_the_run(model_dir, folder):
@@ -129,23 +125,27 @@ def test_stop_request_and_failures_end_the_run(model_dir, folder):
     assert threading.active_count() < 10   # no stage threads left behind
 
 
-class TrickleLive(Source):
-    """A live source whose frames arrive 50 ms apart."""
+class GatedLive(Source):
+    """A live source that delivers frame i+1 only after the model ran frame i: a batcher that waited for a full
+    batch would never get the next frame."""
     is_live = True
     total = None
 
+    def __init__(self, fake: InstrumentedFakeBackend):
+        self.fake = fake
+
     def __iter__(self):
         for i in range(4):
-            time.sleep(0.05)
+            if i:
+                assert self.fake.started[i - 1].wait(timeout=20), "the batcher waited for more live frames"
             yield Frame("live", i, np.full((20, 20, 3), 60 * i, np.uint8), None, f"live_{i}")
 
 
 def test_live_batches_never_wait(model_dir):
     with Detector.open(str(model_dir)) as det:
-        det.backend = SlowFakeBackend(det.backend, 0.0)
-        StagedRun(det, TrickleLive(), det.class_names[0], None, 4, lambda w: None).run()
-        sizes = [n for _, _, n in det.backend.events]
-    assert sum(sizes) == 4 and sizes[0] == 1
+        fake = det.backend = InstrumentedFakeBackend(det.backend)
+        StagedRun(det, GatedLive(fake), det.class_names[0], None, 4, lambda w: None).run()
+    assert fake.sizes == [1, 1, 1, 1]
 
 
 def test_edge_detect_batch_gives_the_same_records(model_dir, folder, tmp_path):

@@ -51,7 +51,7 @@ def mixed_folder(tmp_path):
 
 
 GOOD = {"a_good", "b_rgba", "c_grey", "d_16bit"}
-BAD = {"e_empty", "f_truncated", "g_notes"}
+BAD = {"e_empty", "f_truncated"}
 
 
 def write_video(path, n: int = 12, size=(W, H)) -> None:
@@ -75,9 +75,10 @@ def video(tmp_path):
     return path
 
 
-def test_folder_every_file_one_frame(mixed_folder):
+def test_folder_every_image_file_one_frame(mixed_folder):
     with open_source(str(mixed_folder)) as src:
-        assert src.total == 7 and not src.is_live
+        assert src.total == 6 and not src.is_live
+        assert [os.path.basename(p) for p in src.skipped] == ["g_notes.txt"]   # no image extension: skipped, said
         frames = list(src)
     stems = [f.stem for f in frames]
     assert stems == sorted(GOOD | BAD)  # sorted, one each, no hidden file, no subfolder
@@ -98,7 +99,6 @@ def test_folder_every_file_one_frame(mixed_folder):
     assert (by["d_16bit"].image == 40000 >> 8).all()  # 16-bit keeps its top 8 bits
     assert "empty" in by["e_empty"].error
     assert "truncated" in by["f_truncated"].error
-    assert "not an image" in by["g_notes"].error
 
 
 def test_folder_is_reiterable_and_max_frames(mixed_folder):
@@ -141,7 +141,7 @@ def test_single_bad_image_is_an_error_record_not_a_raise(tmp_path):
 
 @pytest.mark.parametrize("spec, match", [
     ("{tmp}/does_not_exist.png", "no such file"),
-    ("{tmp}/nothing_here_*.png", "no files match"),
+    ("{tmp}/nothing_here_*.png", "no image files"),
     ("{tmp}/missing_video.mp4", "no such file"),
 ])
 def test_missing_inputs_raise_one_line(tmp_path, spec, match):
@@ -152,7 +152,7 @@ def test_missing_inputs_raise_one_line(tmp_path, spec, match):
 
 def test_empty_folder_raises(tmp_path):
     (tmp_path / ".only_hidden").write_text("x")
-    with pytest.raises(ClipadError, match="no files"):
+    with pytest.raises(ClipadError, match="no image files"):
         open_source(str(tmp_path))
 
 
@@ -281,6 +281,6 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, clipad.runtime.sources, clipad.runtime.postprocess; print('cv2' in sys.modules)"
+    code = "import sys, clipad.runtime.sources, clipad.runtime.render; print('cv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

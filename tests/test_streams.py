@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from clipad.runtime.cli import main as edge_detect
+from clipad.runtime.detect.cli import main as edge_detect
 from tiny_fixtures import export_tiny
 
 SERVER = os.path.join(os.path.dirname(__file__), "mjpeg_server.py")

@@ -8,10 +8,11 @@ import pytest
 
 from clipad.calibration.images import load_verify_set
 from clipad.calibration.samples import write_samples
-from clipad.export.onnx_export import run_onnx
+from clipad.runtime import precisions
 from clipad.runtime.backends import cuda_buffers
-from clipad.runtime.compare import PRECISION_LIMITS, compare, gate
-from clipad.runtime.detector import Detector
+from clipad.runtime.backends.registry import open_backend
+from clipad.runtime.compare import compare, compare_runners, gate
+from clipad.runtime.manifest import Manifest
 from tiny_fixtures import export_tiny
 
 
@@ -37,7 +38,7 @@ REASON = _can_build_and_run()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"needs TensorRT and a GPU: {REASON}")
 
 # FP32 engines may use TF32 tensor cores: they are held to the FP16 limits, not to bit parity.
-LIMITS = {"fp32": PRECISION_LIMITS["fp16"], "fp16": PRECISION_LIMITS["fp16"]}
+LIMITS = {"fp32": precisions.get("fp16").gate, "fp16": precisions.get("fp16").gate}
 
 
 @pytest.mark.parametrize("precision, cuda_graph", [("fp32", False), ("fp16", False), ("fp16", True)])
@@ -48,14 +49,19 @@ def test_engine_matches_fp32_onnx(tiny_files, tmp_path, precision, cuda_graph):
     folder = tmp_path / "verify"
     write_samples(str(folder), count=5, seed=11)
     data, names = load_verify_set(str(folder), 56)
-    reference = run_onnx(str(out / "model.onnx"), data, (1, 2))
-    with Detector.open(str(out), backend="tensorrt", cuda_graph=cuda_graph) as det:
-        assert det.backend.entry.precision == precision
-        candidate = det.run(data)
-        again = det.run(data)   # a second pass replays the CUDA graph when there is one
-    report = gate(compare(reference, candidate, names), LIMITS[precision], f"engine-{precision}",
-                  "onnxruntime fp32", det.backend.description)
+    manifest = Manifest.read(str(out))
+    reference = open_backend("onnxruntime", str(out), manifest)
+    engine = open_backend("tensorrt", str(out), manifest, cuda_graph=cuda_graph)
+    try:
+        assert engine.entry.precision == precision
+        comparison = compare_runners(reference, engine, data, names)
+        first = engine.run(data[:2])
+        again = engine.run(data[:2])   # a second pass replays the CUDA graph when there is one
+    finally:
+        engine.close()
+        reference.close()
+    report = gate(comparison, LIMITS[precision], f"engine-{precision}", "onnxruntime fp32", engine.description)
     assert report.passed, report.failures
     assert report.comparison.nonfinite_images == {"reference": [], "candidate": []}
-    assert gate(compare(candidate, again, names), LIMITS[precision], "replay", "first", "second").passed
+    assert gate(compare(first, again, names[:2]), LIMITS[precision], "replay", "first", "second").passed
 

@@ -79,7 +79,7 @@ def write_model(root, onnx_bytes: bytes | None = None, engine_data: bytes | None
     (root / entry.file).write_bytes(engine_data)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model=ModelInfo(kind="clip", arch="tiny", image_size=S, class_names=["tile", "screw"]),
+        model=ModelInfo(kind="clip", arch="tiny", image_size=S, class_names=["tile", "screw"], decision_score="map_max"),
         input=InputSpec("images", "uint8", ["batch", S, S, 3]),
         outputs=[TensorSpec("anomaly_map", "float32", ["batch", K, S, S]),
                  TensorSpec("image_score", "float32", ["batch", K])],
@@ -207,7 +207,7 @@ def test_wrong_compute_capability(tmp_path, monkeypatch):
     assert "no engine for this GPU (NVIDIA GeForce RTX 4090, compute capability 8.9" in str(err.value)
     assert f"export-engine --from-onnx {model_dir} --precision fp16" in str(err.value)
     with pytest.raises(ClipadError) as err:
-        TensorRTBackend(model_dir, manifest, engine_file=ENGINE)
+        TensorRTBackend(model_dir, manifest, engine=ENGINE)
     msg = str(err.value)
     assert "built for compute capability 8.6 (NVIDIA RTX A2000)" in msg and "compute capability 8.9" in msg
     assert f"rebuild on this machine: export-engine --from-onnx {model_dir} --precision fp16" in msg
@@ -363,8 +363,8 @@ def test_detector_end_to_end(sim, model):
 def test_engine_file_must_be_listed(sim, model):
     model_dir, manifest = model
     with pytest.raises(ClipadError, match="not listed"):
-        TensorRTBackend(model_dir, manifest, engine_file="other.engine")
-    backend = TensorRTBackend(model_dir, manifest, engine_file=os.path.join(model_dir, ENGINE))
+        TensorRTBackend(model_dir, manifest, engine="other.engine")
+    backend = TensorRTBackend(model_dir, manifest, engine=os.path.join(model_dir, ENGINE))
     assert backend.entry.file == ENGINE
     backend.close()
     manifest.engines = []

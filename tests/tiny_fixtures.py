@@ -137,7 +137,7 @@ def fp16_round_trips(model) -> list[str]:
     """Casts that take an FP32 tensor to FP16 and straight back (a 65504 clamp between two FP32 nodes)."""
     import onnx
 
-    from clipad.export import precision
+    from clipad.export import convert as precision
 
     producer = {o: n for n in model.graph.node for o in n.output}
     to = precision._cast_to

@@ -1,54 +1,56 @@
-"""ONNX Runtime backend: TensorRT EP → CUDA EP → CPU, reporting the providers actually in use."""
+"""ONNX Runtime backend: TensorRT EP → CUDA EP → CPU, reporting the providers actually in use. On a CPU it runs a
+precision's CPU file when the export has one (``int8`` → the dynamic INT8 file made for CPUs)."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 
+from .. import precisions
 from ..errors import ClipadError
-from ..manifest import Manifest, precision_file
+from ..manifest import Manifest
 from .base import Backend
 
 log = logging.getLogger("clipad")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ClipadError("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from None
+    return ort
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_dir: str, manifest: Manifest, precision: str = "fp32", model_file: str | None = None,
-                 providers: list[str] | None = None, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ClipadError("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
+    def __init__(self, path: str, *, image_size: int, batch_range: tuple[int, int], precision: str,
+                 input_name: str, output_names: list[str], classes: int | None = None,
+                 providers: list[str] | None = None, threads: int | None = None, device: int | None = None,
+                 profile_prefix: str | None = None):
+        ort = _ort()
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED) if p in available]
         if not wanted:
             raise ClipadError(f"none of the providers {providers} is available (have: {', '.join(available)})")
-        if precision == "bf16":
-            raise ClipadError("--precision bf16 runs on OpenVINO (--backend openvino); ONNX Runtime's CPU provider "
-                              "has no BF16 path for these models")
-        if model_file is None:
-            model_file = precision_file(precision)
-            cpu_variant = precision_file("int8-cpu")
-            if precision == "int8" and wanted == ["CPUExecutionProvider"] and cpu_variant in manifest.files:
-                model_file = cpu_variant   # the INT8 model made for CPUs, not the one made for TensorRT
-        if model_file not in manifest.files:
-            raise ClipadError(f"{model_dir}: no {model_file} in this export (has {', '.join(manifest.files)}); add "
-                              f"it with: export-engine --from-onnx {model_dir} --precision {precision}")
-        entry = manifest.files[model_file]
-        self.precision = "int8-cpu" if entry.precision == "int8" and entry.target == "cpu" else entry.precision
-        path = manifest.verify_file(model_dir, model_file)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
+        chosen = [(p, {"device_id": int(device)}) if device is not None and p in GPU_PROVIDERS else p for p in wanted]
         try:
-            self.session = ort.InferenceSession(path, opts, providers=wanted)
+            self.session = ort.InferenceSession(path, opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ClipadError(f"{path}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0][:200]})") \
                 from None
+        self.path, self.precision, self.image_size = path, precision, image_size
         self.providers = self.session.get_providers()
         self.requested = wanted
         self.fell_back = [p for p in wanted if p not in self.providers]
@@ -57,26 +59,63 @@ class OnnxRuntimeBackend(Backend):
             # runs on the CPU: say it loudly.
             log.warning("ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries or no GPU); "
                         "running on %s", ", ".join(self.fell_back), ", ".join(self.providers))
-        self._check_io(path, manifest)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_io(input_name, output_names, classes)
+        self.input_name, self.output_names = input_name, list(output_names)
         dim = self.session.get_inputs()[0].shape[0]
-        self._range = (dim, dim) if isinstance(dim, int) else (manifest.batch.min, manifest.batch.max)
-        self.image_size = manifest.image_size
+        self._range = (dim, dim) if isinstance(dim, int) else tuple(batch_range)
 
-    def _check_io(self, path: str, manifest: Manifest) -> None:
-        """The file's inputs and outputs are the manifest's (name, element type, fixed dimensions), checked now
-        rather than at the first image."""
+    @classmethod
+    def open(cls, model_dir: str, manifest: Manifest, precision: str | None = None, model_file: str | None = None,
+             providers: list[str] | None = None, threads: int | None = None, device: int | None = None,
+             profile_prefix: str | None = None) -> "OnnxRuntimeBackend":
+        """The precision's file of an export (default the FP32 reference), checked against the manifest's sha256."""
+        wanted = precisions.get(precision)
+        why = wanted.why_not(cls.name)
+        if why:
+            raise ClipadError(f"--precision {wanted.name}: {why}")
+        cpu_only = [p for p in (providers or PREFERRED) if p in _ort().get_available_providers()] == [CPU]
+        if model_file is None:
+            model_file = wanted.file
+            substitute = precisions.get(wanted.cpu_substitute) if wanted.cpu_substitute else None
+            if cpu_only and substitute is not None and substitute.file in manifest.files:
+                model_file = substitute.file   # the file made for CPUs, not the one made for TensorRT
+        if model_file not in manifest.files:
+            raise ClipadError(f"{model_dir}: no {model_file} in this export (has {', '.join(manifest.files)}); add "
+                              f"it with: export-engine --from-onnx {model_dir} --precision {wanted.name}")
+        backend = cls._from_export(model_dir, manifest, model_file, providers, threads, device, profile_prefix)
+        if backend.providers == [CPU] and not cpu_only and wanted.cpu_substitute \
+                and precisions.get(wanted.cpu_substitute).file in manifest.files and model_file == wanted.file:
+            backend.close()   # the GPU providers did not start: the CPU file is the right one after all
+            backend = cls._from_export(model_dir, manifest, precisions.get(wanted.cpu_substitute).file, [CPU],
+                                       threads, None, profile_prefix)
+        return backend
+
+    @classmethod
+    def _from_export(cls, model_dir, manifest: Manifest, model_file: str, providers, threads, device,
+                     profile_prefix=None):
+        path = manifest.verify_file(model_dir, model_file)
+        return cls(path, image_size=manifest.image_size, batch_range=(manifest.batch.min, manifest.batch.max),
+                   precision=manifest.files[model_file].precision, input_name=manifest.input.name,
+                   output_names=[o.name for o in manifest.outputs], classes=len(manifest.class_names),
+                   providers=providers, threads=threads, device=device, profile_prefix=profile_prefix)
+
+    def _check_io(self, input_name: str, output_names: list[str], classes: int | None) -> None:
+        """The file's inputs and outputs are the manifest's (name, element type, fixed dimensions, one map per class
+        name), checked now rather than at the first image."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        s = manifest.image_size
+        s = self.image_size
         found = [(i.name, i.type, list(i.shape[1:])) for i in inputs]
-        if found != [(manifest.input.name, "tensor(uint8)", [s, s, 3])]:
-            raise ClipadError(f"{path}: inputs {found} differ from the manifest's {manifest.input.name!r} uint8 "
+        if found != [(input_name, "tensor(uint8)", [s, s, 3])]:
+            raise ClipadError(f"{self.path}: inputs {found} differ from the manifest's {input_name!r} uint8 "
                               f"[B, {s}, {s}, 3]; the file does not belong to this manifest (re-export)")
         names = [o.name for o in outputs]
-        if names != [o.name for o in manifest.outputs] or any(o.type != "tensor(float)" for o in outputs):
-            raise ClipadError(f"{path}: outputs {names} differ from the manifest's "
-                              f"{[o.name for o in manifest.outputs]} float32; re-export")
+        if names != list(output_names) or any(o.type != "tensor(float)" for o in outputs):
+            raise ClipadError(f"{self.path}: outputs {names} differ from the manifest's {list(output_names)} "
+                              f"float32; re-export")
+        channels = {o.shape[1] for o in outputs if len(o.shape) > 1 and isinstance(o.shape[1], int)}
+        if classes is not None and channels and channels != {classes}:
+            raise ClipadError(f"{self.path}: the model has {sorted(channels)[0]} output channel(s) but the manifest "
+                              f"names {classes} class(es); the manifest does not belong to this file (re-export)")
 
     @property
     def description(self) -> str:
@@ -86,7 +125,13 @@ class OnnxRuntimeBackend(Backend):
     def batch_range(self) -> tuple[int, int]:
         return self._range
 
-    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.check_batch(batch_u8, self.image_size)
-        maps, scores = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch_u8)})
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(self.output_names, {self.input_name: batch_u8})
         return maps, scores
+
+    def end_profiling(self) -> str:
+        """The profile file of a backend opened with ``profile_prefix``."""
+        return self.session.end_profiling()
+
+    def _release(self) -> None:
+        self.session = None

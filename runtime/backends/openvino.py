@@ -1,7 +1,7 @@
 """OpenVINO backend (CPU): runs the exported ONNX files as they are, compiled once and cached.
 
-Precisions: ``fp32`` (model.onnx, FP32 inference), ``bf16`` (model.onnx with OpenVINO's BF16 inference-precision
-hint; only on CPUs with BF16), ``fp16`` (model.fp16.onnx), ``int8`` (the Q/DQ model.int8.onnx: OpenVINO runs its
+Precisions: those whose registry record lists OpenVINO (``clipad.runtime.precisions``), each on its file with its
+``openvino_hint`` (the BF16 hint runs the FP32 export in BF16 on CPUs that have it; the Q/DQ INT8 file runs its
 quantized linear layers as INT8). Compiled models are cached in ``~/.cache/clipad/openvino/<file sha256>-<precision>``
 (OpenVINO's model cache, one folder per model file and precision), so only the first start pays the compile time.
 """
@@ -12,12 +12,12 @@ import os
 
 import numpy as np
 
+from .. import precisions
 from ..errors import ClipadError
-from ..manifest import Manifest, precision_file
+from ..manifest import Manifest
 from .base import Backend
 
 log = logging.getLogger("clipad")
-FILES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16", "int8": "int8"}
 
 
 def cache_dir() -> str:
@@ -29,28 +29,32 @@ class OpenVINOBackend(Backend):
     name = "openvino"
 
     def __init__(self, model_dir: str, manifest: Manifest, precision: str | None = None, threads: int | None = None,
-                 device: str = "CPU", **_):
+                 device: str = "CPU"):
         try:
             import openvino as ov
         except ImportError:
             raise ClipadError("OpenVINO is not installed (pip install 'clipad-edge[openvino]')") from None
-        precision = precision or "fp32"
-        if precision not in FILES:
-            raise ClipadError(f"--precision {precision}: OpenVINO runs {', '.join(FILES)}")
-        name = precision_file(FILES[precision])
+        wanted = precisions.get(precision)
+        why = wanted.why_not(self.name)
+        if why:
+            raise ClipadError(f"--precision {wanted.name}: {why}")
+        precision, name = wanted.name, wanted.file
         if name not in manifest.files:
+            maker = precisions.file_precision(name)
             raise ClipadError(f"{model_dir}: no {name} in this export; add it with: export-engine --from-onnx "
-                              f"{model_dir} --precision {FILES[precision]}")
+                              f"{model_dir} --precision {maker.name if maker else precision}")
         path = manifest.verify_file(model_dir, name)
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
-            raise ClipadError(f"--precision bf16: this {device} has no BF16 support; use fp32 or int8")
+        hint = wanted.openvino_hint
+        if hint.upper() not in core.get_property(device, "OPTIMIZATION_CAPABILITIES") and hint != "f32":
+            raise ClipadError(f"--precision {precision}: this {device} has no {hint.upper()} support; use "
+                              f"{precisions.REFERENCE.name}")
         # One cache folder per model file (its sha256) and precision: OpenVINO's own key is not unique enough; a
         # shared folder handed a BF16 compile the blob of another model and returned NaN maps (measured).
         folder = os.path.join(cache_dir(), f"{manifest.files[name].sha256[:16]}-{precision}")
         os.makedirs(folder, exist_ok=True)
         core.set_property({"CACHE_DIR": folder})
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
@@ -74,11 +78,10 @@ class OpenVINOBackend(Backend):
     def batch_range(self) -> tuple[int, int]:
         return self._range
 
-    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.check_batch(batch_u8, self.image_size)
-        results = self.request.infer({self.input_name: np.ascontiguousarray(batch_u8)})
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        results = self.request.infer({self.input_name: batch_u8})
         maps, scores = (np.array(results[port], np.float32, copy=True) for port in self.outputs)
         return maps, scores
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.request = self.compiled = None

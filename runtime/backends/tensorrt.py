@@ -19,13 +19,13 @@ import re
 
 import numpy as np
 
+from .. import precisions
 from ..errors import ClipadError
 from ..manifest import EngineEntry, Manifest
 from . import cuda_buffers as cb
 from .base import Backend
 
 log = logging.getLogger("clipad")
-PRECISIONS = ("fp16", "int8", "fp32")  # preference order when several engines fit the GPU
 MODULES = {"tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx",)}
 VERSION_COMPATIBLE_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_dispatch")
 INSTALL = {"tensorrt": "pip install tensorrt-cu12 (CUDA 12) or tensorrt-cu13 (CUDA 13); on Jetson use JetPack's "
@@ -36,18 +36,21 @@ _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int
 
 
 def rebuild_command(model_dir: str, entry: EngineEntry | None = None, precision: str | None = None) -> str:
-    return f"export-engine --from-onnx {model_dir} --precision {entry.precision if entry else precision or 'fp16'}"
+    import shlex
+
+    chosen = entry.precision if entry else precision or precisions.ENGINE_PRECISIONS[0]
+    return f"export-engine --from-onnx {shlex.quote(model_dir)} --precision {chosen}"
 
 
 def select_engine(manifest: Manifest, gpu_cc: str | None, precision: str | None = None) -> EngineEntry | None:
-    """The listed engine built for this compute capability ("8.6") in ``precision``, or by default preferring fp16,
-    then int8, then fp32."""
+    """The listed engine built for this compute capability ("8.6") in ``precision``, or by default the one whose
+    precision ranks first (``precisions.ENGINE_PRECISIONS``: fp16, then int8, then fp32)."""
     if not gpu_cc:
         return None
     fits = [e for e in manifest.engines if e.target.compute_capability == str(gpu_cc)
             and (precision is None or e.precision == precision)]
-    rank = {p: i for i, p in enumerate(PRECISIONS)}
-    return min(fits, key=lambda e: rank.get(e.precision, len(PRECISIONS)), default=None)
+    order = precisions.ENGINE_PRECISIONS
+    return min(fits, key=lambda e: order.index(e.precision) if e.precision in order else len(order), default=None)
 
 
 def _module_names(entry: EngineEntry) -> tuple[str, ...]:
@@ -123,8 +126,13 @@ def _probe_gpu(device: int) -> dict:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, model_dir: str, manifest: Manifest, engine_file: str | None = None,
-                 cuda_graph: bool = False, device: int = 0, precision: str | None = None, **_):
+    @classmethod
+    def available(cls, manifest, device: int = 0, precision: str | None = None) -> bool:
+        return tensorrt_available(manifest, device, precision)
+
+    def __init__(self, model_dir: str, manifest: Manifest, engine: str | None = None,
+                 cuda_graph: bool = False, device: int | None = None, precision: str | None = None):
+        engine_file, device = engine, device or 0
         self.runtime = self.engine = self.context = self.stream = self._graph = None
         self.device_buffers: dict[str, cb.DeviceBuffer] = {}
         self.host: dict[str, cb.PinnedHostArray] = {}
@@ -284,11 +292,9 @@ class TensorRTBackend(Backend):
         for name in self.output_names:
             cb.memcpy_dtoh_async(self._flat(name, shapes[name]), self.device_buffers[name].ptr, self.stream)
 
-    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.context is None:
             raise ClipadError("the TensorRT backend is closed")
-        self.check_batch(batch_u8, self.image_size)
-        batch = np.ascontiguousarray(batch_u8)
         if not self.context.set_input_shape(self.input_name, batch.shape):
             raise ClipadError(f"TensorRT rejects input shape {list(batch.shape)} (batch range {self._range})")
         for name, buf in self.device_buffers.items():
@@ -342,7 +348,7 @@ class TensorRTBackend(Backend):
         if graph is not None:
             graph.close()
 
-    def close(self) -> None:
+    def _release(self) -> None:
         def attempt(step):
             try:
                 step()

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from .. import precisions
 from ..errors import ClipadError
 from ..manifest import Manifest
 from .base import Backend
@@ -20,6 +21,13 @@ BACKOFF_S = 0.25       # doubles per retry
 
 class TritonBackend(Backend):
     name = "triton"
+
+    @classmethod
+    def open(cls, model_dir, manifest, triton_url: str | None = None, triton_model: str | None = None,
+             grpc: bool = False) -> "TritonBackend":
+        if not triton_url or not triton_model:
+            raise ClipadError("the triton backend needs triton_url and triton_model (--triton URL --triton-model NAME)")
+        return cls(triton_url, triton_model, grpc=grpc)
 
     def __init__(self, url: str, model: str, grpc: bool = False, timeout_s: float = 60.0):
         try:
@@ -57,7 +65,8 @@ class TritonBackend(Backend):
             raise ClipadError(f"--triton-model {model}: takes {inputs}, not the export's uint8 "
                               f"{self.manifest.input.name!r} images; name the model itself, not its _pre, _post or "
                               f"_pipeline")
-        self.precision = config.get("parameters", {}).get("clipad_precision", {}).get("string_value", "fp32")
+        self.precision = config.get("parameters", {}).get("clipad_precision", {}).get("string_value") \
+            or precisions.REFERENCE.name
         self.served_by = config.get("backend") or config.get("platform") or "?"
         self._range = (1, max(1, int(config.get("max_batch_size", 1) or 1)))
         self.image_size = self.manifest.image_size
@@ -77,11 +86,10 @@ class TritonBackend(Backend):
     def batch_range(self) -> tuple[int, int]:
         return self._range
 
-    def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.check_batch(batch_u8, self.image_size)
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = self.client_module
         tensor = c.InferInput(self.manifest.input.name, list(batch_u8.shape), "UINT8")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch_u8))
+        tensor.set_data_from_numpy(batch_u8)
         outputs = [c.InferRequestedOutput("anomaly_map"), c.InferRequestedOutput("image_score")]
         delay = BACKOFF_S
         for attempt in range(RETRIES + 1):
@@ -98,7 +106,7 @@ class TritonBackend(Backend):
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
+    def _release(self) -> None:
         try:
             self.client.close()
         except Exception:

@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 
+from clipad.runtime import precisions
 from clipad.runtime.batching import chunks
-from clipad.runtime.compare import PRECISION_LIMITS, GateReport, compare, gate
+from clipad.runtime.compare import GateReport, compare_runners, gate
 from clipad.runtime.errors import ClipadError
 
 log = logging.getLogger("clipad")
@@ -220,7 +221,10 @@ def calibrate(src: str, calib: np.ndarray, method: str, batch: int, cache_dir: s
     return nodes, tensors, ranges
 
 
-def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = "fp16",
+HALF_REMAINDER = precisions.INT8_REMAINDERS[0]
+
+
+def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = HALF_REMAINDER,
             cache_dir: str | None = None, keep_float: tuple[str, ...] = ()) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
@@ -262,16 +266,17 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         model = onnx.load(quantized)
     restored = keep_float_consumers(model, set(nodes))
-    if high_precision == "fp16":
+    half = high_precision == HALF_REMAINDER
+    if half:
         # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
         model, _ = _half(model, opset=INT8_FP16_OPSET)
     onnx.save(model, dst)
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors), "float_consumers_restored": restored,
             "calibration_images": int(len(calib)), "method": method, "high_precision": high_precision,
             "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
-            "fp32_ops": FP32_OPS if high_precision == "fp16" else "all",
+            "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
             "tool": "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
-                    "per-channel)" + (" + onnxruntime.transformers.float16" if high_precision == "fp16" else "")}
+                    "per-channel)" + (" + onnxruntime.transformers.float16" if half else "")}
 
 
 def to_int8_dynamic(src: str, dst: str) -> dict:
@@ -290,8 +295,9 @@ def to_int8_dynamic(src: str, dst: str) -> dict:
     with _quiet_preprocess_advice():
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
                          op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
-    return {"quantized_nodes": len(nodes), "kept_float_nodes": sorted(kept), "high_precision": "fp32",
-            "target": "cpu", "tool": "onnxruntime.quantization.quantize_dynamic(MatMul, QInt8 weights per channel)"}
+    return {"quantized_nodes": len(nodes), "kept_float_nodes": sorted(kept),
+            "high_precision": precisions.REFERENCE.name,
+            "tool": "onnxruntime.quantization.quantize_dynamic(MatMul, QInt8 weights per channel)"}
 
 
 def keep_float_consumers(model, quantized: set[str]) -> int:
@@ -316,9 +322,16 @@ def keep_float_consumers(model, quantized: set[str]) -> int:
 
 
 def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np.ndarray, names: list[str],
-                   batch: tuple[int, int]) -> GateReport:
+                   batch: tuple[int, int], image_size: int) -> GateReport:
     """FP32 ONNX vs the precision's ONNX (CPU ONNX Runtime) on the verify images, held to that precision's limits."""
-    from .onnx_export import run_onnx
+    from .onnx_export import onnx_backend
 
-    comparison = compare(run_onnx(fp32_path, data, batch), run_onnx(candidate_path, data, batch), names)
-    return gate(comparison, PRECISION_LIMITS[precision], precision, "onnxruntime fp32", f"onnxruntime {precision}")
+    reference = onnx_backend(fp32_path, image_size, batch)
+    candidate = onnx_backend(candidate_path, image_size, batch, precision)
+    try:
+        comparison = compare_runners(reference, candidate, data, names)
+    finally:
+        reference.close()
+        candidate.close()
+    return gate(comparison, precisions.get(precision).gate, precision, f"onnxruntime {precisions.REFERENCE.name}",
+                f"onnxruntime {precision}")

@@ -1,6 +1,6 @@
 """Time the display post-processing of one frame: map resize to the frame + JET + blend + text.
 
-``python -m clipad.benchmarks.postprocess [--width 1920 --height 1080 --map-size 518 --repeat 200 --threads 1]``
+``python -m clipad.benchmarks.overlay_timing [--width 1920 --height 1080 --map-size 518 --repeat 200 --threads 1]``
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from clipad.runtime import postprocess
+from clipad.runtime import render
 
 
 def measure(width: int, height: int, map_size: int, repeat: int) -> dict:
@@ -19,13 +19,13 @@ def measure(width: int, height: int, map_size: int, repeat: int) -> dict:
     amap = rng.random((map_size, map_size), dtype=np.float32)
     lines = ["bottle: score 0.5123  map max 1.9000", "OK", "12.0 FPS"]
     for _ in range(5):
-        postprocess.overlay(frame, amap, 0.0, 1.0, text_lines=lines, label="OK")
+        render.overlay(frame, amap, 0.0, 1.0, text_lines=lines, label="OK")
     times = {"resize_map": [], "overlay": []}
     for _ in range(repeat):
         t0 = time.perf_counter()
-        postprocess.resize_map(amap, width, height)
+        render.resize_map(amap, width, height)
         t1 = time.perf_counter()
-        postprocess.overlay(frame, amap, float(amap.min()), float(amap.max()), text_lines=lines, label="OK")
+        render.overlay(frame, amap, float(amap.min()), float(amap.max()), text_lines=lines, label="OK")
         t2 = time.perf_counter()
         times["resize_map"].append(t1 - t0)
         times["overlay"].append(t2 - t1)
@@ -34,7 +34,7 @@ def measure(width: int, height: int, map_size: int, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clipad.benchmarks.postprocess", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m clipad.benchmarks.overlay_timing", description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=1920)
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--map-size", type=int, default=518)

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ClipadError
-from .preprocess import prepare
+from ..errors import ClipadError
+from ..preprocess import prepare
 
 _DONE = object()
 
@@ -41,7 +41,7 @@ class StagedRun:
             raise ClipadError(f"--batch {batch}: must be at least 1")
         self.detector, self.source, self.class_name, self.threshold = detector, source, class_name, threshold
         self.batch, self.handle = batch, handle
-        self.k = detector.class_index(class_name)
+        detector.class_index(class_name)   # an unknown class fails before any thread starts
         self.inputs: queue.Queue = queue.Queue(maxsize=2 * batch + 2)
         self.outputs: queue.Queue | None = queue.Queue(maxsize=2 * batch + 2) if post_thread else None
         self.stop = threading.Event()
@@ -116,20 +116,16 @@ class StagedRun:
         ready = [w for w in items if w.error is None]
         if not ready:
             return
-        t = time.perf_counter()
         try:
-            maps, scores = self.detector.run(np.stack([w.pixels for w in ready]))
+            preds = self.detector.predict_prepared(np.stack([w.pixels for w in ready]), self.class_name,
+                                                   self.threshold)
         except ClipadError as exc:
             for w in ready:
                 w.error = str(exc)
             return
-        infer_ms = 1e3 * (time.perf_counter() - t) / len(ready)
-        for i, w in enumerate(ready):
-            t = time.perf_counter()
-            w.pred = self.detector.to_prediction(self.class_name, maps[i, self.k], float(scores[i, self.k]),
-                                                 self.threshold)
-            w.pred.latency_ms = {"pre": w.pre_ms, "infer": infer_ms, "post": 1e3 * (time.perf_counter() - t)}
-            w.pixels = None
+        for w, pred in zip(ready, preds):
+            pred.latency_ms["pre"] = w.pre_ms
+            w.pred, w.pixels = pred, None
 
     def run(self) -> bool:
         """Process the whole source; True when ``handle`` asked to stop. Exceptions of any stage are raised here."""

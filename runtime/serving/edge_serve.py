@@ -18,7 +18,8 @@ import tempfile
 import time
 import urllib.request
 
-from .errors import ClipadError, run_cli
+from ..commands import EXIT_OK, EXIT_TERMINATED, run_cli
+from ..errors import ClipadError, Terminated
 
 log = logging.getLogger("clipad")
 EPILOG = """\
@@ -28,10 +29,10 @@ examples:
   edge-detect --triton localhost:8000 --triton-model crane_l14 --source line3/ --jsonl r.jsonl
   curl localhost:8000/v2/health/ready; curl localhost:8002/metrics
 
-Python-backend models (NAME_pre, NAME_post, the python flavour) run clipad-edge inside Triton's Python stub, which
+Python-backend models (NAME_pre, NAME_post, the python flavor) run clipad-edge inside Triton's Python stub, which
 uses this environment's packages. The stub of nvidia-pytriton 0.7 needs numpy<2: install clipad-edge[serve] in its
-own environment (pip resolves numpy<2 there). Exit status: 0 after a clean stop (Ctrl-C or SIGTERM), 2 with one
-line when the server cannot start or dies (its log is kept and named).
+own environment (pip resolves numpy<2 there). Exit status: 0 after Ctrl-C, 143 after SIGTERM (both stop Triton
+cleanly first), 2 with one line when the server cannot start or dies (its log is kept and named).
 """
 
 
@@ -117,8 +118,7 @@ class Server:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ClipadError(f"tritonserver exited with status {self.process.returncode} while starting: "
-                                  f"{self.last_error()}")
+                raise ClipadError(f"tritonserver {self.exit_reason()} while starting: {self.last_error()}")
             if self.ready():
                 return
             time.sleep(0.25)
@@ -131,6 +131,17 @@ class Server:
                 return r.status == 200
         except OSError:
             return False
+
+    def exit_reason(self) -> str:
+        """How the server process ended: a signal (killed from outside) or its exit status."""
+        code = self.process.returncode
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"was killed by {name} (from outside this command)"
+        return f"exited with status {code}"
 
     def last_error(self) -> str:
         """The most telling lines of the server log: its errors (without the GPU-less machine's noise), else its
@@ -235,11 +246,6 @@ def serve(args) -> int:
     server = Server(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.tritonserver,
                     args.log_verbose)
     clean = False
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start(args.ready_timeout)
         e = server.endpoints
@@ -248,20 +254,22 @@ def serve(args) -> int:
                   f"(log {server.log_path}); Ctrl-C stops it", flush=True)
         while server.process.poll() is None:
             time.sleep(0.5)
-        raise ClipadError(f"tritonserver exited with status {server.process.returncode}: {server.last_error()}")
-    except KeyboardInterrupt:
+        killed = server.process.returncode is not None and server.process.returncode < 0
+        detail = f"see its log {server.log_path}" if killed else server.last_error()
+        raise ClipadError(f"tritonserver {server.exit_reason()}: {detail}")
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated): stop Triton first
         status = server.stop()
         clean = True
         if not args.quiet:
             print(f"Triton stopped (status {status})", flush=True)
-        return 0
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_OK
     finally:
-        signal.signal(signal.SIGTERM, previous)
         server.close(keep_log=not clean)
 
 
 def main(argv=None) -> int:
-    return run_cli("edge-serve", serve, parse_args(argv), "interrupted")
+    args = parse_args(argv)
+    return run_cli("edge-serve", lambda: serve(args), args.quiet)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,6 @@ def resize_map(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(m, (int(width), int(height)), interpolation=cv2.INTER_LINEAR).astype(np.float32, copy=False)
 
 
-def scale_for_display(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(x - low) / (high - low) clipped to [0, 1] as float32; all zeros when high <= low. NaN → 0."""
-    m = np.asarray(anomaly_map, dtype=np.float32)
-    if not (high > low):
-        return np.zeros(m.shape, np.float32)
-    out = (m - np.float32(low)) / np.float32(high - low)
-    return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32, copy=False)
-
-
 def display_index(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
     """[H, W] map → uint8 colour indices: round(255 · (x − low) / (high − low)) clipped to [0, 255]; NaN → 0, all 0
     when high <= low."""
@@ -66,15 +57,6 @@ def display_index(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarra
     np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
     np.clip(x, 0.0, 255.0, out=x)
     return np.rint(x).astype(np.uint8)
-
-
-def colorize(map01: np.ndarray) -> np.ndarray:
-    """[H, W] map in [0, 1] (clipped) → BGR uint8 [H, W, 3] with the JET colormap (0 = blue, 1 = red)."""
-    import cv2
-
-    m = np.nan_to_num(np.asarray(map01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    u8 = np.rint(np.clip(m, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
 
 
 def _as_bgr(frame: np.ndarray) -> np.ndarray:
@@ -101,11 +83,20 @@ def draw_text_block(image: np.ndarray, lines: Sequence[str], origin: tuple[int, 
     if not lines:
         return image
     h, w = image.shape[:2]
-    scale = max(0.4, min(h, w) / 640.0)
-    thick = max(1, int(round(scale * 1.6)))
     font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.4, min(h, w) / 640.0)
+    while True:   # shrink the font until the widest line fits a narrow frame (down to 0.25), then wrap
+        thick = max(1, int(round(scale * 1.6)))
+        pad = max(3, int(round(6 * scale)))
+        room = w - origin[0] - 2 * pad
+        widest = max(cv2.getTextSize(t, font, scale, thick)[0][0] for t in lines)
+        if widest <= room:
+            break
+        if scale <= 0.25:
+            lines = [part for line in lines for part in _wrap(line, font, scale, thick, room)]
+            break
+        scale = max(0.25, min(0.9 * scale, scale * room / widest))
     sizes = [cv2.getTextSize(t, font, scale, thick) for t in lines]
-    pad = max(3, int(round(6 * scale)))
     line_h = max(s[0][1] + s[1] for s in sizes) + pad
     x0, y0 = origin
     x1 = min(w, x0 + max(s[0][0] for s in sizes) + 2 * pad)
@@ -120,15 +111,48 @@ def draw_text_block(image: np.ndarray, lines: Sequence[str], origin: tuple[int, 
     return image
 
 
-def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int,
-                 max_regions: int = 50) -> tuple[np.ndarray, list[dict]]:
+def _wrap(line: str, font, scale: float, thick: int, room: int) -> list[str]:
+    """``line`` broken at spaces into pieces at most ``room`` pixels wide (a single word wider than that is cut)."""
+    import cv2
+
+    def fits(text):
+        return cv2.getTextSize(text, font, scale, thick)[0][0] <= room
+
+    out, current = [], ""
+    for word in line.split():
+        candidate = f"{current} {word}".strip()
+        if fits(candidate):
+            current = candidate
+            continue
+        if current:
+            out.append(current)
+        while word and not fits(word):
+            cut = max(1, next((i for i in range(len(word), 0, -1) if fits(word[:i])), 1))
+            out.append(word[:cut])
+            word = word[cut:]
+        current = word
+    return out + ([current] if current else [])
+
+
+def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int, max_regions: int = 50,
+                 ensure_peak: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Defect regions where the map, resized to the frame, reaches ``threshold``: (mask uint8 [height, width], 255 =
-    defect; regions, largest maximum first, at most ``max_regions``: {"bbox": [x, y, w, h], "area": pixels,
-    "max": map maximum inside}). Regions are 8-connected."""
+    defect; regions, largest maximum first, at most ``max_regions``: {"bbox": [x, y, w, h], "area": pixels, "max":
+    map maximum inside, "kind": "defect"}). Regions are 8-connected.
+
+    ``ensure_peak`` (an NG part): when no pixel of the resized map reaches ``threshold`` (resizing lowers peaks, and
+    the image-level rule can call a part NG whose map stays below the pixel threshold), the region around the map's
+    peak is reported instead, with ``"kind": "peak"``, and drawn in the mask, so an NG part always shows where."""
     import cv2
 
     m = resize_map(anomaly_map, width, height)
-    mask = np.where(np.nan_to_num(m, nan=-np.inf) >= threshold, 255, 0).astype(np.uint8)
+    clean = np.nan_to_num(m, nan=-np.inf)
+    mask = np.where(clean >= threshold, 255, 0).astype(np.uint8)
+    kind = "defect"
+    if ensure_peak and not mask.any() and np.isfinite(clean).any():
+        peak = float(clean.max())
+        mask = np.where(clean >= peak - 1e-6 * max(abs(peak), 1.0), 255, 0).astype(np.uint8)
+        kind = "peak"
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     regions = []
     if count > 1:
@@ -136,15 +160,15 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: 
         np.maximum.at(maxima, labels.ravel(), m.ravel())
         for i in range(1, count):
             x, y, w, h, area = (int(v) for v in stats[i])
-            regions.append({"bbox": [x, y, w, h], "area": area, "max": float(maxima[i])})
+            regions.append({"bbox": [x, y, w, h], "area": area, "max": float(maxima[i]), "kind": kind})
         regions.sort(key=lambda r: -r["max"])
     return mask, regions[:max_regions]
 
 
 def scale_regions(regions: list[dict], factor: float) -> list[dict]:
     """Regions found on a reduced image, in the original image's pixels."""
-    return [{"bbox": [int(round(v * factor)) for v in r["bbox"]], "area": int(round(r["area"] * factor * factor)),
-             "max": r["max"]} for r in regions]
+    return [{**r, "bbox": [int(round(v * factor)) for v in r["bbox"]],
+             "area": int(round(r["area"] * factor * factor))} for r in regions]
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

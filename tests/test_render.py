@@ -1,4 +1,4 @@
-"""Display helpers: map resize/scale/colorize, overlay drawing, atomic saves (OK/NG: test_decision.py)."""
+"""Rendering: map resize, colour indices, overlay drawing, regions and masks, atomic saves (OK/NG: test_decision.py)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from clipad.runtime.errors import ClipadError  # noqa: E402
-from clipad.runtime.postprocess import (  # noqa: E402
-    colorize, overlay, resize_map, save_image_atomic, save_npy_atomic, scale_for_display)
+from clipad.runtime.render import (  # noqa: E402
+    draw_text_block, find_regions, overlay, resize_map, save_image_atomic, save_npy_atomic)
 
 
 def hot_left_map(s: int = 16) -> np.ndarray:
@@ -29,23 +29,6 @@ def test_resize_map_shape_and_values():
     np.testing.assert_array_equal(resize_map(m, 4, 4), m)
     with pytest.raises(ClipadError, match="expected"):
         resize_map(np.zeros((2, 3, 3), np.float32), 4, 4)
-
-
-def test_scale_for_display():
-    m = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)
-    np.testing.assert_allclose(scale_for_display(m, 0.25, 0.75), [[0.0, 0.0], [0.5, 1.0]])
-    assert scale_for_display(m, 0.5, 0.5).tolist() == [[0, 0], [0, 0]]  # high <= low → zeros
-    assert not scale_for_display(m, 1.0, 0.0).any()
-    assert scale_for_display(np.array([np.nan, 2.0]), 0.0, 1.0).tolist() == [0.0, 1.0]
-
-
-def test_colorize_jet():
-    c = colorize(np.array([[0.0, 1.0, 5.0, -3.0]], np.float32))
-    assert c.shape == (1, 4, 3) and c.dtype == np.uint8
-    cold, hot = c[0, 0], c[0, 1]
-    assert cold[0] > cold[2]  # 0 → blue (BGR)
-    assert hot[2] > hot[0]    # 1 → red
-    assert (c[0, 2] == hot).all() and (c[0, 3] == cold).all()  # clipped into [0, 1]
 
 
 def test_overlay_shape_dtype_and_heat():
@@ -143,7 +126,7 @@ def test_failed_write_leaves_no_temp(tmp_path, monkeypatch):
 def test_display_index_fast_path_matches_the_formula():
     """The one-pass OpenCV conversion equals round(255·(x−low)/(high−low)) clipped (±1 at exact halves), and
     non-finite maps or very narrow ranges (the NumPy path) keep NaN → 0, +inf → 255, −inf → 0."""
-    from clipad.runtime.postprocess import display_index
+    from clipad.runtime.render import display_index
 
     rng = np.random.default_rng(1)
     for low, high, offset in ((0, 1, 0), (0.3, 0.7, 0), (-2, 5, 0), (0.5, 0.5000001, 0), (1000, 1001, 1000)):
@@ -155,3 +138,32 @@ def test_display_index_fast_path_matches_the_formula():
     m[0, 0], m[1, 1], m[2, 2] = np.nan, np.inf, -np.inf
     assert display_index(m, 0, 1)[0, 0] == 0 and display_index(m, 0, 1)[1, 1] == 255
     assert display_index(m, 0, 1)[2, 2] == 0 and not display_index(m, 1, 1).any()
+
+
+def test_regions_of_a_part_whose_peak_the_resize_lowers():
+    """The decision score (map max) reaches the threshold, but resizing to a smaller frame lowers the peak: without
+    ensure_peak no region is found; with it (an NG part) the peak region is reported, marked, and in the mask."""
+    m = np.zeros((16, 16), np.float32)
+    m[7, 9] = 1.0                      # a one-pixel peak exactly at the threshold
+    mask, regions = find_regions(m, 1.0, 10, 10)
+    assert regions == [] and not mask.any()
+    mask, regions = find_regions(m, 1.0, 10, 10, ensure_peak=True)
+    assert len(regions) == 1 and regions[0]["kind"] == "peak" and mask.any()
+    x, y, w, h = regions[0]["bbox"]
+    assert 4 <= x + w / 2 <= 7 and 3 <= y + h / 2 <= 6     # where the peak is, in frame pixels
+    mask, regions = find_regions(m, 0.5, 32, 32, ensure_peak=True)   # upscaled: a real region, kind defect
+    assert regions and all(r["kind"] == "defect" for r in regions)
+    nan_map = np.full((4, 4), np.nan, np.float32)
+    assert find_regions(nan_map, 1.0, 8, 8, ensure_peak=True)[1] == []   # nothing finite: no invented region
+
+
+@pytest.mark.parametrize("width", [429, 200, 120])
+def test_overlay_text_fits_narrow_frames(width):
+    """The text block shrinks until its widest line fits (the 429 px image ran off the right edge)."""
+    frame = np.zeros((300, width, 3), np.uint8)
+    lines = ["bottle: score 0.4251  map max 9.1421", "decision 0.3914  p 0.909", "NG"]
+    out = draw_text_block(frame.copy(), lines, label="NG")
+    drawn = np.flatnonzero((out > 0).any(axis=(0, 2)))
+    assert drawn.size and drawn.max() < width - 1     # the last column stays untouched: nothing ran off
+    wide = draw_text_block(np.zeros((300, 2000, 3), np.uint8), lines, label="NG")
+    assert np.flatnonzero((wide > 0).any(axis=(0, 2))).max() < 2000 // 2

@@ -1,5 +1,6 @@
-"""Where edge-detect writes, checked before the first frame: output folders that can be written, a JSONL file that is
-appended to (never truncated) in whole lines, and no output that would overwrite an input."""
+"""Where the commands write, checked before the first image: output folders and report files that can be written, a
+JSONL file that is appended to (never truncated) in whole lines, no output that would overwrite an input or land
+inside an input folder, and no report over a file of the export it measures."""
 from __future__ import annotations
 
 import errno
@@ -37,13 +38,40 @@ def refuse_overwriting_inputs(planned: dict[str, list[str]], inputs: list[str]) 
                 raise ClipadError(f"{flag} would overwrite the input {path}; choose an output that is not an input")
 
 
-def export_files(model_dir: str) -> list[str]:
-    """The files an export owns: its manifest and every model file and engine the manifest lists."""
-    from .manifest import MANIFEST_NAME, Manifest
+def probe_file(path: str | None, flag: str) -> str | None:
+    """A report file that can be written: not a folder, its folder exists and is writable (checked before the run,
+    so a long run never ends in a lost report)."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        raise ClipadError(f"{flag} {path}: is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ClipadError(f"{flag} {path}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ClipadError(f"{flag} {path}: cannot write there (permission denied)")
+    return path
 
-    manifest = Manifest.read(model_dir)
-    names = [MANIFEST_NAME, *manifest.files, *(e.file for e in manifest.engines)]
-    return [os.path.join(model_dir, name) for name in names]
+
+def refuse_outputs_inside(folders: dict[str, str | None], input_folders: list[tuple[str, bool]]) -> None:
+    """Output folders (flag -> folder) may not be a folder the inputs are listed from (with ``True``: or lie inside
+    it, for a recursive glob): the next run would read the outputs as inputs."""
+    for flag, folder in folders.items():
+        if not folder:
+            continue
+        real = os.path.realpath(folder)
+        for root, recursive in input_folders:
+            root = os.path.realpath(root)
+            if real == root or (recursive and real.startswith(root + os.sep)):
+                raise ClipadError(f"{flag} {folder}: the inputs are read from {root}; the next run would read these "
+                                  f"outputs as inputs. Choose a folder outside it")
+
+
+def export_files(model_dir: str) -> list[str]:
+    """The files an export owns: its manifest, lock, and every model file and engine the manifest lists."""
+    from .manifest import Manifest
+
+    return [os.path.join(model_dir, name) for name in Manifest.read(model_dir).owned_files()]
 
 
 def refuse_reports_over(reports: dict[str, str | None], model_dir: str, inputs: list[str] = ()) -> None:

@@ -1,0 +1,192 @@
+"""``edge-detect``: run an exported model on a camera, stream, video, image, folder or glob."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..commands import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_TERMINATED, add_model_options, open_detector, \
+    run_cli
+from ..decision import check_threshold
+from ..errors import ClipadError, Terminated
+from .frame_outputs import FrameOutputs, OutputOptions
+
+EPILOG = """\
+examples:
+  edge-detect --model crane_l14 --camera 0 --show
+  edge-detect --model aa_bottle --source line3.mp4 --save overlays/ --jsonl results.jsonl
+  edge-detect --model aa_bottle --source 'batch_07/*.png' --save-maps maps/ --threshold 0.62
+  edge-detect --model zs_tile --source rtsp://camera.local/stream1 --max-frames 1000 --jsonl live.jsonl
+
+outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
+writes the raw SxS float32 map of the selected class as .npy; --save-masks writes binary defect masks (PNG, 255 =
+defect) at the input's size; --jsonl writes one JSON line per input or frame:
+{"time","source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","label",
+ "pixel_label","regions","calibration","latency_ms":{"pre","infer","post"},"error"} (time: UTC, when written).
+OK/NG: with a calibration in the manifest (edge-calibrate) for the precision that runs, NG when the decision score
+reaches the calibrated threshold; pixel_label is the pixel rule (NG when the map reaches the calibrated pixel
+threshold) and regions lists the defect regions (bbox [x, y, w, h], area in pixels of the input, max, kind "defect";
+an NG part whose resized map stays below the pixel threshold gets its peak region, kind "peak"); calibration names
+the calibration that decided. --threshold T instead makes it NG when the raw score >= T; without either, no label.
+Unreadable inputs are reported (error set) and the run continues. A model output that is not finite (NaN/inf) is
+labelled NG with error set, never OK; its score and map_max are written as null (every line is strict JSON).
+Ctrl-C (or q/Esc in the window) stops cleanly.
+"""
+
+log = logging.getLogger("clipad")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="edge-detect", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Anomaly maps, scores and OK/NG decisions from a model exported by "
+                                             "export-engine.", epilog=EPILOG)
+    add_model_options(ap, triton=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV)")
+    src.add_argument("--source", metavar="PATH_OR_URL",
+                     help="image, folder, glob ('dir/*.png'), video file, or rtsp/http(s) stream URL")
+    ap.add_argument("--class-name", help="which baked class to report (default: the first)")
+    ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG: NG when score >= threshold "
+                                                    "(default: the manifest's calibrated threshold if it has one, "
+                                                    "else no OK/NG)")
+    ap.add_argument("--show", action="store_true", help="show a window with overlay, score, OK/NG and FPS")
+    ap.add_argument("--save", metavar="DIR", help="write overlay images here")
+    ap.add_argument("--save-maps", metavar="DIR", help="write raw SxS float32 maps (.npy) here")
+    ap.add_argument("--save-masks", metavar="DIR", help="write binary defect masks (PNG at the input's size) here; "
+                                                        "needs a calibrated pixel threshold")
+    ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
+    ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
+    ap.add_argument("--loop", action="store_true", help="video files: start again at the end (soak tests, demos; "
+                                                        "stop with Ctrl-C or --max-frames)")
+    ap.add_argument("--reconnect", type=int, default=0, metavar="N",
+                    help="cameras/streams: re-open up to N times when frames stop (back-off 0.5 s doubling to 30 s); "
+                         "each gap is a record with error set; 0 (default): end at the first loss")
+    ap.add_argument("--batch", type=int, default=1, metavar="N",
+                    help="images per inference for files, folders and videos (live sources take what is ready); "
+                         "reading, inference and post-processing always overlap")
+    ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
+                                                     "best one for this GPU)")
+    ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph "
+                                                              "(TensorRT-RTX: its built-in capture)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return ap.parse_args(argv)
+
+
+def open_window():
+    import cv2
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise ClipadError("--show: no display ($DISPLAY is not set); use --save DIR to write overlays instead")
+    try:
+        cv2.namedWindow("edge-detect", cv2.WINDOW_NORMAL)
+    except cv2.error:
+        raise ClipadError("--show: this OpenCV build has no GUI support (opencv-python-headless?); "
+                          "install opencv-python or use --save DIR") from None
+    return cv2
+
+
+def input_files(source) -> list[str]:
+    return list(getattr(source, "paths", None) or ([source.path] if hasattr(source, "path") else []))
+
+
+def input_folders(spec) -> list[tuple[str, bool]]:
+    """(folder, recursive) the source lists its images from: a folder, or a glob's fixed leading folder."""
+    if not isinstance(spec, str):
+        return []
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return [(path, False)]
+    if set("*?[") & set(path):
+        head = path
+        while set("*?[") & set(head):
+            head = os.path.dirname(head)
+        return [(head or ".", "**" in path or bool(set("*?[") & set(os.path.dirname(path))))]
+    return []
+
+
+def planned_outputs(options: OutputOptions, jsonl: str | None, source) -> dict[str, list[str]]:
+    """Every file the run will write that can be known before it starts."""
+    stems = getattr(source, "stems", None) or []
+    planned = {"--jsonl": [jsonl] if jsonl else []}
+    for flag, folder, ext in (("--save", options.save, ".jpg"), ("--save-maps", options.save_maps, ".npy"),
+                              ("--save-masks", options.save_masks, ".png")):
+        if folder:
+            planned[flag] = [os.path.join(folder, stem + ext) for stem in stems]
+    return planned
+
+
+def run(args) -> int:
+    from ..files import JsonlAppender, probe_folder, refuse_outputs_inside, refuse_overwriting_inputs
+    from ..sources import open_source
+    from .staged import StagedRun
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ClipadError("--max-frames must be at least 1")
+    threshold = check_threshold(args.threshold)
+    options = OutputOptions(save=args.save, save_maps=args.save_maps, save_masks=args.save_masks, quiet=args.quiet)
+    folders = {"--save": args.save, "--save-maps": args.save_maps, "--save-masks": args.save_masks}
+    spec = args.camera if args.camera is not None else args.source
+    refuse_outputs_inside(folders, input_folders(spec))
+    detector = open_detector(args, engine=args.engine, cuda_graph=args.cuda_graph or None)
+    try:
+        class_name = detector.class_names[detector.class_index(args.class_name)]
+        calibrated = detector.policy.class_calibration(class_name) is not None
+        if args.save_masks and not calibrated:
+            raise ClipadError(f"--save-masks needs a calibrated pixel threshold for {class_name!r}: run "
+                              f"edge-calibrate --model {args.model or 'DIR'} --normal GOOD_IMAGES first")
+        for flag, folder in folders.items():
+            if folder:
+                probe_folder(folder, flag)
+        window = open_window() if args.show else None
+        source = open_source(spec, max_frames=args.max_frames, reconnect=args.reconnect, loop=args.loop)
+        try:
+            refuse_overwriting_inputs(planned_outputs(options, args.jsonl, source), input_files(source))
+            jsonl = JsonlAppender(args.jsonl) if args.jsonl else None
+        except BaseException:
+            source.close()
+            raise
+    except BaseException:
+        detector.close()
+        raise
+    if not args.quiet:
+        warning = detector.policy.take_warning()
+        if warning:
+            log.warning("WARNING: %s", warning)
+        if source.skipped:
+            log.warning("WARNING: %s", ", ".join(f"skipped {os.path.basename(p)}" for p in source.skipped[:3])
+                        + (f" and {len(source.skipped) - 3} more" if len(source.skipped) > 3 else "")
+                        + " (no image extension)")
+        log.info("model %s (%s, %s) on %s; class %r; %s", args.model or args.triton_model, detector.kind,
+                 detector.manifest.model.arch, detector.backend.description, class_name,
+                 detector.policy.describe(class_name, threshold))
+    detector.policy.take_warning()   # said above, or --quiet
+    outputs = FrameOutputs(options, detector, class_name, source.is_live, source.total, window, jsonl)
+    interrupted, stopped = None, False
+    try:
+        stopped = StagedRun(detector, source, class_name, threshold, args.batch, outputs.handle,
+                            post_thread=window is None).run()
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated)
+        interrupted = exc
+    finally:
+        source.close()
+        outputs.close()
+        detector.close()
+    if not args.quiet:
+        log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted is not None or stopped else "",
+                 outputs.done, outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
+                 if outputs.nonfinite else "", f"; JSONL: {args.jsonl}" if args.jsonl else "")
+    if isinstance(interrupted, Terminated):   # SIGTERM: 143 for every command (service managers)
+        return EXIT_TERMINATED
+    if interrupted is not None:   # Ctrl-C ends a camera or stream run normally; a file run was cut short
+        return EXIT_OK if source.is_live else EXIT_INTERRUPTED
+    return EXIT_NO_INPUT if outputs.done and outputs.errors == outputs.done else EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_cli("edge-detect", lambda: run(args), args.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
