@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from clipad.runtime.commands import run_cli
-from clipad.runtime.errors import ClipadError
 
 
 def percentile(values, q):

@@ -48,10 +48,6 @@ class ArchSpec:
     text_heads: int
     context_length: int
 
-    @property
-    def base_grid(self) -> int:
-        return self.base_image_size // self.patch_size
-
     def grid(self, image_size: int) -> int:
         if image_size % self.patch_size:
             raise ClipadError(

@@ -22,8 +22,18 @@ from clipad import __version__
 from clipad.runtime import precisions
 from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, BatchRange, InputSpec, Manifest, ModelInfo,
-                                     TensorSpec, check_writable, file_entry, sha256_file)
+from clipad.runtime.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    BatchRange,
+    InputSpec,
+    Manifest,
+    ModelInfo,
+    TensorSpec,
+    check_writable,
+    file_entry,
+    sha256_file,
+)
 
 from .models.registry import get_kind
 from .options import ExportOptions
@@ -177,8 +187,6 @@ def check_output(out: str) -> None:
 
 def check_arguments(opts: ExportOptions) -> None:
     """Every argument that can be checked without loading weights, so a typo fails in seconds, not after minutes."""
-    from clipad.runtime.inputs import list_images
-
     from . import archs
 
     m = opts.model

@@ -18,13 +18,13 @@ class Precision:
     name: str
     file: str                          # the ONNX file it runs from, in the export folder
     summary: str                       # one line for --help
-    backends: tuple[str, ...]          # the backends that run it
     gate: GateLimits | None = None     # accuracy gate against the FP32 reference; None: it is the reference
     conversion: str | None = None      # how export-engine makes ``file`` from model.onnx (None: it does not)
     needs_calibration_data: bool = False   # --calib-data is required to make it
     engine_rank: int | None = None     # TensorRT engines are built from it; lower ranks are preferred by ``auto``
     cpu_substitute: str | None = None  # on a CPU-only ONNX Runtime, this precision's file runs instead
     openvino_hint: str | None = None   # OpenVINO's INFERENCE_PRECISION_HINT when OpenVINO runs it
+    only_on: tuple[str, ...] | None = None   # the backends that run it, when not every backend does
     not_run_by: dict[str, str] = field(default_factory=dict)   # backend -> why it cannot run this precision
 
     @property
@@ -36,33 +36,34 @@ class Precision:
         return self.gate is None
 
     def why_not(self, backend: str) -> str | None:
-        """Why ``backend`` cannot run this precision, or None when it can."""
-        if backend in self.backends:
-            return None
-        return self.not_run_by.get(backend) or (f"{backend} does not run {self.name} ({self.summary}); it runs on "
-                                                f"{', '.join(self.backends)}")
+        """Why ``backend`` cannot run this precision, or None when it can. A plain ONNX file runs on every backend
+        unless the record says otherwise, so a new backend needs no change here."""
+        if backend in self.not_run_by:
+            return self.not_run_by[backend]
+        if self.only_on is not None and backend not in self.only_on:
+            return f"{backend} does not run {self.name} ({self.summary}); it runs on {', '.join(self.only_on)}"
+        return None
 
 
 _INT8_GATE = GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)
 _FP16_GATE = GateLimits(map_pearson_min=0.999)
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
-    Precision("fp32", "model.onnx", "the FP32 export, the reference of every gate",
-              ("torch", "onnxruntime", "openvino", "tensorrt", "triton"), engine_rank=2, openvino_hint="f32"),
+    Precision("fp32", "model.onnx", "the FP32 export, the reference of every gate", engine_rank=2,
+              openvino_hint="f32"),
     Precision("fp16", "model.fp16.onnx", "mixed FP16/FP32 (LayerNorm, softmax, L2 norms and the head FP32)",
-              ("onnxruntime", "openvino", "tensorrt", "triton", "torch"), gate=_FP16_GATE, conversion="float16",
-              engine_rank=0, openvino_hint="f32"),
+              gate=_FP16_GATE, conversion="float16", engine_rank=0, openvino_hint="f32"),
     Precision("bf16", "model.onnx", "OpenVINO's BF16 inference hint on the FP32 export (CPUs with BF16)",
-              ("openvino",), gate=_FP16_GATE, openvino_hint="bf16",
+              gate=_FP16_GATE, openvino_hint="bf16", only_on=("openvino",),
               not_run_by={"onnxruntime": "ONNX Runtime's CPU provider has no BF16 path for these models; use openvino",
                           "tensorrt": "no TensorRT engine is built for bf16",
                           "torch": "the torch reference runs fp32 (and fp16 on CUDA)"}),
     Precision("int8", "model.int8.onnx", "explicit symmetric Q/DQ on the linear layers, FP16 remainder (TensorRT)",
-              ("onnxruntime", "openvino", "tensorrt", "triton"), gate=_INT8_GATE, conversion="static-qdq",
-              needs_calibration_data=True, engine_rank=1, cpu_substitute="int8-cpu", openvino_hint="f32",
+              gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, engine_rank=1,
+              cpu_substitute="int8-cpu", openvino_hint="f32",
               not_run_by={"torch": "the torch reference runs fp32 (and fp16 on CUDA)"}),
     Precision("int8-cpu", "model.int8-cpu.onnx", "dynamic INT8 linear layers, FP32 rest: the fast INT8 for ONNX "
-              "Runtime on CPUs", ("onnxruntime", "triton"), gate=_INT8_GATE, conversion="dynamic-int8",
+              "Runtime on CPUs", gate=_INT8_GATE, conversion="dynamic-int8", only_on=("onnxruntime", "triton"),
               not_run_by={"openvino": "int8-cpu is onnxruntime's dynamic INT8 (DynamicQuantizeMatMul); OpenVINO runs "
                                       "the Q/DQ int8 model",
                           "tensorrt": "no TensorRT engine is built for int8-cpu (it is the CPU file)",
@@ -93,7 +94,7 @@ def file_precision(file_name: str) -> Precision | None:
 
 def run_by(backend: str) -> tuple[str, ...]:
     """The precisions ``backend`` runs."""
-    return tuple(p.name for p in PRECISIONS.values() if backend in p.backends)
+    return tuple(p.name for p in PRECISIONS.values() if p.why_not(backend) is None)
 
 
 def help_text() -> str:

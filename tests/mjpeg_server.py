@@ -1,9 +1,14 @@
 """A real MJPEG-over-HTTP stream server for the stream tests (OpenCV's FFmpeg backend reads it like an IP camera):
 ``python mjpeg_server.py PORT`` serves 64x48 JPEG frames every 50 ms until it is killed."""
-import sys, time, io
+import io
+import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import numpy as np
 from PIL import Image
+
+
 def jpeg(i):
     a = np.full((48, 64, 3), (i * 10) % 255, np.uint8)
     b = io.BytesIO(); Image.fromarray(a).save(b, format="JPEG"); return b.getvalue()

@@ -14,12 +14,11 @@ from PIL import Image
 
 from clipad.calibration import thresholds as th
 from clipad.calibration.cli import main as edge_calibrate
-from clipad.calibration.samples import write_samples
-from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.decision import decision_score, normalized_score, p_value
+from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import Manifest
-from tiny_fixtures import export_tiny
+from tiny_fixtures import export_tiny, write_good_samples
 
 
 def test_conformal_threshold_is_the_kth_smallest():
@@ -97,10 +96,7 @@ def test_aaclip_decision_score_is_the_official_formula_with_fitted_constants():
 @pytest.fixture(scope="module")
 def normal_dir(tmp_path_factory):
     """30 defect-free sample images (the generator draws every second one with a defect: those are left out)."""
-    folder = tmp_path_factory.mktemp("normal")
-    for path in write_samples(str(folder), count=60, seed=5):
-        if "_defect" in path:
-            os.remove(path)
+    folder = write_good_samples(tmp_path_factory.mktemp("normal"), 30, seed=5)
     assert len(os.listdir(folder)) == 30
     return folder
 

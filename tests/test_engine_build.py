@@ -7,7 +7,8 @@ import os
 import pytest
 
 from clipad.export import cli as export_cli
-from tiny_fixtures import export_one_class as export, manifest_json as manifest
+from tiny_fixtures import export_one_class as export
+from tiny_fixtures import manifest_json as manifest
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
 

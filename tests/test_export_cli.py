@@ -12,7 +12,8 @@ from clipad.export import cli as export_cli
 from clipad.export import onnx_export
 from clipad.runtime.compare import GateLimits
 from clipad.runtime.manifest import SCHEMA_VERSION, Manifest, sha256_file
-from tiny_fixtures import TINY, export_tiny as export
+from tiny_fixtures import TINY
+from tiny_fixtures import export_tiny as export
 
 
 @pytest.mark.parametrize("kind", ["aaclip", "crane", "clip"])

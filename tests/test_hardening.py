@@ -18,8 +18,8 @@ from PIL import Image
 from clipad.export import cli as export_cli
 from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import Manifest
 from clipad.runtime.files import JsonlAppender
+from clipad.runtime.manifest import Manifest
 from tiny_fixtures import TINY, export_tiny, write_video
 
 EDGE_DETECT = os.path.join(os.path.dirname(sys.executable), "edge-detect")

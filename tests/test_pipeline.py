@@ -13,9 +13,9 @@ from PIL import Image
 
 from clipad.runtime.backends.base import Backend
 from clipad.runtime.detect.cli import main as edge_detect
+from clipad.runtime.detect.staged import StagedRun
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.detect.staged import StagedRun
 from clipad.runtime.sources import Frame, ImageFiles, Source
 from tiny_fixtures import export_tiny
 

@@ -11,7 +11,9 @@ from clipad.calibration.samples import write_samples
 from clipad.export import convert as precision
 from clipad.runtime import precisions
 from clipad.runtime.compare import GateLimits
-from tiny_fixtures import export_one_class as export, fp16_round_trips, manifest_json as manifest
+from tiny_fixtures import export_one_class as export
+from tiny_fixtures import fp16_round_trips
+from tiny_fixtures import manifest_json as manifest
 
 
 def value_types(model):

@@ -9,8 +9,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from clipad.runtime.errors import ClipadError  # noqa: E402
-from clipad.runtime.render import (  # noqa: E402
-    draw_text_block, find_regions, overlay, resize_map, save_image_atomic, save_npy_atomic)
+from clipad.runtime.render import draw_text_block, find_regions, overlay, resize_map, save_image_atomic, save_npy_atomic  # noqa: E402
 
 
 def hot_left_map(s: int = 16) -> np.ndarray:

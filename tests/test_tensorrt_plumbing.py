@@ -21,8 +21,17 @@ from clipad.runtime.backends import cuda_buffers as cb
 from clipad.runtime.backends.tensorrt import TensorRTBackend, select_engine, tensorrt_available
 from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
-from clipad.runtime.manifest import (SCHEMA_VERSION, BatchRange, EngineEntry, EngineTarget,
-                                     FileEntry, InputSpec, Manifest, ModelInfo, TensorSpec)
+from clipad.runtime.manifest import (
+    SCHEMA_VERSION,
+    BatchRange,
+    EngineEntry,
+    EngineTarget,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    ModelInfo,
+    TensorSpec,
+)
 
 S, K = 8, 2
 ENGINE = "model.fp16.rtx-sm86.engine"

@@ -90,6 +90,19 @@ def make_tiny_files(root: Path) -> dict:
     return files
 
 
+def write_good_samples(folder, count: int, seed: int) -> Path:
+    """``count`` defect-free generated sample images in ``folder`` (the generator draws every second one with a
+    defect: those are left out)."""
+    import os
+
+    from clipad.calibration.samples import write_samples
+
+    for path in write_samples(str(folder), count=2 * count, seed=seed):
+        if "_defect" in path:
+            os.remove(path)
+    return Path(folder)
+
+
 def images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 

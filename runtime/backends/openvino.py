@@ -29,7 +29,7 @@ class OpenVINOBackend(Backend):
     name = "openvino"
 
     def __init__(self, model_dir: str, manifest: Manifest, precision: str | None = None, threads: int | None = None,
-                 device: str = "CPU"):
+                 ov_device: str = "CPU"):
         try:
             import openvino as ov
         except ImportError:
@@ -46,8 +46,8 @@ class OpenVINOBackend(Backend):
         path = manifest.verify_file(model_dir, name)
         core = ov.Core()
         hint = wanted.openvino_hint
-        if hint.upper() not in core.get_property(device, "OPTIMIZATION_CAPABILITIES") and hint != "f32":
-            raise ClipadError(f"--precision {precision}: this {device} has no {hint.upper()} support; use "
+        if hint.upper() not in core.get_property(ov_device, "OPTIMIZATION_CAPABILITIES") and hint != "f32":
+            raise ClipadError(f"--precision {precision}: this {ov_device} has no {hint.upper()} support; use "
                               f"{precisions.REFERENCE.name}")
         # One cache folder per model file (its sha256) and precision: OpenVINO's own key is not unique enough; a
         # shared folder handed a BF16 compile the blob of another model and returned NaN maps (measured).
@@ -58,12 +58,12 @@ class OpenVINOBackend(Backend):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = core.compile_model(path, device, config)
+            self.compiled = core.compile_model(path, ov_device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             raise ClipadError(f"{path}: OpenVINO cannot compile the model ({str(exc).strip().splitlines()[0][:200]})") \
                 from None
         self.request = self.compiled.create_infer_request()
-        self.precision, self.device = precision, device
+        self.precision, self.device = precision, ov_device
         self.image_size = manifest.image_size
         self.input_name = manifest.input.name
         self.outputs = [self.compiled.output(o.name) for o in manifest.outputs]

@@ -6,8 +6,15 @@ import logging
 import os
 import sys
 
-from ..commands import EXIT_INTERRUPTED, EXIT_NO_INPUT, EXIT_OK, EXIT_TERMINATED, add_model_options, open_detector, \
-    run_cli
+from ..commands import (
+    EXIT_INTERRUPTED,
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    add_model_options,
+    open_detector,
+    run_cli,
+)
 from ..decision import check_threshold
 from ..errors import ClipadError, Terminated
 from .frame_outputs import FrameOutputs, OutputOptions
