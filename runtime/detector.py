@@ -107,18 +107,21 @@ class Detector:
                 out.append(pred)
         return out
 
-    def predict_prepared(self, batch_u8: np.ndarray, class_name: str, threshold: float | None = None
+    def predict_prepared(self, batch_u8: np.ndarray, class_name: str | list[str], threshold: float | None = None
                          ) -> list[Prediction]:
-        """Run prepared model inputs [N, S, S, 3] (any N) and decide each for ``class_name``."""
-        k = self.class_index(class_name)
+        """Run prepared model inputs [N, S, S, 3] (any N) and decide each for ``class_name`` (one for all, or one per
+        image: frames of several cameras reporting different classes share one inference)."""
+        names = [class_name] * len(batch_u8) if isinstance(class_name, str) else list(class_name)
+        if len(names) != len(batch_u8):
+            raise ClipadError(f"predict_prepared: {len(names)} class names for {len(batch_u8)} images")
+        ks = [self.class_index(n) for n in names]
         t1 = time.perf_counter()
         maps, scores = self.run(batch_u8)
-        t2 = time.perf_counter()
-        infer_ms = 1e3 * (t2 - t1) / len(batch_u8)
+        infer_ms = 1e3 * (time.perf_counter() - t1) / len(batch_u8)
         out = []
-        for m, s in zip(maps[:, k], scores[:, k]):
+        for i, (name, k) in enumerate(zip(names, ks)):
             t = time.perf_counter()
-            pred = self.decide(class_name, m, float(s), threshold)
+            pred = self.decide(name, maps[i, k], float(scores[i, k]), threshold)
             pred.latency_ms = {"pre": 0.0, "infer": infer_ms, "post": 1e3 * (time.perf_counter() - t)}
             out.append(pred)
         return out

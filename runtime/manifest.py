@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -22,9 +21,13 @@ from typing import Callable, TypeVar
 from . import precisions, schema
 from .atomic import write_json_atomic
 from .compare import GateReport
-from .decision import CONSTANTS, RULES
+from .decision import RULES
 from .errors import ClipadError
 from .filelock import FileLock, pause_point
+from .manifest_calibration import Calibration, ClassCalibration, precision_name
+
+__all__ = ["Calibration", "ClassCalibration", "Manifest", "SCHEMA_VERSION", "MANIFEST_NAME", "check_writable",
+           "file_entry", "lock", "sha256_file"]
 
 SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
@@ -45,16 +48,6 @@ def _plain_file_name(name: str, where: str) -> None:
     """Model files live in the model folder itself: a path, '..' or an absolute name is refused."""
     if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name or "\0" in name:
         raise schema.SchemaError(f"{where}: {name!r} is not a plain file name inside the model folder")
-
-
-def _precision_name(name: str, where: str) -> None:
-    if name not in precisions.PRECISIONS:
-        raise schema.SchemaError(f"{where}: unknown precision {name!r} (known: {', '.join(precisions.NAMES)})")
-
-
-def _finite(value, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise schema.SchemaError(f"{where}: must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -119,7 +112,7 @@ class FileEntry:
     opset: int | None = None
 
     def validate(self, where: str) -> None:
-        _precision_name(self.precision, f"{where}.precision")
+        precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
@@ -148,81 +141,13 @@ class EngineEntry:
 
     def validate(self, where: str) -> None:
         _plain_file_name(self.file, f"{where}.file")
-        _precision_name(self.precision, f"{where}.precision")
+        precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
 class PrecisionReport:
     gate: GateReport
     conversion: dict = field(default_factory=dict)   # what the converter did (tool, kept-float nodes, calibration …)
-
-
-@dataclass
-class ClassCalibration:
-    """One class's decision from normal images (``edge-calibrate``), with its own provenance: OK/NG on the decision
-    score, defect regions on the map, p-values against the stored normal scores."""
-    decision: dict                   # the decision-score rule's constants, e.g. AA-CLIP's {"p_min","p_max","i_min","i_max"}
-    image_threshold: float           # NG when the decision score >= this
-    pixel_threshold: float           # map values >= this are defect regions
-    normal_scores: list[float]       # sorted decision scores of the calibration images (conformal p-values)
-    display_range: list[float]       # fixed overlay colour range [low, high]
-    method: str                      # conformal, quantile or meanstd
-    target_fpr: float
-    images: int                      # normal images the thresholds were fitted on
-    normal: str                      # where the normal images came from
-    images_sha256: str               # over the sorted per-file sha256s of the normal images used
-    created: str
-    holdout_images: int = 0          # normal images held out to measure the false-alarm rate
-    holdout_false_alarms: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def holdout_fpr(self) -> float | None:
-        return self.holdout_false_alarms / self.holdout_images if self.holdout_images else None
-
-    def validate(self, where: str) -> None:
-        for name in ("image_threshold", "pixel_threshold"):
-            _finite(getattr(self, name), f"{where}.{name}")
-        if not self.normal_scores:
-            raise schema.SchemaError(f"{where}.normal_scores: empty")
-        for i, value in enumerate(self.normal_scores):
-            _finite(value, f"{where}.normal_scores[{i}]")
-        if list(self.normal_scores) != sorted(self.normal_scores):
-            raise schema.SchemaError(f"{where}.normal_scores: must be in ascending order")
-        if len(self.display_range) != 2:
-            raise schema.SchemaError(f"{where}.display_range: expected [low, high]")
-        for i, value in enumerate(self.display_range):
-            _finite(value, f"{where}.display_range[{i}]")
-        _finite(self.target_fpr, f"{where}.target_fpr")
-        if not 0 < self.target_fpr < 1:
-            raise schema.SchemaError(f"{where}.target_fpr: must be between 0 and 1, got {self.target_fpr}")
-        for key, value in self.decision.items():
-            if key != "rule":
-                _finite(value, f"{where}.decision.{key}")
-
-    def check_rule(self, rule: str, where: str) -> None:
-        """The constants the model's decision-score rule needs, and no other rule named."""
-        if self.decision.get("rule", rule) != rule:
-            raise schema.SchemaError(f"{where}.decision.rule: {self.decision['rule']!r} is not the model's decision "
-                                     f"score {rule!r} (model.decision_score is the one source); re-run edge-calibrate")
-        missing = [k for k in CONSTANTS[rule] if k not in self.decision]
-        if missing:
-            raise schema.SchemaError(f"{where}.decision: the {rule} rule needs {', '.join(missing)}")
-        for low, high in (("p_min", "p_max"), ("i_min", "i_max")):
-            if low in self.decision and high in self.decision and not self.decision[high] > self.decision[low]:
-                raise schema.SchemaError(f"{where}.decision: {high} must be above {low}")
-
-
-@dataclass
-class Calibration:
-    """Thresholds for one precision on one backend, per class (a model folder can hold several)."""
-    precision: str
-    backend: str
-    classes: dict[str, ClassCalibration]
-    extra: dict = field(default_factory=dict)
-
-    def validate(self, where: str) -> None:
-        _precision_name(self.precision, f"{where}.precision")
 
 
 @dataclass
@@ -247,7 +172,7 @@ class Manifest:
         if precisions.REFERENCE.file not in self.files:
             raise schema.SchemaError(f"{where}.files: no {precisions.REFERENCE.file} entry")
         for name in self.precisions:
-            _precision_name(name, f"{where}.precisions")
+            precision_name(name, f"{where}.precisions")
         s, k = self.model.image_size, len(self.model.class_names)
         shapes = {o.name: o.shape[1:] for o in self.outputs}
         expected = {"anomaly_map": [k, s, s], "image_score": [k]}

@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
 # Create/refresh ./.venv with clipad-edge installed editable plus the export (torch) and dev extras.
+# --test also installs what the tests use besides Python packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The station tests use a real MQTT broker and a real browser (Debian packages, started by the tests on loopback);
+# when they cannot be installed the setup fails (set -e), so CI fails instead of skipping those tests.
+need=""
+if [ "${1:-}" = "--test" ]; then
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto"
+  command -v chromium >/dev/null 2>&1 || need="$need chromium"
+fi
+if [ -n "$need" ]; then
+  if [ "$(id -u)" = "0" ]; then
+    apt-get install -y -q $need >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $need >/dev/null; }
+  else
+    sudo -n apt-get install -y -q $need >/dev/null
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -3,5 +3,5 @@
 # Needs ../shared (golden outputs, Crane checkpoints, magnetic_tile images) beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --test
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

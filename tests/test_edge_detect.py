@@ -17,7 +17,7 @@ from clipad.runtime.detector import Detector
 from tiny_fixtures import TINY, write_video
 
 KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
-        "regions", "latency_ms", "error", "pixel_label", "calibration"}
+        "regions", "latency_ms", "error", "pixel_label", "calibration", "run", "camera", "seq"}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from conftest import REPO
 
 PACKAGES = {"clipad": "clipad", "clipad.runtime": "runtime", "clipad.runtime.backends": "runtime/backends",
             "clipad.runtime.detect": "runtime/detect", "clipad.runtime.serving": "runtime/serving",
+            "clipad.runtime.station": "runtime/station",
             "clipad.export": "export", "clipad.export.models": "export/models", "clipad.calibration": "calibration",
             "clipad.benchmarks": "benchmarks"}
 
@@ -125,9 +126,13 @@ def test_the_edge_core_does_not_import_commands_or_serving():
     """The layout's promise: the core (manifest, policy, pre/post, sources, backends, detector) stands without the
     edge-detect command and without serving; serving and the command build on the core."""
     edges = graph()
+    outer = ("clipad.runtime.detect", "clipad.runtime.serving", "clipad.runtime.station")
     core = [m for m in edges if m.startswith("clipad.runtime.") and not m.startswith(
-        ("clipad.runtime.detect", "clipad.runtime.serving", "clipad.runtime.commands", "clipad.runtime.triton_python"))]
+        (*outer, "clipad.runtime.commands", "clipad.runtime.triton_python"))]
     assert len(core) > 20
     for module in core:
-        bad = {t for t in edges[module] if t.startswith(("clipad.runtime.detect", "clipad.runtime.serving"))}
+        bad = {t for t in edges[module] if t.startswith(outer)}
         assert not bad, f"{module} imports {bad}"
+    for module in edges:   # the station builds on the core and never on the command or on serving
+        if module.startswith("clipad.runtime.station"):
+            assert not {t for t in edges[module] if t.startswith(("clipad.runtime.detect", "clipad.runtime.serving"))}

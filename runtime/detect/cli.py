@@ -1,4 +1,5 @@
-"""``edge-detect``: run an exported model on a camera, stream, video, image, folder or glob."""
+"""``edge-detect``: run an exported model on cameras, streams, videos, images, folders or globs — one, or several in
+one process (a station: live view, MQTT, webhook, evidence; ``clipad.runtime.station``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,14 @@ from ..commands import (
     EXIT_NO_INPUT,
     EXIT_OK,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     add_model_options,
     open_detector,
     run_cli,
 )
 from ..decision import check_threshold
 from ..errors import ClipadError, Terminated
+from ..station.options import add_station_options, station_config
 from .frame_outputs import FrameOutputs, OutputOptions
 
 EPILOG = """\
@@ -25,6 +28,9 @@ examples:
   edge-detect --model aa_bottle --source line3.mp4 --save overlays/ --jsonl results.jsonl
   edge-detect --model aa_bottle --source 'batch_07/*.png' --save-maps maps/ --threshold 0.62
   edge-detect --model zs_tile --source rtsp://camera.local/stream1 --max-frames 1000 --jsonl live.jsonl
+  edge-detect --model aa_bottle --camera top=0 --source side=rtsp://cam2/s1 --http 0.0.0.0:8080 \
+      --http-token-file token --mqtt mqtt://broker.local/line3 --jsonl line3.jsonl      # a station
+  edge-detect --model aa_bottle --config station.toml                                 # the same from a file
 
 outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
 writes the raw SxS float32 map of the selected class as .npy; --save-masks writes binary defect masks (PNG, 255 =
@@ -49,11 +55,8 @@ def parse_args(argv):
                                  description="Anomaly maps, scores and OK/NG decisions from a model exported by "
                                              "export-engine.", epilog=EPILOG)
     add_model_options(ap, triton=True)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--camera", type=int, metavar="N", help="camera index (OpenCV)")
-    src.add_argument("--source", metavar="PATH_OR_URL",
-                     help="image, folder, glob ('dir/*.png'), video file, or rtsp/http(s) stream URL")
-    ap.add_argument("--class-name", help="which baked class to report (default: the first)")
+    ap.add_argument("--class-name", help="which baked class to report (default: the first; a station file can give "
+                                         "each camera its own)")
     ap.add_argument("--threshold", type=float, help="image-score threshold for OK/NG: NG when score >= threshold "
                                                     "(default: the manifest's calibrated threshold if it has one, "
                                                     "else no OK/NG)")
@@ -63,20 +66,21 @@ def parse_args(argv):
     ap.add_argument("--save-masks", metavar="DIR", help="write binary defect masks (PNG at the input's size) here; "
                                                         "needs a calibrated pixel threshold")
     ap.add_argument("--jsonl", metavar="FILE", help="write one JSON record per input/frame here")
-    ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames")
+    ap.add_argument("--max-frames", type=int, metavar="N", help="stop after N inputs/frames (per camera)")
     ap.add_argument("--loop", action="store_true", help="video files: start again at the end (soak tests, demos; "
                                                         "stop with Ctrl-C or --max-frames)")
     ap.add_argument("--reconnect", type=int, default=0, metavar="N",
                     help="cameras/streams: re-open up to N times when frames stop (back-off 0.5 s doubling to 30 s); "
                          "each gap is a record with error set; 0 (default): end at the first loss")
-    ap.add_argument("--batch", type=int, default=1, metavar="N",
-                    help="images per inference for files, folders and videos (live sources take what is ready); "
-                         "reading, inference and post-processing always overlap")
+    ap.add_argument("--batch", type=int, default=None, metavar="N",
+                    help="images per inference (default 1; with several cameras, one frame of each as the export's "
+                         "batch range allows); files wait for a full batch, live sources take what is ready")
     ap.add_argument("--engine", metavar="FILE", help="TensorRT: which engine listed in the manifest (default: the "
                                                      "best one for this GPU)")
     ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay the inference as a CUDA graph "
                                                               "(TensorRT-RTX: its built-in capture)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_station_options(ap)
     return ap.parse_args(argv)
 
 
@@ -112,82 +116,132 @@ def input_folders(spec) -> list[tuple[str, bool]]:
     return []
 
 
-def planned_outputs(options: OutputOptions, jsonl: str | None, source) -> dict[str, list[str]]:
+def planned_outputs(options: OutputOptions, jsonl: str | None, sources: list) -> dict[str, list[str]]:
     """Every file the run will write that can be known before it starts."""
-    stems = getattr(source, "stems", None) or []
     planned = {"--jsonl": [jsonl] if jsonl else []}
     for flag, folder, ext in (("--save", options.save, ".jpg"), ("--save-maps", options.save_maps, ".npy"),
                               ("--save-masks", options.save_masks, ".png")):
         if folder:
-            planned[flag] = [os.path.join(folder, stem + ext) for stem in stems]
+            planned[flag] = [os.path.join(options.folder(folder, camera), stem + ext)
+                             for camera, source in sources for stem in getattr(source, "stems", None) or []]
     return planned
+
+
+def open_sources(config, max_frames: int | None, loop: bool) -> list:
+    from ..sources import open_source
+
+    opened = []
+    try:
+        for camera in config.cameras:
+            opened.append((camera.name, open_source(camera.source, max_frames=max_frames,
+                                                    reconnect=camera.reconnect, loop=loop)))
+    except BaseException:
+        for _, source in opened:
+            source.close()
+        raise
+    return opened
 
 
 def run(args) -> int:
     from ..files import JsonlAppender, probe_folder, refuse_outputs_inside, refuse_overwriting_inputs
-    from ..sources import open_source
+    from ..station.station import Station
     from .staged import StagedRun
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ClipadError("--max-frames must be at least 1")
+    if args.reconnect < 0:
+        raise ClipadError(f"--reconnect {args.reconnect}: must be at least 0")
     threshold = check_threshold(args.threshold)
-    options = OutputOptions(save=args.save, save_maps=args.save_maps, save_masks=args.save_masks, quiet=args.quiet)
-    folders = {"--save": args.save, "--save-maps": args.save_maps, "--save-masks": args.save_masks}
-    spec = args.camera if args.camera is not None else args.source
-    refuse_outputs_inside(folders, input_folders(spec))
+    config = station_config(args)
+    o = config.outputs
+    options = OutputOptions(save=o.save, save_maps=o.save_maps, save_masks=o.save_masks, quiet=args.quiet,
+                            per_camera=config.several)
+    folders = {"--save": o.save, "--save-maps": o.save_maps, "--save-masks": o.save_masks}
+    refuse_outputs_inside(folders, [f for c in config.cameras for f in input_folders(c.source)])
     detector = open_detector(args, engine=args.engine, cuda_graph=args.cuda_graph or None)
+    station = sources = jsonl = None
     try:
-        class_name = detector.class_names[detector.class_index(args.class_name)]
-        calibrated = detector.policy.class_calibration(class_name) is not None
-        if args.save_masks and not calibrated:
-            raise ClipadError(f"--save-masks needs a calibrated pixel threshold for {class_name!r}: run "
-                              f"edge-calibrate --model {args.model or 'DIR'} --normal GOOD_IMAGES first")
+        station = Station(config, detector, args.model)   # unknown classes fail here, before any camera opens
+        if o.save_masks:
+            missing = [c.name for c in config.cameras
+                       if detector.policy.class_calibration(station.class_of(c.name)) is None]
+            if missing:
+                raise ClipadError(f"--save-masks needs a calibrated pixel threshold for the class of "
+                                  f"{', '.join(missing)}: run edge-calibrate --model {args.model or 'DIR'} --normal "
+                                  f"GOOD_IMAGES first")
         for flag, folder in folders.items():
             if folder:
                 probe_folder(folder, flag)
+                for camera in config.cameras if config.several else []:
+                    probe_folder(os.path.join(folder, camera.name), flag)
         window = open_window() if args.show else None
-        source = open_source(spec, max_frames=args.max_frames, reconnect=args.reconnect, loop=args.loop)
-        try:
-            refuse_overwriting_inputs(planned_outputs(options, args.jsonl, source), input_files(source))
-            jsonl = JsonlAppender(args.jsonl) if args.jsonl else None
-        except BaseException:
-            source.close()
-            raise
+        station.open_outputs()
+        sources = open_sources(config, args.max_frames, args.loop)
+        refuse_overwriting_inputs(planned_outputs(options, o.jsonl, sources),
+                                  [p for _, source in sources for p in input_files(source)])
+        jsonl = JsonlAppender(o.jsonl) if o.jsonl else None
     except BaseException:
+        for _, source in sources or []:
+            source.close()
+        if station is not None:
+            station.close(0)
         detector.close()
         raise
+    lo, hi = detector.backend.batch_range
+    batch = args.batch if args.batch is not None else max(1, min(len(sources), hi))
     if not args.quiet:
         warning = detector.policy.take_warning()
         if warning:
             log.warning("WARNING: %s", warning)
-        if source.skipped:
-            log.warning("WARNING: %s", ", ".join(f"skipped {os.path.basename(p)}" for p in source.skipped[:3])
-                        + (f" and {len(source.skipped) - 3} more" if len(source.skipped) > 3 else "")
-                        + " (no image extension)")
-        log.info("model %s (%s, %s) on %s; class %r; %s", args.model or args.triton_model, detector.kind,
-                 detector.manifest.model.arch, detector.backend.description, class_name,
-                 detector.policy.describe(class_name, threshold))
+        for camera, source in sources:
+            if source.skipped:
+                log.warning("WARNING: %s: skipped %d file(s) without an image extension (%s)", camera,
+                            len(source.skipped), ", ".join(os.path.basename(p) for p in source.skipped[:3]))
+        log.info("model %s (%s, %s) on %s; run %s", args.model or args.triton_model, detector.kind,
+                 detector.manifest.model.arch, detector.backend.description, station.run_id)
+        for camera in config.cameras:
+            name = station.class_of(camera.name)
+            log.info("  %s: %s, class %r; %s", camera.name, redact_source(camera.source), name,
+                     detector.policy.describe(name, threshold))
     detector.policy.take_warning()   # said above, or --quiet
-    outputs = FrameOutputs(options, detector, class_name, source.is_live, source.total, window, jsonl)
+    live = any(source.is_live for _, source in sources)
+    station.reloads = live
+    total = None if live or any(s.total is None for _, s in sources) else sum(s.total for _, s in sources)
+    outputs = FrameOutputs(options, detector, station, live, total, window, jsonl)
     interrupted, stopped = None, False
     try:
-        stopped = StagedRun(detector, source, class_name, threshold, args.batch, outputs.handle,
-                            post_thread=window is None).run()
+        staged = StagedRun(detector, sources, station.class_of, threshold, batch, outputs.handle,
+                           post_thread=window is None)
+        stopped = staged.run()
+        for camera, why in staged.lost.items():
+            station.camera_lost(camera, why)
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated)
         interrupted = exc
     finally:
-        source.close()
+        for _, source in sources:
+            source.close()
         outputs.close()
+        leftover = station.close(o.drain_s)
         detector.close()
     if not args.quiet:
         log.info("%s%d input(s), %d unreadable%s%s", "stopped: " if interrupted is not None or stopped else "",
                  outputs.done, outputs.errors, f", {outputs.nonfinite} with non-finite model output (labelled NG)"
-                 if outputs.nonfinite else "", f"; JSONL: {args.jsonl}" if args.jsonl else "")
+                 if outputs.nonfinite else "", f"; JSONL: {o.jsonl}" if o.jsonl else "")
+    for line in leftover:   # every sink's delivery, said even with -q when something stayed behind
+        (log.warning if "0 still spooled, 0 dropped" not in line else log.info)("%s", line)
     if isinstance(interrupted, Terminated):   # SIGTERM: 143 for every command (service managers)
         return EXIT_TERMINATED
     if interrupted is not None:   # Ctrl-C ends a camera or stream run normally; a file run was cut short
-        return EXIT_OK if source.is_live else EXIT_INTERRUPTED
+        return EXIT_OK if live else EXIT_INTERRUPTED
+    if any(c.lost for c in station.state.cameras.values()):
+        return EXIT_USAGE
     return EXIT_NO_INPUT if outputs.done and outputs.errors == outputs.done else EXIT_OK
+
+
+def redact_source(source) -> str:
+    from ..station.config import redact
+
+    return redact(str(source))
 
 
 def main(argv=None) -> int:
