@@ -16,8 +16,6 @@ from clipad.runtime.backends import registry
 BACKENDS = tuple(b.name for b in registry.BACKENDS.values() if not b.remote)
 PRECISIONS = precisions.NAMES
 FRAME = (1920, 1080)
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-             "amx_bf16", "amx_int8")   # what low-precision CPU speed depends on
 
 
 @dataclass
@@ -159,16 +157,10 @@ def environment(threads: int | None) -> dict:
     """CPU/GPU and library versions for the report."""
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        present = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        flags = [f for f in CPU_FLAGS if f in present]
-    except OSError:
-        pass
+    from clipad.runtime.platform_info import cpu_info
+
+    info = cpu_info()
+    cpu, flags = info["model"], info["flags"]
     versions = {}
     for package in ("clipad-edge", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-rtx-cu13",
                     "torch", "numpy", "opencv-python-headless"):
@@ -182,4 +174,5 @@ def environment(threads: int | None) -> dict:
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(),
             "gpu": None if gpu is None else {k: gpu[k] for k in ("name", "compute_capability", "driver_version")},
+            "cuda_access": None if gpu is None else (cuda_buffers.access_report() or {}).get("detail"),
             "versions": versions, "threads": threads or "library default"}

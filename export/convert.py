@@ -128,8 +128,8 @@ _PASS_THROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Concat", "Unsqueeze
 
 def head_feeding_linears(model) -> set[str]:
     """Linear layers whose output reaches the head through data movement, L2 normalisation or a bias add only: the
-    final projections into the text-anchor space. Their error lands on the anomaly map undamped, so INT8 leaves them float (Crane on
-    magnetic_tile: map Pearson min 0.986 with them quantized, 0.998 kept float)."""
+    final projections into the text-anchor space. Their error lands on the anomaly map undamped, so INT8 leaves them
+    float (Crane on magnetic_tile: map Pearson min 0.986 with them quantized, 0.998 kept float)."""
     from clipad.calibration.ranges import constant_names
 
     consts = constant_names(model)
@@ -243,8 +243,10 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         import onnxruntime
 
-        raise ClipadError(f"INT8 export needs onnxruntime>=1.32 (installed {onnxruntime.__version__}): "
-                          "pip install -U 'onnxruntime>=1.32'")
+        from clipad.runtime.extras import onnxruntime_upgrade_hint
+
+        raise ClipadError(f"INT8 export needs ONNX Runtime >= 1.32 (installed {onnxruntime.__version__}): "
+                          f"{onnxruntime_upgrade_hint('1.32')}")
     nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
     # Loaded again rather than held through calibration: at ViT-L the proto is 1.3 GB next to the session.
     graph = onnx.load(src, load_external_data=False)

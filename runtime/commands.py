@@ -13,6 +13,7 @@ from typing import Callable
 from . import precisions
 from .backends import registry
 from .errors import ClipadError, Terminated
+from .extras import missing_module_message
 
 EXIT_OK, EXIT_NO_INPUT, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -32,6 +33,12 @@ def run_cli(prog: str, action: Callable[[], int], quiet: bool = False, interrupt
         return action()
     except ClipadError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        hint = missing_module_message(exc.name)
+        if hint is None:
+            raise
+        print(f"{prog}: error: {hint}", file=sys.stderr)
         return EXIT_USAGE
     except Terminated:
         rest = interrupted.split("; ", 1)[1] if "; " in interrupted else ""

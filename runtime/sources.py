@@ -25,6 +25,14 @@ from .inputs import GLOB_CHARS, list_images, read_bgr
 
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 URL_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+GST_PREFIX = "gst:"
+# Appended to a pipeline that does not end in an appsink: OpenCV reads BGR frames from an appsink, and a live view
+# wants the newest frame, not a queue.
+GST_SINK = "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false"
+NO_GSTREAMER = ("this OpenCV is built without GStreamer (the index's opencv-python-headless never has it): on a "
+                "Jetson use JetPack's OpenCV (a venv made with --system-site-packages, and pip uninstall "
+                "opencv-python-headless); on Debian/Ubuntu apt install python3-opencv gstreamer1.0-plugins-base "
+                "gstreamer1.0-plugins-good the same way")
 
 
 @dataclass
@@ -73,8 +81,8 @@ def _safe_name(text: str) -> str:
     return cleaned or "stream"
 
 
-def _quiet_videocapture(arg):
-    """cv2.VideoCapture(arg) without OpenCV's WARN lines on stderr (we raise our own one-line error)."""
+def _quiet_videocapture(arg, api: int | None = None):
+    """cv2.VideoCapture(arg[, api]) without OpenCV's WARN lines on stderr (we raise our own one-line error)."""
     import cv2
 
     try:
@@ -84,7 +92,7 @@ def _quiet_videocapture(arg):
     except Exception:  # logging API differs across builds; warnings are only cosmetic
         logging = old = None
     try:
-        return cv2.VideoCapture(arg)
+        return cv2.VideoCapture(arg) if api is None else cv2.VideoCapture(arg, api)
     finally:
         if logging is not None:
             logging.setLogLevel(old)
@@ -186,17 +194,22 @@ class LiveCapture(Source):
 
     def __init__(self, capture_arg, name: str | None = None, max_frames: int | None = None,
                  open_error: str | None = None, source: str | None = None, max_read_failures: int = 25,
-                 frame_timeout: float | None = 10.0, reconnect: int = 0, backoff: float = 0.5):
+                 frame_timeout: float | None = 10.0, reconnect: int = 0, backoff: float = 0.5,
+                 api: int | None = None, open_timeout: float = 20.0):
         self.source = source if source is not None else _redact(str(capture_arg))
         if name is None:
             name = f"camera{capture_arg}" if isinstance(capture_arg, int) else Path(str(capture_arg)).stem
         self.name = _safe_name(name)
         self.max_frames, self.max_read_failures, self.frame_timeout = max_frames, max_read_failures, frame_timeout
-        self._arg, self.reconnect, self.backoff = capture_arg, max(0, int(reconnect)), backoff
+        self._arg, self._api, self.reconnect, self.backoff = capture_arg, api, max(0, int(reconnect)), backoff
+        self.open_timeout = open_timeout
         self.reconnects = 0          # re-opens so far
         self.gave_up = False
         self._events: list[str] = []  # gap messages for the iterator, in order
-        self._cap = _quiet_videocapture(capture_arg)
+        self._cap = self._open()
+        if self._cap is None:
+            raise ClipadError(f"{open_error or self.source + ': could not be opened'} (no answer within "
+                              f"{open_timeout:g} s)")
         if not self._cap.isOpened():
             self._cap.release()
             raise ClipadError(open_error or f"{self.source}: could not be opened")
@@ -210,6 +223,28 @@ class LiveCapture(Source):
         self._thread = threading.Thread(target=self._run, name=f"clipad-capture-{self.name}", daemon=True)
         self._thread.start()
 
+    def _open(self):
+        """The capture, or None when opening did not return within ``open_timeout`` seconds.
+
+        OpenCV can block for ever while opening: a GStreamer pipeline whose source element is misspelt parses into a
+        source-less pipeline that never prerolls, a network camera that accepts the connection and sends nothing.
+        The opener runs in a daemon thread; one that never returns is abandoned (it cannot be cancelled)."""
+        box: list = []
+
+        def opener() -> None:
+            try:
+                box.append(_quiet_videocapture(self._arg) if self._api is None
+                           else _quiet_videocapture(self._arg, self._api))
+            except BaseException as exc:  # handed to the caller's thread below
+                box.append(exc)
+
+        thread = threading.Thread(target=opener, name=f"clipad-open-{self.name}", daemon=True)
+        thread.start()
+        thread.join(self.open_timeout)
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0] if box else None
+
     def _reopen(self) -> bool:
         """Re-open the capture after it stopped delivering; False when no reconnect is left (or stopping)."""
         while self.reconnects < self.reconnect and not self._stop.is_set():
@@ -219,7 +254,11 @@ class LiveCapture(Source):
             if self._stop.wait(wait):
                 return False
             self._cap.release()
-            self._cap = _quiet_videocapture(self._arg)
+            cap = self._open()
+            if cap is None:
+                self._event(f"{self.source}: re-opening gave no answer within {self.open_timeout:g} s")
+                continue
+            self._cap = cap
             if self._cap.isOpened():
                 self._event(f"{self.source}: reconnected (attempt {self.reconnects})")
                 return True
@@ -298,9 +337,43 @@ class LiveCapture(Source):
             self._thread.join(timeout)
 
 
+def opencv_has_gstreamer() -> bool:
+    """Whether OpenCV can open a GStreamer pipeline here (built in, or a plugin that loads; OpenCV 5 lists plugin
+    backends in getBackends() even when the plugin is absent, so that list alone is not proof)."""
+    import cv2
+
+    try:
+        from cv2 import videoio_registry
+
+        return bool(videoio_registry.hasBackend(cv2.CAP_GSTREAMER))
+    except Exception:  # builds without hasBackend: the build summary says it
+        return bool(re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()))
+
+
+def open_gstreamer(pipeline: str, max_frames: int | None, reconnect: int, flag: str = "--source") -> LiveCapture:
+    """``gst:PIPELINE`` through OpenCV's GStreamer backend (``nvarguscamerasrc`` for a Jetson's CSI camera)."""
+    import cv2
+
+    pipeline = " ".join(pipeline.split())
+    if not pipeline:
+        raise ClipadError(f"{flag} gst: needs a GStreamer pipeline, e.g. 'gst:nvarguscamerasrc sensor-id=0 ! "
+                          "video/x-raw(memory:NVMM),width=1920,height=1080,framerate=30/1 ! nvvidconv ! "
+                          "video/x-raw,format=BGRx'")
+    if not opencv_has_gstreamer():
+        raise ClipadError(f"{flag} gst:…: {NO_GSTREAMER}")
+    if not re.search(r"\bappsink\b", pipeline):
+        pipeline = f"{pipeline} ! {GST_SINK}"
+    first = _safe_name(pipeline.split("!")[0].split()[0])
+    shown = GST_PREFIX + pipeline
+    return LiveCapture(pipeline, name=f"gst_{first}", source=shown, max_frames=max_frames, api=cv2.CAP_GSTREAMER,
+                       open_error=f"{shown}: GStreamer could not start this pipeline (a missing element or plugin, "
+                                  "or the camera is busy? try it with gst-launch-1.0)", reconnect=reconnect)
+
+
 def open_source(spec: str | int, max_frames: int | None = None, reconnect: int = 0, loop: bool = False,
                 flag: str = "--source") -> Source:
-    """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, video file, image file, folder or glob.
+    """Open ``spec``: camera index (int or digits), rtsp/http(s) URL, ``gst:PIPELINE``, video file, image file, folder
+    or glob.
     ``reconnect``: how many times a camera or stream that stops delivering is re-opened."""
     if reconnect < 0:
         raise ClipadError(f"--reconnect {reconnect}: must be at least 0")
@@ -318,6 +391,8 @@ def open_source(spec: str | int, max_frames: int | None = None, reconnect: int =
     text = os.fspath(spec)
     if not text.strip():
         raise ClipadError("empty source: give a path, folder, glob, camera index or URL")
+    if text.startswith(GST_PREFIX):
+        return open_gstreamer(text[len(GST_PREFIX):], max_frames, reconnect, flag)
     if text.lower().startswith(URL_PREFIXES):
         shown = _redact(text)
         name = "stream_" + _safe_name(re.sub(r"^[^:]*://([^@/]*@)?", "", text))[:60]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create/refresh ./.venv with clipad-edge installed editable plus the export (torch) and dev extras.
-# --test also installs what the tests use besides Python packages.
+# Create/refresh ./.venv with clipad-edge installed editable plus the export (torch), cpu (ONNX Runtime, OpenCV) and
+# dev extras.
+# --test also installs what the tests use besides Python packages (Debian packages, as root or with sudo -n).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,6 +11,10 @@ need=""
 if [ "${1:-}" = "--test" ]; then
   command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto"
   command -v chromium >/dev/null 2>&1 || need="$need chromium"
+  # The Jetson install rehearsal (tests/test_installs.py): Debian's OpenCV, built with GStreamer for numpy 1.x as
+  # JetPack's is, in a --system-site-packages venv of the system Python.
+  /usr/bin/python3 -c "import cv2, venv" >/dev/null 2>&1 || need="$need python3-opencv python3-venv"
+  dpkg -s gstreamer1.0-plugins-base >/dev/null 2>&1 || need="$need gstreamer1.0-plugins-base"
 fi
 if [ -n "$need" ]; then
   if [ "$(id -u)" = "0" ]; then
@@ -22,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e ".[export,dev]"
+.venv/bin/python -m pip install -q -e ".[export,cpu,dev]"
 # ./.venv-serve: edge-serve's own environment (nvidia-pytriton's Triton Python-backend stub needs numpy<2, the rest
 # of the toolkit uses numpy 2); the Triton tests start the real server from here. nvidia-pytriton exists for Linux
 # x86-64 only: there a failed install fails the setup (and CI), elsewhere the server tests skip and say why.
@@ -31,5 +36,5 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     "$PY" -m venv .venv-serve
   fi
   .venv-serve/bin/python -m pip install -q --upgrade pip setuptools wheel
-  .venv-serve/bin/python -m pip install -q -e ".[serve]"
+  .venv-serve/bin/python -m pip install -q -e ".[serve,cpu]"
 fi

@@ -10,7 +10,7 @@ from conftest import REPO
 
 PACKAGES = {"clipad": "clipad", "clipad.runtime": "runtime", "clipad.runtime.backends": "runtime/backends",
             "clipad.runtime.detect": "runtime/detect", "clipad.runtime.serving": "runtime/serving",
-            "clipad.runtime.station": "runtime/station",
+            "clipad.runtime.station": "runtime/station", "clipad.runtime.doctor": "runtime/doctor",
             "clipad.export": "export", "clipad.export.models": "export/models", "clipad.calibration": "calibration",
             "clipad.benchmarks": "benchmarks"}
 

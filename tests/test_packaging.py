@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 from conftest import REPO
 
@@ -24,7 +25,19 @@ def test_wheel_contents_and_lean_base_requirements(tmp_path):
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     base = [r for r in requires if "extra ==" not in r]
     assert base and not any(r.lower().startswith(("torch", "open-clip", "open_clip")) for r in base), base
+    # an extra cannot remove a base dependency: neither ONNX Runtime nor OpenCV in the base (they fight the GPU /
+    # JetPack builds); [cpu] and [gpu] add one each, [export] none of its own
+    assert not any(r.lower().startswith(("onnxruntime", "opencv")) for r in base), base
+
+    def extra(name: str) -> list[str]:
+        return [r.split(";")[0].strip().lower() for r in requires if f'extra == "{name}"' in r]
+
+    assert {r.split(">")[0].split("=")[0] for r in extra("cpu")} == {"onnxruntime", "opencv-python-headless"}
+    assert {r.split(">")[0].split("=")[0] for r in extra("gpu")} == {"onnxruntime-gpu", "opencv-python-headless"}
+    assert not any(r.startswith(("onnxruntime", "opencv")) for r in extra("export") + extra("jetson"))
+    assert any(r.startswith("numpy") and "<2" in r for r in extra("jetson"))
     assert any(r.startswith("torch") and 'extra == "export"' in r for r in requires)
+    assert "edge-doctor = clipad.runtime.doctor.cli:main" in entry_points
     assert "export-engine = clipad.export.cli:main" in entry_points
     assert "edge-detect = clipad.runtime.detect.cli:main" in entry_points
     for module in ("clipad/runtime/detect/cli.py", "clipad/runtime/serving/triton_models.py",
@@ -63,3 +76,14 @@ def test_documented_and_old_import_paths_keep_working():
     namespace: dict = {}
     exec(old_shim, namespace)   # exactly what an older repository's model.py runs
     assert namespace["TritonPythonModel"] is triton_models.Postprocess
+
+
+def test_runtime_code_runs_on_python_3_10():
+    """JetPack 6's Python is 3.10: vermin reads every runtime-side module (the export side too: --from-onnx engine
+    builds run on the device) and finds no construct newer than 3.10 (``tomllib`` is guarded by a fallback)."""
+    folders = ["runtime", "calibration", "benchmarks", "clipad", "export"]
+    vermin = Path(sys.executable).with_name("vermin")  # installed by the dev extra
+    proc = subprocess.run([str(vermin), "-t=3.10-", "--violations", "--eval-annotations", "--no-tips",
+                           *[str(REPO / f) for f in folders]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+    assert "Target versions not met" not in proc.stdout

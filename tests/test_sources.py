@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -284,3 +285,67 @@ def test_import_is_light():
     code = "import sys, clipad.runtime.sources, clipad.runtime.render; print('cv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_gstreamer_source_without_gstreamer_is_one_line(monkeypatch):
+    from clipad.runtime import sources
+
+    monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda: False)
+    with pytest.raises(ClipadError, match=r"--source gst:…: this OpenCV is built without GStreamer.*python3-opencv"):
+        open_source("gst:videotestsrc ! appsink")
+    with pytest.raises(ClipadError, match="gst: needs a GStreamer pipeline, e.g. 'gst:nvarguscamerasrc"):
+        open_source("gst:   ")
+
+
+def test_gstreamer_pipeline_gets_an_appsink_and_the_gstreamer_api(monkeypatch):
+    import cv2
+
+    from clipad.runtime import sources
+
+    opened = []
+
+    class Recorder:
+        def __init__(self, arg, **kw):
+            opened.append((arg, kw))
+
+    monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda: True)
+    monkeypatch.setattr(sources, "LiveCapture", Recorder)
+    open_source("gst:videotestsrc  is-live=true ! video/x-raw,width=64")
+    open_source("gst:v4l2src device=/dev/video0 ! videoconvert ! appsink drop=1", reconnect=3)
+    (first, kw1), (second, kw2) = opened
+    assert first == f"videotestsrc is-live=true ! video/x-raw,width=64 ! {sources.GST_SINK}"
+    assert kw1["api"] == cv2.CAP_GSTREAMER and kw1["name"] == "gst_videotestsrc"
+    assert kw1["source"] == "gst:" + first
+    assert second == "v4l2src device=/dev/video0 ! videoconvert ! appsink drop=1" and kw2["reconnect"] == 3
+
+
+def test_an_open_that_never_returns_is_one_line_after_the_open_timeout(monkeypatch):
+    """OpenCV 4.6 blocks for ever on a GStreamer pipeline whose source element is misspelt (a source-less pipeline
+    never prerolls): the open is abandoned after ``open_timeout`` and said in one line."""
+    from clipad.runtime import sources
+
+    release = threading.Event()
+
+    def hangs(arg, api=None):
+        release.wait(30)
+        raise AssertionError("the abandoned opener must not be waited for")
+
+    monkeypatch.setattr(sources, "_quiet_videocapture", hangs)
+    started = time.monotonic()
+    with pytest.raises(ClipadError) as e:
+        LiveCapture("nosuchelement ! videoconvert ! appsink", source="gst:nosuch", open_timeout=0.3,
+                    open_error="gst:nosuch: GStreamer could not start this pipeline")
+    release.set()
+    assert time.monotonic() - started < 5
+    assert one_line(e) == "gst:nosuch: GStreamer could not start this pipeline (no answer within 0.3 s)"
+
+
+def test_an_exception_while_opening_reaches_the_caller(monkeypatch):
+    from clipad.runtime import sources
+
+    def broken(arg, api=None):
+        raise OSError("device busy")
+
+    monkeypatch.setattr(sources, "_quiet_videocapture", broken)
+    with pytest.raises(OSError, match="device busy"):
+        LiveCapture(7)

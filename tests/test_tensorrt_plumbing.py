@@ -505,7 +505,7 @@ def test_gpu_info_never_raises(monkeypatch):
     monkeypatch.setattr(cb, "_rt", None)
     monkeypatch.setattr(cb, "_load", missing)
     assert cb.gpu_info() is None
-    assert "pip install 'cuda-python" in cb.no_gpu_reason()
+    assert "clipad-edge[tensorrt-cu12]" in cb.no_gpu_reason()
 
 
 def test_shim_on_simulated_cuda(monkeypatch):

@@ -2,9 +2,8 @@
 
 Imported lazily and only by the TensorRT backend. Every CUDA call goes through ``cudart()`` + ``_call`` so tests can
 swap the whole runtime for ``tests/simulated_cuda.py`` (``cuda_buffers._rt = SimulatedCudaRuntime()``), and so that
-any failure, including a runtime that lacks a call, is a one-line ClipadError. The runtime is cuda-python's
-``cuda.bindings.runtime`` (12.x and 13.x) or the 12.x ``cuda.cudart`` trampoline; pycuda is not supported (it builds
-only with the CUDA toolkit and a driver present, and NVIDIA's own samples dropped it).
+any failure, including a runtime that lacks a call, is a one-line ClipadError. ``cudart()`` is whichever route to
+CUDA ``cuda_access`` finds here: cuda-python that suits the driver, pycuda, or libcudart through ctypes.
 """
 from __future__ import annotations
 
@@ -17,8 +16,9 @@ from ..errors import ClipadError
 
 log = logging.getLogger("clipad")
 _rt = None  # the cudart-like module in use (cuda-bindings convention: every call returns (error, *values))
-NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python>=12,<13' for CUDA 12 / JetPack 6, "
-                  "'cuda-python>=13' for CUDA 13)")
+_report = None  # cuda_access.Report of the choice
+NO_CUDA_PYTHON = ("no way to reach CUDA from Python: pip install 'clipad-edge[tensorrt-cu12]' (CUDA 12 / JetPack 6) "
+                  "or '[tensorrt-cu13]' (CUDA 13)")
 
 
 def cudart():
@@ -29,16 +29,16 @@ def cudart():
 
 
 def _load():
-    try:
-        from cuda.bindings import runtime
-        return runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart as runtime
-        return runtime
-    except ImportError:
-        raise ClipadError(NO_CUDA_PYTHON) from None
+    global _report
+    from .cuda_access import choose
+
+    access, _report = choose()
+    return access.runtime
+
+
+def access_report() -> dict | None:
+    """Which CUDA access is in use and what else was tried (None before the first CUDA call, or when simulated)."""
+    return _report.as_dict() if _report is not None else None
 
 
 def _err_name(err) -> str:
@@ -72,7 +72,7 @@ def _constant(name: str, fallback: int):
 
 
 def device_count() -> int:
-    """Number of CUDA GPUs; 0 without a GPU, driver or cuda-python."""
+    """Number of CUDA GPUs; 0 without a GPU, driver or route to CUDA."""
     try:
         err, count = cudart().cudaGetDeviceCount()
         return int(count or 0) if int(err) == 0 else 0
@@ -86,7 +86,7 @@ def set_device(device: int) -> None:
 
 
 def gpu_info(device: int = 0) -> dict | None:
-    """Name, compute capability ("8.6") and versions of one GPU; None when there is no GPU, driver or cuda-python."""
+    """Name, compute capability ("8.6") and versions of one GPU; None when there is no GPU, driver or route to CUDA."""
     try:
         rt = cudart()
         err, count = rt.cudaGetDeviceCount()

@@ -18,10 +18,13 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def _ort():
+    from ..extras import MISSING, warn_if_two_onnxruntimes
+
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ClipadError("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from None
+        raise ClipadError(MISSING["onnxruntime"]) from None
+    warn_if_two_onnxruntimes()
     return ort
 
 

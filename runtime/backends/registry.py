@@ -37,12 +37,13 @@ BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
     BackendSpec("onnxruntime", "clipad.runtime.backends.onnxruntime", "OnnxRuntimeBackend",
                 ("precision", "threads", "device", "providers", "model_file", "profile_prefix"),
                 "ONNX Runtime (TensorRT / CUDA execution providers when present, else CPU)",
-                "pip install onnxruntime (CPU) or onnxruntime-gpu"),
+                "pip install 'clipad-edge[cpu]' (CPU) or 'clipad-edge[gpu]' (NVIDIA GPU); on a Jetson NVIDIA's "
+                "onnxruntime-gpu wheel"),
     BackendSpec("tensorrt", "clipad.runtime.backends.tensorrt", "TensorRTBackend",
                 ("precision", "device", "engine", "cuda_graph"),
                 "a TensorRT engine listed in the manifest, built for this GPU",
                 "TensorRT from JetPack / NVIDIA (tensorrt-cu12, tensorrt-cu13, tensorrt-rtx-cu13) and "
-                "pip install 'clipad-edge[tensorrt]'"),
+                "pip install 'clipad-edge[tensorrt-cu12]' (CUDA 12, JetPack 6) or '[tensorrt-cu13]'"),
     BackendSpec("openvino", "clipad.runtime.backends.openvino", "OpenVINOBackend", ("precision", "threads"),
                 "OpenVINO on the CPU (Intel CPUs; BF16 where the CPU has it)", "pip install 'clipad-edge[openvino]'"),
     BackendSpec("triton", "clipad.runtime.backends.triton", "TritonBackend", ("triton_url", "triton_model", "grpc"),

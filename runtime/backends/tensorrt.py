@@ -4,8 +4,8 @@ One code path for tensorrt 10.3 … 11.x, tensorrt_lean / tensorrt_dispatch (ver
 tensorrt_rtx: ``num_io_tensors`` / ``get_tensor_*`` / ``set_input_shape`` / ``set_tensor_address`` /
 ``execute_async_v3`` only (``num_bindings`` and ``get_binding_*`` were removed in TensorRT 10; the synchronous
 ``execute_v2`` still exists but is not used).
-Device memory, a non-blocking stream and CUDA graphs come from ``cuda_buffers`` (cuda-python), called through the
-module so tests can substitute a simulated CUDA runtime. ``cuda_graph``: TensorRT-RTX captures and replays the graph
+Device memory, a non-blocking stream and CUDA graphs come from ``cuda_buffers`` (over whichever CUDA route
+``cuda_access`` chose), called through the module so tests can substitute a simulated CUDA runtime. ``cuda_graph``: TensorRT-RTX captures and replays the graph
 itself (``IRuntimeConfig.cuda_graph_strategy``, which also handles dynamic shapes); with full TensorRT the backend
 captures the enqueue on its stream and replays it while the input shape stays the same.
 """
@@ -97,6 +97,20 @@ def tensorrt_available(manifest: Manifest | None = None, device: int = 0, precis
     return False
 
 
+def version_mismatch(entry: EngineEntry, module_name: str, installed: str) -> str | None:
+    """Why ``entry`` cannot load on TensorRT ``installed``, None when it can."""
+    built = entry.trt_version
+    if not built:
+        return None
+    if entry.version_compatible and _version(installed) < _version(built):
+        return (f"version-compatible engine built with TensorRT {built} needs TensorRT >= {built}, but {module_name} "
+                f"{installed} is installed")
+    if not entry.version_compatible and _version(installed) != _version(built):
+        return (f"built with {module_name} {built} but {installed} is installed (an engine only loads on the TensorRT "
+                "version that built it)")
+    return None
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(m) for m in re.findall(r"\d+", str(text))[:3])
 
@@ -149,6 +163,10 @@ class TensorRTBackend(Backend):
                 raise ClipadError(f"--engine {engine_file}: not listed in {model_dir}/manifest.json "
                                   f"(listed: {', '.join(e.file for e in engines)})")
         gpu = _probe_gpu(device)
+        access = cb.access_report()
+        if access:
+            log.info("CUDA access: %s (driver supports CUDA %s)", access["detail"],
+                     access["driver_cuda_version"] or "?")
         cc = gpu["compute_capability"]
         if entry is None:
             entry = select_engine(manifest, cc, precision)
@@ -165,15 +183,9 @@ class TensorRTBackend(Backend):
         path = os.path.join(model_dir, entry.file)
 
         trt, self.module_name = import_tensorrt(entry)
-        built, installed = entry.trt_version, str(getattr(trt, "__version__", "?"))
-        if built:
-            if entry.version_compatible and _version(installed) < _version(built):
-                raise ClipadError(f"{path}: version-compatible engine built with TensorRT {built} needs TensorRT "
-                                  f">= {built}, but {self.module_name} {installed} is installed; rebuild: {cmd}")
-            if not entry.version_compatible and _version(installed) != _version(built):
-                raise ClipadError(f"{path}: built with {self.module_name} {built} but {installed} is installed "
-                                  f"(an engine only loads on the TensorRT version that built it); "
-                                  f"rebuild on this machine: {cmd}")
+        mismatch = version_mismatch(entry, self.module_name, str(getattr(trt, "__version__", "?")))
+        if mismatch:
+            raise ClipadError(f"{path}: {mismatch}; rebuild on this machine: {cmd}")
         target = entry.target
         if target.compute_capability != cc:
             raise ClipadError(f"{path}: built for compute capability {target.compute_capability}"
@@ -285,8 +297,8 @@ class TensorRTBackend(Backend):
         return self.host[name].array.reshape(-1)[:int(np.prod(shape))]
 
     def _enqueue(self, shapes: dict) -> None:
-        cb.memcpy_htod_async(self.device_buffers[self.input_name].ptr, self._flat(self.input_name, shapes[self.input_name]),
-                             self.stream)
+        host = self._flat(self.input_name, shapes[self.input_name])
+        cb.memcpy_htod_async(self.device_buffers[self.input_name].ptr, host, self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
             raise ClipadError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
         for name in self.output_names:

@@ -28,6 +28,8 @@ examples:
   edge-detect --model aa_bottle --source line3.mp4 --save overlays/ --jsonl results.jsonl
   edge-detect --model aa_bottle --source 'batch_07/*.png' --save-maps maps/ --threshold 0.62
   edge-detect --model zs_tile --source rtsp://camera.local/stream1 --max-frames 1000 --jsonl live.jsonl
+  edge-detect --model aa_bottle --source 'gst:nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,\
+height=1080,framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx'     # Jetson CSI camera (OpenCV with GStreamer)
   edge-detect --model aa_bottle --camera top=0 --source side=rtsp://cam2/s1 --http 0.0.0.0:8080 \
       --http-token-file token --mqtt mqtt://broker.local/line3 --jsonl line3.jsonl      # a station
   edge-detect --model aa_bottle --config station.toml                                 # the same from a file

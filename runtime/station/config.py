@@ -173,7 +173,7 @@ def _line_of(text: str, section: str, key: str | None, index: int = 0) -> int:
 def load_station_file(path: str) -> dict:
     """The station file, checked: unknown keys and wrong types are one line naming the file and line."""
     if sys.version_info >= (3, 11):
-        import tomllib
+        import tomllib  # novermin (tomli below on 3.10)
     else:   # JetPack 6's Python 3.10
         import tomli as tomllib
     try:

@@ -1,0 +1,1 @@
+"""edge-doctor: checks an install the way it will be used."""
