@@ -74,6 +74,7 @@ def _metrics(detector, run: Run, class_name: str) -> dict:
         decision.update(threshold=cal.image_threshold, calibration=f"{cal.method}, target false-alarm rate "
                         f"{cal.target_fpr:g}, {cal.images} normal images, {where.precision} on {where.backend}, "
                         f"{cal.created}",
+                        thresholds_from={"precision": where.precision, "backend": where.backend},
                         false_alarm_rate=false_alarms / len(good) if good else None,
                         miss_rate=misses / len(bad) if bad else None,
                         confusion={"true_ng": len(bad) - misses, "false_ng": false_alarms,
@@ -160,7 +161,20 @@ def _compared(ours: dict, theirs: dict, run: Run, other_run: Run, pearson: list[
         if len(pairs) >= 3 else None
     judged = [(a["pred"], b["pred"]) for a, b in zip(run.records, other_run.records)
               if a["pred"] is not None and b["pred"] is not None]
-    return {"image": _delta(ours["image"], theirs["image"]), "pixel": _delta(ours["pixel"], theirs["pixel"]),
+    # OK/NG agreement means something only with each side at its own thresholds: a precision judged with another
+    # precision's thresholds (the runtime's fallback) flips on any offset between the two, which it does not have.
+    def borrows(d: dict) -> bool:
+        source = d.get("thresholds_from")
+        return source is not None and (source["precision"], source["backend"]) != (d["precision"], d["backend"])
+
+    borrowed = [f"{d['precision']} on {d['backend']} uses the thresholds calibrated for "
+                f"{d['thresholds_from']['precision']} on {d['thresholds_from']['backend']}"
+                for d in (ours["decision"], theirs["decision"]) if borrows(d)]
+    if borrowed:
+        judged = []
+    return {"ok_ng_note": ("; ".join(borrowed) + ": no agreement reported (edge-calibrate each side)") if borrowed
+            else None,
+            "image": _delta(ours["image"], theirs["image"]), "pixel": _delta(ours["pixel"], theirs["pixel"]),
             "candidate": {"image": theirs["image"], "pixel": theirs["pixel"], "decision": theirs["decision"]},
             "map_pearson_min": min(pearson) if pearson else None,
             "map_pearson_mean": float(np.mean(pearson)) if pearson else None, "score_spearman": rho,

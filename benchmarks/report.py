@@ -54,6 +54,8 @@ def markdown(report: dict) -> str:
         text.append(f"Compared with {report['compare']['candidate']} (deltas candidate − reference, in points):")
         text.append(table(["class"] + [h for h in HEADER[3:10]] + ["map Pearson min", "score Spearman",
                                                                    "OK/NG agreement"], compare_rows(report)))
+        notes = {c.get("ok_ng_note") for c in report["compare"]["classes"].values()} - {None}
+        text += [f"- OK/NG: {note}" for note in sorted(notes)]
     for warning in report["warnings"][:20]:
         text.append(f"- warning: {warning}")
     if len(report["warnings"]) > 20:

@@ -93,7 +93,10 @@ def parse_args(argv):
                           f"{p.name}: {p.file}, {p.summary}" + (" (needs --calib-data)" if p.needs_calibration_data
                                                                 else "")
                           for p in precisions.PRECISIONS.values() if p.conversion))
-    prec.add_argument("--calib-data", metavar="DIR", help="INT8: folder of normal images (≥100 recommended)")
+    prec.add_argument("--calib-data", metavar="DIR",
+                      help="folder of normal images (≥100 recommended): INT8's calibration set, and for every low "
+                      "precision the OK/NG gate (each side's own conformal threshold at α 5%% and 10%%, flips on "
+                      "held-back normal and verify images)")
     prec.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                       help="INT8 activation range calibration (default minmax; entropy and percentile build "
                            "onnxruntime's histograms, slower)")

@@ -17,7 +17,7 @@ import numpy as np
 
 from clipad.runtime import precisions
 from clipad.runtime.batching import chunks
-from clipad.runtime.compare import GateReport, compare_runners, gate
+from clipad.runtime.compare import GateReport, gate
 from clipad.runtime.errors import ClipadError
 
 log = logging.getLogger("clipad")
@@ -324,16 +324,68 @@ def keep_float_consumers(model, quantized: set[str]) -> int:
 
 
 def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np.ndarray, names: list[str],
-                   batch: tuple[int, int], image_size: int) -> GateReport:
-    """FP32 ONNX vs the precision's ONNX (CPU ONNX Runtime) on the verify images, held to that precision's limits."""
-    from .onnx_export import onnx_backend
+                   batch: tuple[int, int], image_size: int, normals: np.ndarray | None = None,
+                   rule: str = "map_max") -> GateReport:
+    """FP32 ONNX (CPU ONNX Runtime) vs the precision's ONNX on the verify images, held to that precision's limits.
+    The candidate runs on ONNX Runtime's CPU provider, or, for a precision ONNX Runtime does not run (bf16), on the
+    backend that runs it: a gate judges the file as it will be run. With ``normals`` (normal images), the OK/NG
+    decisions at each side's own conformal threshold are compared too and decide instead of the score rank."""
+    from clipad.runtime import decision_check
+    from clipad.runtime.batching import run_batched
+    from clipad.runtime.compare import Comparator
 
+    from .onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_backend
+
+    wanted = precisions.get(precision)
     reference = onnx_backend(fp32_path, image_size, batch)
-    candidate = onnx_backend(candidate_path, image_size, batch, precision)
+    candidate = None
+
+    def run_both(images: np.ndarray, comparator=None, image_names=None, chunk: int = 8):
+        kept = {"ref": [], "cand": []}
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            outputs = {"ref": run_batched(reference.run, part, *reference.batch_range),
+                       "cand": run_batched(candidate.run, part, *candidate.batch_range)}
+            if comparator is not None:
+                comparator.add(outputs["ref"], outputs["cand"], image_names[start:start + chunk])
+            for side, (maps, scores) in outputs.items():
+                kept[side].append((maps.reshape(len(maps), maps.shape[1], -1).max(axis=2).astype(np.float64),
+                                   np.asarray(scores, np.float64).reshape(len(scores), -1)))
+        return tuple(tuple(np.concatenate(parts) for parts in zip(*kept[side])) for side in ("ref", "cand"))
+
     try:
-        comparison = compare_runners(reference, candidate, data, names)
+        if wanted.why_not("onnxruntime") is None:
+            candidate = onnx_backend(candidate_path, image_size, batch, precision)
+        elif wanted.why_not("openvino") is None:
+            from clipad.runtime.backends.openvino import OpenVINOBackend
+
+            candidate = OpenVINOBackend.for_file(candidate_path, precision, image_size, batch, INPUT_NAME,
+                                                 list(OUTPUT_NAMES))
+        else:
+            raise ClipadError(f"internal error: no backend here runs the {precision} gate")
+        comparator = Comparator()
+        verify_ref, verify_cand = run_both(data, comparator, list(names))
+        comparison = comparator.result()
+        decision = None
+        if normals is not None and len(normals):
+            normal_ref, normal_cand = run_both(normals)
+            decision = decision_check.check(rule, normal_ref, normal_cand, verify_ref, verify_cand,
+                                            comparison.score_spearman)
+    except ClipadError as exc:
+        raise ClipadError(f"the {precision} accuracy gate cannot run here: {exc}") from None
     finally:
         reference.close()
-        candidate.close()
-    return gate(comparison, precisions.get(precision).gate, precision, f"onnxruntime {precisions.REFERENCE.name}",
-                f"onnxruntime {precision}")
+        if candidate is not None:
+            candidate.close()
+    limits = wanted.gate
+    if decision is not None and decision.evaluated:
+        import dataclasses
+
+        limits = dataclasses.replace(limits, score_spearman_min=None, **DECISION_LIMITS)
+    return gate(comparison, limits, precision, f"onnxruntime {precisions.REFERENCE.name}", candidate.description,
+                decision)
+
+
+# With normal images the gate judges OK/NG: no flip on held-back normal images at α = 5 % and 10 %, and ≥ 99 % equal
+# decisions on the verify images; the score rank (Spearman) is then reported with its interval but does not decide.
+DECISION_LIMITS = {"decision_flips_max": 0, "decision_agreement_min": 0.99}

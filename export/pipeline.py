@@ -95,7 +95,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
             name, entry, report = make_precision(opts.precision, onnx_file, tmp,
                                                  None if gates_on_holdout(opts) else verify,
                                                  (lo, hi), m.image_size, opts.calibration,
-                                                 opts.accept_accuracy_loss)
+                                                 opts.accept_accuracy_loss, manifest.model.decision_score)
             manifest.files[name] = entry
             manifest.precisions[opts.precision] = report
         log.info("[4/4] writing manifest …")
@@ -222,7 +222,7 @@ def check_images(opts: ExportOptions) -> None:
 
     if opts.verify_images:
         list_images(opts.verify_images, "--verify-images", single_file=False)
-    if precisions.get(opts.precision).needs_calibration_data and opts.calibration.data:
+    if opts.calibration.data:
         list_images(opts.calibration.data, "--calib-data", single_file=False)
 
 
@@ -290,7 +290,8 @@ def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> No
     tmp = make_temp_dir_beside(os.path.join(model_dir, "precision"), "partial")
     try:
         name, entry, report = make_precision(opts.precision, fp32, tmp, verify, batch, size,
-                                             opts.calibration, opts.accept_accuracy_loss)
+                                             opts.calibration, opts.accept_accuracy_loss,
+                                             manifest.model.decision_score)
 
         def install(current: Manifest):
             if current.files[precisions.REFERENCE.file].sha256 != manifest.files[precisions.REFERENCE.file].sha256:

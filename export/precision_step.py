@@ -17,6 +17,7 @@ from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
 from .options import CalibrationOptions
 
 log = logging.getLogger("clipad")
+DECISION_NORMALS = 40   # normal images run through both sides for the OK/NG check (ViT-L@518: ~5 min on 2 cores)
 
 
 def cache_dir() -> str:
@@ -26,12 +27,15 @@ def cache_dir() -> str:
 
 def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[np.ndarray, list[str]] | None,
                    batch: tuple[int, int], image_size: int, calibration: CalibrationOptions,
-                   accept_accuracy_loss: bool) -> tuple[str, FileEntry, PrecisionReport]:
+                   accept_accuracy_loss: bool, decision_rule: str = "map_max"
+                   ) -> tuple[str, FileEntry, PrecisionReport]:
     """Write ``out_dir/<the precision's file>`` by its registry ``conversion`` and gate it; a failing gate raises
     unless accepted.
 
     The gate images are ``verify``; for a precision made from calibration data without --verify-images (``verify``
-    is None) every fifth calibration image is held back instead.
+    is None) every fifth calibration image is held back instead. With --calib-data (any precision) the gate also
+    compares OK/NG decisions at each side's own threshold from those normal images (at most ``DECISION_NORMALS``,
+    spread evenly), and they decide instead of the score rank.
     """
     from clipad.calibration.images import load_set, split_holdout
 
@@ -52,6 +56,8 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
         log.info("[3b] %s calibration (%s) on %d image(s) …", precision.upper(), calibration.method, len(calib))
     else:
         calib = None
+        if calibration.data:
+            calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
         log.info("[3b] %s conversion …", precision.upper())
     if wanted.conversion == "float16":
         conversion = convert.to_fp16(fp32_file, dst)
@@ -62,15 +68,34 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
         conversion["calibration_data"] = os.path.abspath(calibration.data)
     elif wanted.conversion == "dynamic-int8":
         conversion = convert.to_int8_dynamic(fp32_file, dst)
+    elif wanted.conversion == "bfloat16":
+        from .convert_bf16 import to_bf16
+
+        conversion = to_bf16(fp32_file, dst, attention=True)
     else:
         raise ClipadError(f"internal error: no converter for {wanted.conversion!r}")
-    log.info("[3c] %s accuracy gate on %d image(s) …", precision.upper(), len(gate_data))
+    normals = None
+    if calib is not None:
+        normals = calib[np.unique(np.linspace(0, len(calib) - 1, min(len(calib), DECISION_NORMALS)).round()
+                                  .astype(int))]
+    log.info("[3c] %s accuracy gate on %d image(s)%s …", precision.upper(), len(gate_data),
+             f" and OK/NG decisions from {len(normals)} normal image(s)" if normals is not None else "")
     report = convert.precision_gate(precision, fp32_file, dst, gate_data,
-                                    [os.path.basename(n) for n in gate_names], batch, image_size)
-    c = report.comparison
-    log.info("      map Pearson min %s, score Spearman %s, score max|Δ| %.2e",
+                                    [os.path.basename(n) for n in gate_names], batch, image_size, normals,
+                                    decision_rule)
+    c, d = report.comparison, report.decision
+    log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
-             "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}", c.image_score.max_abs)
+             "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}",
+             f" (95% CI {d.spearman_ci95[0]:.3f}–{d.spearman_ci95[1]:.3f})" if d and d.spearman_ci95 else "",
+             c.image_score.max_abs)
+    if d is not None:
+        log.info("      OK/NG at α %s: flips on %d held-back normal images %s, on %d verify images %s; score error "
+                 "/ margin %s", "/".join(f"{a:g}" for a in d.alphas), d.held_back_images, d.held_back_flips,
+                 d.verify_images, d.verify_flips,
+                 "n/a" if d.score_error_over_margin is None else f"{d.score_error_over_margin:.3f}")
+        for note in d.notes:
+            log.info("      %s", note)
     enforce_gate(report, f"{precision.upper()} accuracy gate", accept_accuracy_loss)
     entry = file_entry(dst, precision, conversion.pop("opset", None) or OPSET)
     return wanted.file, entry, PrecisionReport(gate=report, conversion=conversion)

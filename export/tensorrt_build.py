@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from clipad.runtime import precisions
 from clipad.runtime.atomic import write_bytes_atomic
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.manifest import BatchRange, EngineEntry, EngineTarget, sha256_file
@@ -116,6 +117,10 @@ def build_engine(onnx_path: str, out_dir: str, precision: str, batch: BatchRange
                               f"on ({gpu['name']}, {cc}); build on the target")
         if version_compatible:
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    needs = precisions.get(precision).min_compute_capability
+    if needs and float(cc) < needs:
+        raise ClipadError(f"--precision {precision}: GPUs of compute capability {cc} have no {precision} kernels "
+                          f"(SM {needs:g} or newer)")
     if version_compatible and flavor == "rtx":
         raise ClipadError("--version-compatible is a full-TensorRT option; TensorRT-RTX engines are portable "
                           "across RTX GPUs by design")

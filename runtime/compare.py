@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .decision_check import DecisionCheck
+
 CONSTANT_RTOL = 1e-6   # a map whose max − min is below this share of its magnitude counts as constant
 
 
@@ -49,6 +51,8 @@ class GateLimits:
     score_max_abs: float | None = None          # max |Δscore|
     map_pearson_min: float | None = None
     score_spearman_min: float | None = None
+    decision_flips_max: int | None = None       # OK/NG flips allowed on held-back normal images, at every α
+    decision_agreement_min: float | None = None  # share of equal OK/NG decisions on the verify images, at every α
 
 
 @dataclass
@@ -62,6 +66,7 @@ class GateReport:
     passed: bool
     failures: list[str] = field(default_factory=list)
     accepted_despite_failure: bool = False
+    decision: DecisionCheck | None = None   # OK/NG at each side's own threshold (precision gates with normal images)
 
 
 PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)   # precisions' limits: runtime.precisions
@@ -207,8 +212,10 @@ def _listed(images: list[str], limit: int = 8) -> str:
     return ", ".join(images[:limit]) + more
 
 
-def gate(comparison: Comparison, limits: GateLimits, name: str, reference: str, candidate: str) -> GateReport:
-    """Hold a comparison to limits; every failure is a phrase that names the numbers (and the images)."""
+def gate(comparison: Comparison, limits: GateLimits, name: str, reference: str, candidate: str,
+         decision: DecisionCheck | None = None) -> GateReport:
+    """Hold a comparison (and a decision check, when the limits ask for one) to limits; every failure is a phrase
+    that names the numbers (and the images)."""
     c, failures = comparison, []
     for side in ("reference", "candidate"):
         if c.nonfinite_images[side]:
@@ -225,6 +232,7 @@ def gate(comparison: Comparison, limits: GateLimits, name: str, reference: str, 
             low = [nm for nm, p in zip(c.names, c.map_pearson) if not p >= limits.map_pearson_min]
             failures.append(f"map Pearson min {c.map_pearson_min if c.map_pearson_min is not None else float('nan'):.5f}"
                             f" (need ≥ {limits.map_pearson_min}) on {_listed(low)}")
+    failures += decision_failures(decision, limits)
     if limits.score_spearman_min is not None:
         if c.score_spearman is None:
             failures.append("score Spearman not computable (fewer than 3 finite verify images, or tied scores)")
@@ -232,4 +240,21 @@ def gate(comparison: Comparison, limits: GateLimits, name: str, reference: str, 
             failures.append(f"score Spearman {c.score_spearman:.4f} (need ≥ {limits.score_spearman_min}; reference "
                             f"score std {c.score_reference_std:.2e}, max|Δscore| {c.image_score.max_abs:.2e})")
     return GateReport(name=name, reference=reference, candidate=candidate, comparison=c, limits=limits,
-                      passed=not failures, failures=failures)
+                      passed=not failures, failures=failures, decision=decision)
+
+
+def decision_failures(decision: DecisionCheck | None, limits: GateLimits) -> list[str]:
+    if limits.decision_flips_max is None and limits.decision_agreement_min is None:
+        return []
+    if decision is None or not decision.evaluated:
+        return ["no OK/NG decision check (too few normal images for a threshold)"]
+    failures = []
+    alphas = ", ".join(f"{a:g}" for a in decision.alphas)
+    if limits.decision_flips_max is not None and max(decision.held_back_flips) > limits.decision_flips_max:
+        failures.append(f"OK/NG flips on {decision.held_back_images} held-back normal images at α = {alphas}: "
+                        f"{decision.held_back_flips} (allowed {limits.decision_flips_max})")
+    if limits.decision_agreement_min is not None and decision.verify_agreement is not None \
+            and not decision.verify_agreement >= limits.decision_agreement_min:
+        failures.append(f"OK/NG agreement on {decision.verify_images} verify images {decision.verify_agreement:.1%} "
+                        f"(flips {decision.verify_flips} at α = {alphas}; need ≥ {limits.decision_agreement_min:.0%})")
+    return failures

@@ -29,7 +29,7 @@ from .manifest_calibration import Calibration, ClassCalibration, precision_name
 __all__ = ["Calibration", "ClassCalibration", "Manifest", "SCHEMA_VERSION", "MANIFEST_NAME", "check_writable",
            "file_entry", "lock", "sha256_file"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.json.lock"
 LOCK_TIMEOUT_S = 120.0

@@ -6,6 +6,8 @@ lives only in ``model.decision_score`` (2 could leave it to the kind and also st
 class's thresholds carry their own provenance (2 stored method, target, image count, folder, hash and date once per
 precision × backend, so calibrating one class rewrote another's description: upgraded classes get the stored one,
 marked as such).
+3 → 4: precision gates may carry an OK/NG decision check (``gate.decision``, limits ``decision_*``) and ``bf16`` has
+its own file (``model.bf16.onnx``; 3 had none: its bf16 was OpenVINO's hint on ``model.onnx``). Nothing to convert.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def rule_for(kind: str, domain: str | None) -> str:
 
 def upgrade(data: dict, version: int) -> dict:
     """``data`` of schema ``version`` as a current-schema document (SchemaError for a damaged one)."""
-    steps = {1: upgrade_v1, 2: upgrade_v2}
+    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3}
     for step in range(version, max(steps) + 1):
         try:
             data = steps[step](data)
@@ -119,3 +121,8 @@ def upgrade_v2(data: dict) -> dict:
         calibrations.append(old)
     out["calibrations"] = calibrations
     return out
+
+
+def upgrade_v3(data: dict) -> dict:
+    """Schema 4 only adds optional fields."""
+    return data

@@ -24,6 +24,8 @@ class Precision:
     engine_rank: int | None = None     # TensorRT engines are built from it; lower ranks are preferred by ``auto``
     cpu_substitute: str | None = None  # on a CPU-only ONNX Runtime, this precision's file runs instead
     openvino_hint: str | None = None   # OpenVINO's INFERENCE_PRECISION_HINT when OpenVINO runs it
+    cpu_capability: str | None = None  # an OpenVINO OPTIMIZATION_CAPABILITIES entry the CPU needs to run it as made
+    min_compute_capability: float | None = None   # the oldest NVIDIA GPU generation whose engines run it
     only_on: tuple[str, ...] | None = None   # the backends that run it, when not every backend does
     not_run_by: dict[str, str] = field(default_factory=dict)   # backend -> why it cannot run this precision
 
@@ -53,10 +55,11 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               openvino_hint="f32"),
     Precision("fp16", "model.fp16.onnx", "mixed FP16/FP32 (LayerNorm, softmax, L2 norms and the head FP32)",
               gate=_FP16_GATE, conversion="float16", engine_rank=0, openvino_hint="f32"),
-    Precision("bf16", "model.onnx", "OpenVINO's BF16 inference hint on the FP32 export (CPUs with BF16)",
-              gate=_FP16_GATE, openvino_hint="bf16", only_on=("openvino",),
-              not_run_by={"onnxruntime": "ONNX Runtime's CPU provider has no BF16 path for these models; use openvino",
-                          "tensorrt": "no TensorRT engine is built for bf16",
+    Precision("bf16", "model.bf16.onnx", "BF16 matrix products, FP32 residual stream, LayerNorm, softmax, L2 norms "
+              "and head (OpenVINO on CPUs with BF16; TensorRT on SM 8.0+)", gate=_FP16_GATE, conversion="bfloat16",
+              engine_rank=3, openvino_hint="f32", cpu_capability="BF16", min_compute_capability=8.0,
+              only_on=("openvino", "tensorrt"),
+              not_run_by={"onnxruntime": "ONNX Runtime's CPU provider has no BF16 path (no BF16 MatMul); use openvino",
                           "torch": "the torch reference runs fp32 (and fp16 on CUDA)"}),
     Precision("int8", "model.int8.onnx", "explicit symmetric Q/DQ on the linear layers, FP16 remainder (TensorRT)",
               gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, engine_rank=1,

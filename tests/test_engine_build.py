@@ -42,6 +42,13 @@ def test_rtx_builds_all_three_precisions(tiny_files, tmp_path, calib_dir):
         assert e["onnx_sha256"] == manifest(folder)["files"][e["onnx"]]["sha256"]
         assert "--from-onnx" in e["build_command"]
     assert engines["model.int8.rtx-sm86.engine"]["batch"] == {"min": 1, "max": 2, "opt": 1}
+    # BF16 (the keep-list file: BF16 products, FP32 rest) builds strongly typed too, for GPUs that have BF16 kernels
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "bf16", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 0
+    bf16 = next(e for e in manifest(out)["engines"] if e["precision"] == "bf16")
+    assert bf16["file"] == "model.bf16.rtx-sm86.engine" and (out / bf16["file"]).stat().st_size == bf16["bytes"]
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "bf16", "--trt-flavor", "rtx",
+                            "--compute-capability", "7.5", "-q"]) == 2   # Turing: no BF16 kernels
     assert cache.stat().st_size > 0
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 

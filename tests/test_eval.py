@@ -122,6 +122,18 @@ def test_compare_int8(model, data, tmp_path):
     assert ours == labels["fp32"]
 
 
+def test_compare_reports_no_agreement_when_a_side_borrows_thresholds(model, data, tmp_path):
+    """OpenVINO has no calibration of its own in this export: the runtime falls back to ONNX Runtime's thresholds,
+    and an agreement measured that way would judge OpenVINO by another backend's offsets; edge-eval says so."""
+    pytest.importorskip("openvino")
+    rc, report = run(model, data, tmp_path, "--compare", "openvino", "--markdown", str(tmp_path / "r.md"))
+    assert rc == 0
+    comp = report["compare"]["classes"]["part"]
+    assert comp["ok_ng_agreement"] is None and comp["ok_ng_images"] == 0
+    assert "fp32 on openvino uses the thresholds calibrated for fp32 on onnxruntime" in comp["ok_ng_note"]
+    assert "- OK/NG: fp32 on openvino uses the thresholds" in (tmp_path / "r.md").read_text()
+
+
 def test_uncalibrated_aaclip_uses_the_official_transductive_normalisation(model, data, tmp_path):
     from clipad.runtime.manifest import Manifest
 

@@ -215,20 +215,20 @@ def test_schema2_export_runs_and_upgrades_on_the_next_write(tmp_path):
         assert pred.label in ("OK", "NG") and pred.calibration["method"] == "conformal"
     Manifest.update(str(copy), lambda m: None)
     stored = json.loads((copy / "manifest.json").read_text())
-    assert stored["schema_version"] == SCHEMA_VERSION == 3
+    assert stored["schema_version"] == SCHEMA_VERSION == 4
     assert stored["files"]["model.int8-cpu.onnx"]["precision"] == "int8-cpu"
     assert "target" not in stored["files"]["model.int8-cpu.onnx"]
 
 
-def test_schema3_read_by_an_older_runtime_says_newer(monkeypatch, tmp_path):
+def test_a_newer_schema_read_by_an_older_runtime_says_newer(monkeypatch, tmp_path):
     """What a user of the previous release sees: the version check comes first, one line."""
     from clipad.runtime import manifest as manifest_module
 
     copy = tmp_path / "s2"
     shutil.copytree(SCHEMA2, copy)
     Manifest.update(str(copy), lambda m: None)
-    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 2)
-    with pytest.raises(ClipadError, match="schema_version 3 is newer than this clipad-edge supports"):
+    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 3)
+    with pytest.raises(ClipadError, match="schema_version 4 is newer than this clipad-edge supports"):
         Manifest.read(str(copy))
 
 

@@ -1,9 +1,10 @@
 """OpenVINO backend (CPU): runs the exported ONNX files as they are, compiled once and cached.
 
 Precisions: those whose registry record lists OpenVINO (``clipad.runtime.precisions``), each on its file with its
-``openvino_hint`` (the BF16 hint runs the FP32 export in BF16 on CPUs that have it; the Q/DQ INT8 file runs its
-quantized linear layers as INT8). Compiled models are cached in ``~/.cache/clipad/openvino/<file sha256>-<precision>``
-(OpenVINO's model cache, one folder per model file and precision), so only the first start pays the compile time.
+``openvino_hint`` (f32 for all of them: the BF16 file's products are BF16 as written, the rest stays FP32, which
+OpenVINO's own BF16 hint would not keep; the Q/DQ INT8 file runs its quantized linear layers as INT8). Compiled
+models are cached in ``~/.cache/clipad/openvino/<file sha256>-<precision>`` (OpenVINO's model cache, one folder per
+model file and precision), so only the first start pays the compile time.
 """
 from __future__ import annotations
 
@@ -30,28 +31,49 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, model_dir: str, manifest: Manifest, precision: str | None = None, threads: int | None = None,
                  ov_device: str = "CPU"):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ClipadError("OpenVINO is not installed (pip install 'clipad-edge[openvino]')") from None
         wanted = precisions.get(precision)
         why = wanted.why_not(self.name)
         if why:
             raise ClipadError(f"--precision {wanted.name}: {why}")
-        precision, name = wanted.name, wanted.file
+        name = wanted.file
         if name not in manifest.files:
             maker = precisions.file_precision(name)
             raise ClipadError(f"{model_dir}: no {name} in this export; add it with: export-engine --from-onnx "
-                              f"{model_dir} --precision {maker.name if maker else precision}")
+                              f"{model_dir} --precision {maker.name if maker else wanted.name}")
         path = manifest.verify_file(model_dir, name)
+        self._compile(path, wanted, manifest.files[name].sha256, threads, ov_device)
+        self.image_size = manifest.image_size
+        self.input_name = manifest.input.name
+        self.outputs = [self.compiled.output(o.name) for o in manifest.outputs]
+        self._range = (manifest.batch.min, manifest.batch.max)
+
+    @classmethod
+    def for_file(cls, path: str, precision: str, image_size: int, batch_range: tuple[int, int], input_name: str,
+                 output_names: list[str], threads: int | None = None) -> "OpenVINOBackend":
+        """An ONNX file that has no manifest yet: the export's gate of a precision only OpenVINO runs."""
+        from ..manifest import sha256_file
+
+        self = cls.__new__(cls)
+        self._compile(path, precisions.get(precision), sha256_file(path), threads, "CPU")
+        self.image_size, self.input_name, self._range = image_size, input_name, tuple(batch_range)
+        self.outputs = [self.compiled.output(o) for o in output_names]
+        return self
+
+    def _compile(self, path: str, wanted: precisions.Precision, sha256: str, threads: int | None,
+                 ov_device: str) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ClipadError("OpenVINO is not installed (pip install 'clipad-edge[openvino]')") from None
         core = ov.Core()
-        hint = wanted.openvino_hint
-        if hint.upper() not in core.get_property(ov_device, "OPTIMIZATION_CAPABILITIES") and hint != "f32":
-            raise ClipadError(f"--precision {precision}: this {ov_device} has no {hint.upper()} support; use "
-                              f"{precisions.REFERENCE.name}")
+        hint, capabilities = wanted.openvino_hint, core.get_property(ov_device, "OPTIMIZATION_CAPABILITIES")
+        needs = wanted.cpu_capability or (hint.upper() if hint != "f32" else None)
+        if needs and needs not in capabilities:
+            raise ClipadError(f"--precision {wanted.name}: this {ov_device} has no {needs} support (OpenVINO lists "
+                              f"{', '.join(capabilities)}); use {precisions.REFERENCE.name}")
         # One cache folder per model file (its sha256) and precision: OpenVINO's own key is not unique enough; a
         # shared folder handed a BF16 compile the blob of another model and returned NaN maps (measured).
-        folder = os.path.join(cache_dir(), f"{manifest.files[name].sha256[:16]}-{precision}")
+        folder = os.path.join(cache_dir(), f"{sha256[:16]}-{wanted.name}")
         os.makedirs(folder, exist_ok=True)
         core.set_property({"CACHE_DIR": folder})
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
@@ -63,11 +85,7 @@ class OpenVINOBackend(Backend):
             raise ClipadError(f"{path}: OpenVINO cannot compile the model ({str(exc).strip().splitlines()[0][:200]})") \
                 from None
         self.request = self.compiled.create_infer_request()
-        self.precision, self.device = precision, ov_device
-        self.image_size = manifest.image_size
-        self.input_name = manifest.input.name
-        self.outputs = [self.compiled.output(o.name) for o in manifest.outputs]
-        self._range = (manifest.batch.min, manifest.batch.max)
+        self.precision, self.device = wanted.name, ov_device
         self.version = ov.__version__
 
     @property

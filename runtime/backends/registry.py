@@ -11,6 +11,7 @@ import importlib
 import logging
 from dataclasses import dataclass
 
+from .. import precisions
 from ..errors import ClipadError
 from ..manifest import Manifest
 from .base import Backend
@@ -80,8 +81,9 @@ def open_backend(name: str, model_dir: str | None, manifest: Manifest | None, **
     """Open backend ``name`` (or ``auto``) on an export. Options that are None mean "the default" and are dropped.
 
     A named backend refuses an option it does not take (one line naming it), instead of ignoring it. ``auto``: a
-    TensorRT engine listed for this GPU when its TensorRT imports, else ONNX Runtime; an option only the backend that
-    did not win takes is a warning.
+    TensorRT engine listed for this GPU when its TensorRT imports, else ONNX Runtime (or, for a precision ONNX Runtime
+    does not run, the backend that runs it: OpenVINO for bf16); an option only the backend that did not win takes is
+    a warning.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if name != AUTO:
@@ -103,6 +105,15 @@ def open_backend(name: str, model_dir: str | None, manifest: Manifest | None, **
             return trt_class.open(model_dir, manifest, **taken)
         except ClipadError as exc:
             log.warning("WARNING: TensorRT engine not usable (%s); using ONNX Runtime", exc)
+    wanted = precisions.get(options.get("precision"))
+    if wanted.why_not(ort.name) and wanted.only_on:   # e.g. bf16: a precision only OpenVINO runs
+        other = next((BACKENDS[b] for b in wanted.only_on if b in BACKENDS and BACKENDS[b].edge), None)
+        if other is not None:
+            taken, foreign = _split(other, options)
+            if foreign:
+                log.warning("WARNING: %s do not apply to %s, which runs %s; ignored",
+                            ", ".join(flag(f) for f in foreign), other.name, wanted.name)
+            return other.load().open(model_dir, manifest, **taken)
     taken, foreign = _split(ort, options)
     if foreign:
         log.warning("WARNING: %s only apply to TensorRT, which does not run here; ignored",

@@ -1,0 +1,142 @@
+"""BF16 with the FP32 keep-list: the converter's graph (BF16 operands for the linear layers and attention products,
+FP32 for the residual stream, LayerNorm, softmax, L2 norms, the head and its input projections), its rounding, the
+export gate run on OpenVINO (the backend that runs the file), and the runtime's refusals."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from clipad.runtime.errors import ClipadError
+from tiny_fixtures import export_tiny
+
+openvino = pytest.importorskip("openvino")
+
+
+def test_bf16_bits_round_to_nearest_even_like_ml_dtypes():
+    import ml_dtypes
+
+    from clipad.export.convert_bf16 import bf16_bits_to_float, float_to_bf16_bits
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 5000), rng.normal(0, 1e4, 500), [0.0, -0.0, 1e-40, 3.4e38, np.inf,
+                                                                                -np.inf, 1.00390625, 1.01171875]])
+    values = values.astype(np.float32)
+    expected = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.array_equal(float_to_bf16_bits(values), expected)
+    back = bf16_bits_to_float(float_to_bf16_bits(values))
+    finite = np.isfinite(values) & (np.abs(values) > 1e-30) & (np.abs(values) < 3e38)   # bf16 max ≈ 3.39e38
+    assert np.all(np.abs(back[finite] - values[finite]) <= np.abs(values[finite]) * 2 ** -8)
+    assert np.isnan(bf16_bits_to_float(float_to_bf16_bits(np.array([np.nan], np.float32))))[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "aa"
+    assert export_tiny(tiny_files, out, "aaclip", ["--precision", "bf16"]) == 0
+    return out
+
+
+def test_the_bf16_file_keeps_the_fp32_list(exported):
+    import onnx
+    from onnx import TensorProto
+
+    from clipad.export.convert import head_feeding_linears, head_nodes
+
+    fp32 = onnx.load(str(exported / "model.onnx"))
+    bf16 = onnx.load(str(exported / "model.bf16.onnx"))
+    types = {t.name: t.data_type for t in bf16.graph.initializer}
+    producer = {o: n for n in bf16.graph.node for o in n.output}
+
+    def is_bf16(name):
+        node = producer.get(name)
+        return types.get(name) == TensorProto.BFLOAT16 or (
+            node is not None and node.op_type == "Cast" and node.attribute[0].i == TensorProto.BFLOAT16)
+
+    head, feeding = set(head_nodes(fp32)), head_feeding_linears(fp32)
+    assert feeding, "the projections into the anchor space exist and are kept FP32"
+    kinds = collections.Counter()
+    for node in bf16.graph.node:
+        operands = [is_bf16(x) for x in node.input]
+        if node.op_type == "MatMul" and node.name not in head and node.name not in feeding:
+            assert all(operands), node.name
+            kinds["bf16 product"] += 1
+            (consumer,) = [n for n in bf16.graph.node if node.output[0] in n.input]
+            assert consumer.op_type == "Cast" and consumer.attribute[0].i == TensorProto.FLOAT   # back to FP32 at once
+        elif node.op_type != "Cast":
+            assert not any(operands), (node.op_type, node.name)   # LayerNorm, Softmax, Add, head: FP32 inputs
+            kinds[node.op_type] += 1
+    assert kinds["bf16 product"] == sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(feeding) - \
+        sum(n.op_type == "MatMul" and n.name in head for n in fp32.graph.node)
+    assert kinds["LayerNormalization"] and kinds["Softmax"]
+    io = [*bf16.graph.input, *bf16.graph.output]
+    assert not any(t.type.tensor_type.elem_type == TensorProto.BFLOAT16 for t in io)
+    weights = {t.name for t in fp32.graph.initializer}
+    assert weights - {t.name for t in bf16.graph.initializer}, "FP32 copies of converted weights are dropped"
+
+
+def test_export_records_the_gate_run_on_openvino(exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    entry = manifest["precisions"]["bf16"]
+    assert entry["gate"]["passed"] and entry["gate"]["candidate"].startswith("openvino ")
+    assert entry["gate"]["comparison"]["map_pearson_min"] >= 0.999
+    assert entry["conversion"]["attention_bf16"] and entry["conversion"]["bf16_linear_layers"] > 0
+    assert manifest["files"]["model.bf16.onnx"]["precision"] == "bf16"
+
+
+def test_openvino_runs_it_and_onnxruntime_refuses_it(exported):
+    from clipad.runtime.detector import Detector
+
+    image = np.random.default_rng(1).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    with Detector.open(str(exported), backend="openvino", precision="bf16") as bf16, \
+            Detector.open(str(exported), backend="openvino", precision="fp32") as fp32:
+        a, b = bf16.predict(image), fp32.predict(image)
+        assert "openvino" in bf16.backend.description and "bf16" in bf16.backend.description
+        assert np.corrcoef(a.anomaly_map.ravel(), b.anomaly_map.ravel())[0, 1] > 0.999
+        assert not np.array_equal(a.anomaly_map, b.anomaly_map)   # it did run in BF16
+    with pytest.raises(ClipadError, match="no BF16 path"):
+        Detector.open(str(exported), backend="onnxruntime", precision="bf16")
+
+
+def test_an_export_without_the_file_says_how_to_add_it(tiny_files, tmp_path):
+    from clipad.runtime.detector import Detector
+
+    out = tmp_path / "aa"
+    assert export_tiny(tiny_files, out, "aaclip") == 0
+    with pytest.raises(ClipadError, match=f"no model.bf16.onnx in this export; add it with: export-engine "
+                                          f"--from-onnx {out} --precision bf16"):
+        Detector.open(str(out), backend="openvino", precision="bf16")
+
+
+def test_a_cpu_without_bf16_is_refused(exported, monkeypatch):
+    from clipad.runtime.backends import openvino as ov_backend
+    from clipad.runtime.detector import Detector
+
+    class NoBF16Core(openvino.Core):
+        def get_property(self, device, name):
+            value = super().get_property(device, name)
+            return [c for c in value if c != "BF16"] if name == "OPTIMIZATION_CAPABILITIES" else value
+
+    monkeypatch.setattr(openvino, "Core", NoBF16Core)
+    with pytest.raises(ClipadError, match="--precision bf16: this CPU has no BF16 support"):
+        Detector.open(str(exported), backend="openvino", precision="bf16")
+    assert ov_backend  # the module under test
+
+
+def test_backend_auto_runs_bf16_on_openvino(exported):
+    from clipad.runtime.backends import registry
+    from clipad.runtime.manifest import Manifest
+
+    manifest = Manifest.read(str(exported))
+    backend = registry.open_backend(registry.AUTO, str(exported), manifest, precision="bf16")
+    try:
+        assert backend.name == "openvino" and backend.precision == "bf16"
+    finally:
+        backend.close()
+    backend = registry.open_backend(registry.AUTO, str(exported), manifest, precision="fp32")
+    try:
+        assert backend.name == "onnxruntime"   # the documented policy for every other precision
+    finally:
+        backend.close()
