@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 
@@ -18,6 +19,7 @@ examples:
   edge-bench --model aa_tile --json bench.json --markdown bench.md --plot bench.png
   edge-bench --model crane_l14 --backends onnxruntime,openvino --precisions fp32,bf16,int8 --batch 1,4
   edge-bench --model aa_tile --source line3/good --iters 20 --threads 4
+  edge-bench --model aa_tile --source line3/good --save-choice     # then: edge-detect --backend best
 
 rows: every backend x precision x batch. status ok, or skipped / failed with the reason (no GPU, TensorRT not
 installed, no engine for this GPU, a precision the backend cannot run, a batch outside the export's range). Each row
@@ -28,6 +30,8 @@ min, max |delta score|). gate: the verdict export-engine recorded for the file t
 accepted: failed and kept with --accept-accuracy-loss); check: these images held to the same precision's limits
 (only a hint on a few images). The torch row rebuilds the reference model (needs the export extra) from the files
 the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+).
+--save-choice records the fastest edge row (batch 1 first) whose export gate passed (or the FP32 reference) for this
+machine in DIR/bench-choices.json; edge-detect --backend best runs it (with that precision's own calibration).
 """
 
 log = logging.getLogger("clipad")
@@ -54,6 +58,8 @@ def parse_args(argv):
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--markdown", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
+    ap.add_argument("--save-choice", action="store_true",
+                    help="record this machine's fastest gate-passing backend and precision for --backend best")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -168,6 +174,28 @@ def plot(path: str, report: dict) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def save_choice(model_dir: str, manifest, report: dict) -> dict:
+    """The fastest row an edge box can run whose export gate passed (or that runs the reference), saved for this
+    machine; batch 1 rows are preferred (a live camera hands one frame at a time)."""
+    import datetime
+
+    from clipad.runtime import best_choice
+    from clipad.runtime.backends import registry
+
+    def eligible(r: dict) -> bool:
+        spec = registry.BACKENDS.get(r["backend"])
+        return (r["status"] == "ok" and spec is not None and spec.edge and not spec.remote
+                and (r["gate"] == "passed" or (r["gate"] is None and precisions.get(r["precision"]).reference)))
+
+    rows = [r for r in report["rows"] if eligible(r)]
+    if not rows:
+        raise ClipadError("--save-choice: no edge row ran with a passing export gate; nothing saved")
+    smallest = min(r["batch"] for r in rows)
+    best = min((r for r in rows if r["batch"] == smallest), key=lambda r: r["p50_ms"])
+    env = {**report["env"], "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return best_choice.save(model_dir, manifest, best, env)
+
+
 def run(args) -> int:
     import tempfile
 
@@ -217,8 +245,14 @@ def run(args) -> int:
     _accuracy(rows, outputs, manifest)
     report = {"model": args.model, "env": environment(args.threads), "images": len(images),
               "rows": [asdict(r) for r in rows]}
+    if args.save_choice:
+        report["choice"] = save_choice(args.model, manifest, report)
     text = markdown(report)
     print(text)
+    if args.save_choice:
+        c = report["choice"]
+        print(f"saved for this machine: {c['backend']} {c['precision']} ({c['p50_ms']:.0f} ms/image, gate "
+              f"{c['gate']}) in {os.path.join(args.model, 'bench-choices.json')}; run edge-detect --backend best")
     if args.json:
         write_json_atomic(args.json, dump(report))
     if args.markdown:

@@ -32,6 +32,8 @@ score Spearman and the OK/NG agreement at each side's calibrated thresholds.
 log = logging.getLogger("clipad")
 
 
+COMPARE_BACKENDS = tuple(b for b in registry.EDGE_CHOICES if b not in (registry.AUTO, registry.BEST))
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="edge-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Image and pixel metrics of a model exported by export-engine, as it "
@@ -43,7 +45,7 @@ def parse_args(argv):
                     help="run data class DATA as the model's class MODEL")
     ap.add_argument("--compare", metavar="PRECISION_OR_BACKEND",
                     help=f"also run another precision ({', '.join(precisions.NAMES)}) on the same backend, or the same "
-                         f"precision on another backend ({', '.join(b for b in registry.EDGE_CHOICES if b != 'auto')})")
+                         f"precision on another backend ({', '.join(COMPARE_BACKENDS)})")
     ap.add_argument("--json", metavar="FILE", help="full report (per class, mean, every image)")
     ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
@@ -74,7 +76,7 @@ def class_map(testset, model_classes: list[str], pairs: list[str]) -> dict[str, 
     return out
 
 
-COMPARE_CHOICES = (*precisions.NAMES, *(b for b in registry.EDGE_CHOICES if b != registry.AUTO))
+COMPARE_CHOICES = (*precisions.NAMES, *COMPARE_BACKENDS)
 
 
 def _second(args, detector):

@@ -66,8 +66,10 @@ def add_model_options(ap: argparse.ArgumentParser, triton: bool = False) -> None
                     help="directory written by export-engine" + (" (not needed with --triton)" if triton else ""))
     ap.add_argument("--backend", default=registry.AUTO, choices=list(registry.EDGE_CHOICES),
                     help="inference backend (default auto: a TensorRT engine for this GPU if any, else ONNX "
-                         "Runtime); " + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()
-                                                  if b.edge and not b.remote))
+                         "Runtime; best: the fastest gate-passing backend and precision edge-bench --save-choice "
+                         "measured on this machine); "
+                         + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()
+                                     if b.edge and not b.remote))
     ap.add_argument("--precision", choices=list(precisions.NAMES),
                     help="which model runs (default: ONNX Runtime and OpenVINO the FP32 export, TensorRT the best "
                          "engine for this GPU). " + precisions.help_text()

@@ -51,7 +51,7 @@ class Detector:
         engine runs; default FP32 for ONNX Runtime, the best engine for this GPU for TensorRT), ``threads``,
         ``device``, ``engine``, ``cuda_graph``; ``backend="triton"`` takes ``triton_url``, ``triton_model`` and
         ``grpc`` (the model runs on that server, described by the manifest it serves; ``model_dir`` is None)."""
-        if backend != "auto" and backend_spec(backend).remote:
+        if backend not in ("auto", "best") and backend_spec(backend).remote:
             runner = open_backend(backend, None, None, **options)
             return cls(model_dir, runner.manifest, runner)
         manifest = Manifest.read(model_dir)

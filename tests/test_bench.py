@@ -211,3 +211,57 @@ def test_reports_never_replace_the_model_or_the_inputs(model, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "would overwrite the input" in err[0], err
         assert target.read_bytes() == before
+
+
+def test_save_choice_then_backend_best(model, tmp_path, capsys, caplog):
+    """--save-choice keeps the fastest edge row whose export gate passed (the kept-but-failed int8-cpu row never
+    qualifies, whatever its speed); edge-detect --backend best runs it and says so; stale or foreign choices are one
+    line each."""
+    import shutil
+
+    from PIL import Image
+
+    from clipad.runtime import best_choice
+    from clipad.runtime.detect.cli import main as edge_detect
+
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    out = tmp_path / "b.json"
+    assert edge_detect(["--model", str(folder), "--source", str(tmp_path / "none"), "--backend", "best", "-q"]) == 2
+    assert "no bench-choices.json" in capsys.readouterr().err
+    assert edge_bench(["--model", str(folder), "--backends", "onnxruntime,openvino", "--precisions", "fp32,bf16,int8",
+                       "--iters", "2", "--json", str(out), "--save-choice", "-q"]) == 0
+    data = json.loads(out.read_text())
+    eligible = [r for r in data["rows"] if r["status"] == "ok" and (r["gate"] == "passed" or r["precision"] == "fp32")]
+    fastest = min(eligible, key=lambda r: r["p50_ms"])
+    assert rows(data, "onnxruntime", "int8")["gate"] == "accepted" and "int8" not in {r["precision"] for r in eligible}
+    assert data["choice"]["backend"] == fastest["backend"] and data["choice"]["precision"] == fastest["precision"]
+    choices = json.loads((folder / best_choice.CHOICES_FILE).read_text())["choices"]
+    (key, entry), = choices.items()
+    assert entry["machine"]["cpu_flags"] == sorted(data["env"]["cpu_flags"]) and key.startswith(data["env"]["cpu"])
+    assert "run edge-detect --backend best" in capsys.readouterr().out
+
+    image = tmp_path / "part.png"
+    Image.fromarray(np.full((60, 60, 3), 90, np.uint8)).save(image)
+    jsonl = tmp_path / "r.jsonl"
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best",
+                        "--jsonl", str(jsonl)]) == 0
+    capsys.readouterr()
+    assert f"--backend best: {fastest['backend']} {fastest['precision']}, the fastest row" in caplog.text
+    assert len(jsonl.read_text().splitlines()) == 1
+    other = "int8" if fastest["precision"] != "int8" else "fp32"
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "--precision", other,
+                        "-q"]) == 2
+    assert "drop --precision" in capsys.readouterr().err
+
+    choices = {"another CPU [avx2] x64; gpu none": entry}
+    (folder / best_choice.CHOICES_FILE).write_text(json.dumps({"version": 1, "choices": choices}))
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
+    assert "no choice measured on this machine" in capsys.readouterr().err
+    choices = {key: {**entry, "sha256": "0" * 64}}
+    (folder / best_choice.CHOICES_FILE).write_text(json.dumps({"version": 1, "choices": choices}))
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
+    assert "re-exported since?" in capsys.readouterr().err
+    (folder / best_choice.CHOICES_FILE).write_text("{not json")
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
+    assert "unreadable" in capsys.readouterr().err

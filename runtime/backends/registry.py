@@ -56,7 +56,8 @@ BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
                 "pip install 'clipad-edge[export]'", edge=False),
 )}
 AUTO = "auto"
-EDGE_CHOICES = (AUTO, *(b.name for b in BACKENDS.values() if b.edge and not b.remote))
+BEST = "best"   # edge-bench --save-choice's pick for this machine (clipad.runtime.best_choice)
+EDGE_CHOICES = (AUTO, BEST, *(b.name for b in BACKENDS.values() if b.edge and not b.remote))
 FLAGS = {"triton_url": "--triton", "providers": "providers=", "model_file": "model_file=",
          "profile_prefix": "profile_prefix="}
 
@@ -77,15 +78,33 @@ def _split(spec: BackendSpec, options: dict) -> tuple[dict, list[str]]:
     return taken, [k for k in options if k not in spec.options]
 
 
+def _best(model_dir: str | None, manifest: Manifest | None, options: dict) -> tuple[str, dict]:
+    """--backend best: the backend and precision edge-bench --save-choice recorded for this machine."""
+    from .. import best_choice
+
+    if model_dir is None or manifest is None:
+        raise ClipadError("--backend best needs an export folder (--model)")
+    choice = best_choice.load(model_dir, manifest)
+    if options.get("precision") not in (None, choice["precision"]):
+        raise ClipadError(f"--backend best runs {choice['backend']} {choice['precision']} (edge-bench's choice for "
+                          f"this machine); drop --precision {options['precision']}, or name the backend")
+    log.info("--backend best: %s %s, the fastest row whose gate passed when edge-bench measured this machine "
+             "(%.0f ms/image, %s)", choice["backend"], choice["precision"], choice["p50_ms"] or float("nan"),
+             choice.get("measured") or "date unknown")
+    return choice["backend"], {**options, "precision": choice["precision"]}
+
+
 def open_backend(name: str, model_dir: str | None, manifest: Manifest | None, **options) -> Backend:
     """Open backend ``name`` (or ``auto``) on an export. Options that are None mean "the default" and are dropped.
 
     A named backend refuses an option it does not take (one line naming it), instead of ignoring it. ``auto``: a
     TensorRT engine listed for this GPU when its TensorRT imports, else ONNX Runtime (or, for a precision ONNX Runtime
     does not run, the backend that runs it: OpenVINO for bf16); an option only the backend that did not win takes is
-    a warning.
+    a warning. ``best``: what ``edge-bench --save-choice`` recorded for this machine.
     """
     options = {k: v for k, v in options.items() if v is not None}
+    if name == BEST:
+        name, options = _best(model_dir, manifest, options)
     if name != AUTO:
         spec = get(name)
         taken, foreign = _split(spec, options)
