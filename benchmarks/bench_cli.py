@@ -30,6 +30,9 @@ min, max |delta score|). gate: the verdict export-engine recorded for the file t
 accepted: failed and kept with --accept-accuracy-loss); check: these images held to the same precision's limits
 (only a hint on a few images). The torch row rebuilds the reference model (needs the export extra) from the files
 the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+).
+chip (unless --no-ceiling): the model's matrix-product GFLOP per image, this machine's rate on a ViT-L MLP-shaped
+product per library and data type (numpy for torch, ONNX Runtime FP32 and dynamic INT8, OpenVINO FP32 and BF16),
+and per row the achieved GFLOP/s (inference time only) and its share of that ceiling.
 --save-choice records the fastest edge row (batch 1 first) whose export gate passed (or the FP32 reference) for this
 machine in DIR/bench-choices.json; edge-detect --backend best runs it (with that precision's own calibration).
 """
@@ -58,6 +61,9 @@ def parse_args(argv):
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--markdown", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the chip columns (model GFLOP, this machine's matrix-product rate per library and data "
+                         "type, each row's achieved GFLOP/s and its fraction of that ceiling; ~10 s)")
     ap.add_argument("--save-choice", action="store_true",
                     help="record this machine's fastest gate-passing backend and precision for --backend best")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -118,16 +124,27 @@ def _accuracy(rows, outputs, manifest) -> None:
             row.check = "passed" if gate(c, limits, row.runs, reference_name, row.backend).passed else "failed"
 
 
+def _num(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def markdown(report: dict) -> str:
+    from .chip import SHAPE
+
     env = report["env"]
     lines = [f"**{report['model']}** — {env['cpu']}, {env['cores']} cores; threads: {env['threads']}",
              f"CPU flags: {', '.join(env.get('cpu_flags') or []) or 'n/a'}", "",
              "| backend | precision | batch | status | p50 ms/img | p90 | p99 | img/s | pre / infer / post ms | "
-             "peak RSS MB | map Pearson | max Δscore | gate | check |", "|" + "---|" * 14]
+             "peak RSS MB | map Pearson | max Δscore | gate | check | GFLOP/s | of ceiling |", "|" + "---|" * 16]
+    chip = report.get("chip")
+    if chip:
+        rates = ", ".join(f"{k} {v:g}" for k, v in chip["ceilings_gflops"].items()) or "none measured"
+        work = "n/a" if chip["model_gflop"] is None else f"{chip['model_gflop']:.1f} GFLOP of matrix products per image"
+        lines[2:2] = [f"chip: {work}; ceiling GFLOP/s ({'×'.join(map(str, SHAPE))} product): {rates}", ""]
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['status']}: {r['reason']} |"
-                         + " |" * 10)
+                         + " |" * 12)
             continue
         st = r["stages_ms"]
         lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | ok ({r['device']}) | {r['p50_ms']:.1f} | "
@@ -135,7 +152,8 @@ def markdown(report: dict) -> str:
                      f"{st['infer']:.1f} / {st['post']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{'–' if r['map_pearson'] is None else format(r['map_pearson'], '.5f')} | "
                      f"{'–' if r['score_max_abs'] is None else format(r['score_max_abs'], '.2e')} | "
-                     f"{r['gate'] or '–'} | {r['check'] or '–'} |")
+                     f"{r['gate'] or '–'} | {r['check'] or '–'} | {_num(r.get('gflops'), '.1f')} | "
+                     f"{_num(r.get('of_ceiling'), '.0%')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +262,16 @@ def run(args) -> int:
             outputs.append(out)
     _accuracy(rows, outputs, manifest)
     report = {"model": args.model, "env": environment(args.threads), "images": len(images),
-              "rows": [asdict(r) for r in rows]}
+              "rows": [asdict(r) for r in rows], "chip": None}
+    if not args.no_ceiling:
+        from . import chip
+
+        report["chip"] = {"model_gflop": chip.model_gflop(manifest.verify_file(args.model, precisions.REFERENCE.file)),
+                          "ceilings_gflops": chip.ceilings(args.threads, tuple(backends))}
+        chip.annotate(report["rows"], report["chip"]["model_gflop"], report["chip"]["ceilings_gflops"])
+    else:
+        for r in report["rows"]:
+            r["gflops"] = r["of_ceiling"] = None
     if args.save_choice:
         report["choice"] = save_choice(args.model, manifest, report)
     text = markdown(report)

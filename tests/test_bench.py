@@ -12,7 +12,8 @@ from clipad.benchmarks.latency import Row, not_applicable
 from tiny_fixtures import export_tiny
 
 KEYS = {"backend", "precision", "batch", "status", "reason", "device", "runs", "p50_ms", "p90_ms", "p99_ms",
-        "batch_p50_ms", "throughput_ips", "stages_ms", "peak_rss_mb", "map_pearson", "score_max_abs", "gate", "check"}
+        "batch_p50_ms", "throughput_ips", "stages_ms", "peak_rss_mb", "map_pearson", "score_max_abs", "gate", "check",
+        "gflops", "of_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,40 @@ def test_save_choice_then_backend_best(model, tmp_path, capsys, caplog):
     (folder / best_choice.CHOICES_FILE).write_text("{not json")
     assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_chip_columns(report):
+    """The model's matrix-product work, this machine's ceiling per library and data type, each row's share of it."""
+    data, out = report
+    chip = data["chip"]
+    assert chip["model_gflop"] > 0
+    assert {"numpy fp32", "onnxruntime fp32", "openvino fp32"} <= set(chip["ceilings_gflops"])
+    assert all(v > 0 for v in chip["ceilings_gflops"].values())
+    row = rows(data, "onnxruntime", "fp32")
+    assert row["gflops"] == pytest.approx(chip["model_gflop"] / (row["stages_ms"]["infer"] / 1e3), rel=0.01)
+    assert row["of_ceiling"] == pytest.approx(row["gflops"] / chip["ceilings_gflops"]["onnxruntime fp32"], abs=1e-3)
+    assert rows(data, "onnxruntime", "bf16")["gflops"] is None            # skipped rows have none
+    assert "chip: " in (out / "b.md").read_text() and "| GFLOP/s | of ceiling |" in (out / "b.md").read_text()
+
+
+def test_model_gflop_counts_matmul_gemm_and_conv(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipad.benchmarks.chip import model_gflop
+
+    w = numpy_helper.from_array(np.ones((12, 16), np.float32), "w")
+    k = numpy_helper.from_array(np.ones((4, 3, 2, 2), np.float32), "k")
+    nodes = [helper.make_node("Conv", ["img", "k"], ["c"], strides=[2, 2]),         # out [B, 4, 5, 5]
+             helper.make_node("Reshape", ["c", "shape"], ["flat"]),                 # data movement: no work
+             helper.make_node("MatMul", ["x", "w"], ["y"])]                         # [B, 7, 12] @ [12, 16]
+    shape = numpy_helper.from_array(np.array([-1, 25, 4], np.int64), "shape")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["b", 3, 10, 10]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 7, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("flat", TensorProto.FLOAT, None)], [w, k, shape])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    conv = 2 * (4 * 5 * 5) * (3 * 2 * 2)
+    matmul = 2 * (7 * 16) * 12
+    assert model_gflop(str(path)) == pytest.approx((conv + matmul) / 1e9)
