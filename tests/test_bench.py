@@ -263,6 +263,10 @@ def test_save_choice_then_backend_best(model, tmp_path, capsys, caplog):
     (folder / best_choice.CHOICES_FILE).write_text(json.dumps({"version": 1, "choices": choices}))
     assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
     assert "re-exported since?" in capsys.readouterr().err
+    choices = {key: {**entry, "backend": "nosuch"}}
+    (folder / best_choice.CHOICES_FILE).write_text(json.dumps({"version": 1, "choices": choices}))
+    assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
+    assert "is damaged" in capsys.readouterr().err
     (folder / best_choice.CHOICES_FILE).write_text("{not json")
     assert edge_detect(["--model", str(folder), "--source", str(image), "--backend", "best", "-q"]) == 2
     assert "unreadable" in capsys.readouterr().err
