@@ -59,7 +59,7 @@ def bf16_products(model, attention: bool = False) -> dict:
                 graph.initializer.append(_bf16_initializer(inits[name], weights[name]))
             return weights[name]
         if name not in casts:
-            casts[name] = f"{name}__bf16"
+            casts[name] = f"{name}__bf16_in"
             new_nodes.append(helper.make_node("Cast", [name], [casts[name]], name=f"{name}__to_bf16",
                                               to=TensorProto.BFLOAT16))
         return casts[name]
@@ -77,7 +77,7 @@ def bf16_products(model, attention: bool = False) -> dict:
         out = node.output[0]
         del node.input[:]
         node.input.extend(inputs)
-        node.output[0] = f"{out}__bf16"
+        node.output[0] = f"{out}__bf16_out"
         new_nodes.append(helper.make_node("Cast", [node.output[0]], [out], name=f"{out}__to_fp32",
                                           to=TensorProto.FLOAT))
         (linear if is_linear else products).append(node.name)

@@ -140,3 +140,36 @@ def test_backend_auto_runs_bf16_on_openvino(exported):
         assert backend.name == "onnxruntime"   # the documented policy for every other precision
     finally:
         backend.close()
+
+
+def test_chained_products_keep_distinct_tensors(tmp_path):
+    """A product whose output feeds another product (Crane+'s D-Attn: weights · v, then the out-projection): the
+    second one's BF16 input is a Cast of the first one's FP32 output, never a name clash (which made a cycle)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipad.export.convert_bf16 import bf16_products
+    from clipad.runtime.backends.openvino import OpenVINOBackend  # noqa: F401  (the runtime that runs it)
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "x_t"], ["att"], name="att"),        # activation × activation
+             helper.make_node("MatMul", ["att", "w1"], ["h"], name="lin1"),        # feeds straight into lin2
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="lin2")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 6]),
+                                               helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    info = bf16_products(model, attention=True)
+    assert info["bf16_linear_layers"] + info["bf16_attention_products"] == 3 - len(info["fp32_head_projections"])
+    onnx.checker.check_model(model)
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))                     # every tensor has one producer
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    core = openvino.Core()
+    x, xt = rng.standard_normal((6, 6)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
+    (y,) = core.compile_model(str(path), "CPU").create_infer_request().infer({"x": x, "x_t": xt}).values()
+    expected = x @ xt @ numpy_helper.to_array(w1) @ numpy_helper.to_array(w2)
+    assert np.allclose(y, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
