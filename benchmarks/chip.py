@@ -18,9 +18,16 @@ import numpy as np
 
 log = logging.getLogger("clipad")
 SHAPE = (1370, 1024, 4096)   # tokens of ViT-L/14 at 518 px, width, MLP width
-CEILING_OF = {("torch", "fp32"): "numpy fp32", ("onnxruntime", "fp32"): "onnxruntime fp32",
-              ("openvino", "fp32"): "openvino fp32", ("openvino", "bf16"): "openvino bf16",
-              ("onnxruntime", "int8-cpu"): "onnxruntime int8 (dynamic)"}
+DATA_TYPE = {"bfloat16": "bf16", "dynamic-int8": "int8 (dynamic)"}   # by the precision's conversion
+
+
+def ceiling_key(backend: str, precision: str) -> str | None:
+    """The ceiling a row is measured against: its library and the data type its products run in."""
+    from clipad.runtime import precisions
+
+    record = precisions.get(precision)
+    kind = record.name if record.reference else DATA_TYPE.get(record.conversion)
+    return None if kind is None else f"{'numpy' if backend == 'torch' else backend} {kind}"
 
 
 def model_gflop(onnx_path: str) -> float | None:
@@ -151,5 +158,5 @@ def annotate(rows: list[dict], gflop: float | None, rates: dict) -> None:
         if r["status"] != "ok" or not gflop or not r["stages_ms"].get("infer"):
             continue
         r["gflops"] = round(gflop / (r["stages_ms"]["infer"] / 1e3), 1)
-        ceiling = rates.get(CEILING_OF.get((r["backend"], r["runs"] or r["precision"]), ""))
+        ceiling = rates.get(ceiling_key(r["backend"], r["runs"] or r["precision"]) or "")
         r["of_ceiling"] = round(r["gflops"] / ceiling, 3) if ceiling else None

@@ -85,6 +85,10 @@ def _best(model_dir: str | None, manifest: Manifest | None, options: dict) -> tu
     if model_dir is None or manifest is None:
         raise ClipadError("--backend best needs an export folder (--model)")
     choice = best_choice.load(model_dir, manifest)
+    if choice["backend"] not in BACKENDS or not BACKENDS[choice["backend"]].edge:
+        raise ClipadError(f"--backend best: {best_choice.CHOICES_FILE} names backend {choice['backend']!r}, which "
+                          f"this clipad-edge does not run at the edge; run: edge-bench --model {model_dir} "
+                          f"--save-choice")
     if options.get("precision") not in (None, choice["precision"]):
         raise ClipadError(f"--backend best runs {choice['backend']} {choice['precision']} (edge-bench's choice for "
                           f"this machine); drop --precision {options['precision']}, or name the backend")
