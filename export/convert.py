@@ -331,8 +331,7 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
     backend that runs it: a gate judges the file as it will be run. With ``normals`` (normal images), the OK/NG
     decisions at each side's own conformal threshold are compared too and decide instead of the score rank."""
     from clipad.runtime import decision_check
-    from clipad.runtime.batching import run_batched
-    from clipad.runtime.compare import Comparator
+    from clipad.runtime.compare import compare_runners
 
     from .onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_backend
 
@@ -340,18 +339,17 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
     reference = onnx_backend(fp32_path, image_size, batch)
     candidate = None
 
-    def run_both(images: np.ndarray, comparator=None, image_names=None, chunk: int = 8):
+    def run_both(images: np.ndarray, image_names=None):
+        """Both sides' per-image (map max, scores), and their comparison."""
         kept = {"ref": [], "cand": []}
-        for start in range(0, len(images), chunk):
-            part = images[start:start + chunk]
-            outputs = {"ref": run_batched(reference.run, part, *reference.batch_range),
-                       "cand": run_batched(candidate.run, part, *candidate.batch_range)}
-            if comparator is not None:
-                comparator.add(outputs["ref"], outputs["cand"], image_names[start:start + chunk])
-            for side, (maps, scores) in outputs.items():
+
+        def keep(*outputs):
+            for side, (maps, scores) in zip(("ref", "cand"), outputs):
                 kept[side].append((maps.reshape(len(maps), maps.shape[1], -1).max(axis=2).astype(np.float64),
                                    np.asarray(scores, np.float64).reshape(len(scores), -1)))
-        return tuple(tuple(np.concatenate(parts) for parts in zip(*kept[side])) for side in ("ref", "cand"))
+
+        comparison = compare_runners(reference, candidate, images, image_names, on_outputs=keep)
+        return comparison, *(tuple(np.concatenate(parts) for parts in zip(*kept[side])) for side in ("ref", "cand"))
 
     try:
         if wanted.why_not("onnxruntime") is None:
@@ -363,12 +361,10 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
                                                  list(OUTPUT_NAMES))
         else:
             raise ClipadError(f"internal error: no backend here runs the {precision} gate")
-        comparator = Comparator()
-        verify_ref, verify_cand = run_both(data, comparator, list(names))
-        comparison = comparator.result()
+        comparison, verify_ref, verify_cand = run_both(data, list(names))
         decision = None
         if normals is not None and len(normals):
-            normal_ref, normal_cand = run_both(normals)
+            _, normal_ref, normal_cand = run_both(normals)
             decision = decision_check.check(rule, normal_ref, normal_cand, verify_ref, verify_cand,
                                             comparison.score_spearman)
     except ClipadError as exc:

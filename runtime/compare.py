@@ -191,17 +191,21 @@ def compare(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarra
 
 
 def compare_runners(reference, candidate, images: np.ndarray, names: list[str] | None = None,
-                    chunk: int = 8, progress=None) -> Comparison:
+                    chunk: int = 8, progress=None, on_outputs=None) -> Comparison:
     """Run the same uint8 images [N, S, S, 3] through two ``Backend``s (each split and padded to its own batch
-    range) and compare their outputs, ``chunk`` images at a time."""
+    range) and compare their outputs, ``chunk`` images at a time. ``on_outputs(reference_outputs,
+    candidate_outputs)`` sees each chunk's outputs, for a caller that needs more than the comparison."""
     from .batching import run_batched
 
     names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
     comparator = Comparator()
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk]
-        comparator.add(run_batched(reference.run, part, *reference.batch_range),
-                       run_batched(candidate.run, part, *candidate.batch_range), names[start:start + chunk])
+        outputs = (run_batched(reference.run, part, *reference.batch_range),
+                   run_batched(candidate.run, part, *candidate.batch_range))
+        comparator.add(*outputs, names[start:start + chunk])
+        if on_outputs is not None:
+            on_outputs(*outputs)
         if progress is not None:
             progress(len(part))
     return comparator.result()

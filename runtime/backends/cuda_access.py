@@ -144,25 +144,32 @@ def load_ctypes(driver: int | None) -> Access:
 LOADERS = {"cuda-python": load_cuda_python, "pycuda": load_pycuda, "ctypes": load_ctypes}
 
 
+def _try(name: str, report: Report) -> Access | None:
+    """One route: its Access, or None with why not recorded in ``report`` (a too-new build also as a warning)."""
+    try:
+        return LOADERS[name](report.driver)
+    except Unavailable as exc:
+        report.tried.append((name, str(exc)))
+        if isinstance(exc, TooNewForDriver):
+            report.warnings.append(f"skipping {name}: {exc}")
+        return None
+
+
 def choose(order: tuple[str, ...] | None = None) -> tuple[Access, Report]:
     """The first implementation that works here, and what was tried. ClipadError when none does."""
     forced = os.environ.get(ENV, "").strip()
     if forced and forced not in LOADERS:
         raise ClipadError(f"{ENV}={forced!r}: choose one of {', '.join(ORDER)}")
-    order = (forced,) if forced else (order or ORDER)
     report = Report(driver=driver_version())
-    for name in order:
-        try:
-            access = LOADERS[name](report.driver)
-        except Unavailable as exc:
-            report.tried.append((name, str(exc)))
-            if isinstance(exc, TooNewForDriver):
-                report.warnings.append(f"skipping {name}: {exc}")
-                log.warning("CUDA access: skipping %s: %s", name, exc)
-            continue
-        report.chosen, report.detail = access.name, access.detail
-        log.debug("CUDA access: %s (driver supports CUDA %s)", access.detail, version_text(report.driver) or "?")
-        return access, report
+    for name in (forced,) if forced else (order or ORDER):
+        warned = len(report.warnings)
+        access = _try(name, report)
+        for warning in report.warnings[warned:]:
+            log.warning("CUDA access: %s", warning)
+        if access is not None:
+            report.chosen, report.detail = access.name, access.detail
+            log.debug("CUDA access: %s (driver supports CUDA %s)", access.detail, version_text(report.driver) or "?")
+            return access, report
     raise ClipadError(no_access_message(report))
 
 
@@ -177,12 +184,8 @@ def survey() -> Report:
     report = Report(driver=driver_version())
     forced = os.environ.get(ENV, "").strip()
     for name in ORDER:
-        try:
-            access = LOADERS[name](report.driver)
-        except Unavailable as exc:
-            report.tried.append((name, str(exc)))
-            if isinstance(exc, TooNewForDriver):
-                report.warnings.append(f"skipping {name}: {exc}")
+        access = _try(name, report)
+        if access is None:
             continue
         report.usable.append(name)
         if report.chosen is None and (not forced or forced == name):
