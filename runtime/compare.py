@@ -56,6 +56,19 @@ class GateLimits:
 
 
 @dataclass
+class RoundingPins:
+    """Crane+'s D-Attn mask entries within float32 rounding of its hard threshold, pinned to the torch reference's
+    mask for the parity comparison (``clipad.export.dattn_band``); per verify image."""
+    images: list[str]
+    band: list[float]                 # ε on S' = γ(S − β·mean S), from the float32 error of the similarity
+    within_band: list[int]            # off-diagonal entries with |S'| ≤ ε (torch's S')
+    pinned_flips: list[int]           # of those, where ONNX Runtime's mask differed: pinned to torch's
+    flips_outside_band: list[int]     # differences farther than ε from the threshold: real, never pinned
+    cap: int                          # most pinned flips allowed per image (PIN_SHARE_MAX of the P² entries)
+    unpinned_map_error_over_range: float   # the plain comparison's error, before pinning
+
+
+@dataclass
 class GateReport:
     """A comparison, the limits it was held to, and the verdict; stored in the manifest."""
     name: str                       # "parity", "fp16", "int8", "engine"
@@ -67,6 +80,7 @@ class GateReport:
     failures: list[str] = field(default_factory=list)
     accepted_despite_failure: bool = False
     decision: DecisionCheck | None = None   # OK/NG at each side's own threshold (precision gates with normal images)
+    rounding_pins: RoundingPins | None = None   # parity of Crane+ after pinning D-Attn entries within rounding
 
 
 PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)   # precisions' limits: runtime.precisions

@@ -48,7 +48,8 @@ class DAttnWeights(torch.nn.Module):
         masked = torch.where((shifted < 0) & ~eye, torch.full_like(shifted, float("-inf")), shifted)
         weights = masked.softmax(dim=-1)
         if trace is not None:
-            trace.update(dattn_sim_mean=mean.flatten(), dattn_keep_mask=shifted >= 0, dattn_weights=weights)
+            trace.update(dattn_sim_mean=mean.flatten(), dattn_shifted=shifted, dattn_keep_mask=shifted >= 0,
+                         dattn_weights=weights)
         return weights
 
 

@@ -32,10 +32,9 @@ KINDS = {k.name: k for k in (
     ModelKind("clip", "zeroshot_clip", "zero-shot CLIP baseline: hand prompts, no training", False, True, "map_max"),
     ModelKind("crane_plus", "crane_plus", "Crane+ (2025): Crane with DINOv2-guided attention (--dino-weights)", True,
               False, "image_score",
-              parity_note="Crane+'s D-Attn keeps a similarity only if it is >= 1.2 x mean(S), a hard threshold: an "
-                          "entry within float rounding of it can fall differently in torch and ONNX Runtime, which "
-                          "moved one magnetic_tile map by 2.7e-3 of its range; if other images agree to ~1e-7, that "
-                          "is the cause, not the export"),
+              parity_note="the comparison already pinned Crane+'s D-Attn mask entries within float32 rounding of "
+                          "its hard threshold to torch's (export/dattn_band.py), so what remains is more than "
+                          "rounding"),
 )}
 
 
