@@ -108,6 +108,11 @@ def parse_args(argv):
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
                       help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
                            "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
+    prec.add_argument("--no-int8-sensitivity", dest="int8_sensitivity", action="store_false",
+                      help="INT8: when the gate fails, stop there. By default a failed INT8 gate (with --calib-data) "
+                           "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "
+                           "the worst float (at most a quarter of the CLIP tower's) and gates again; the manifest "
+                           "records each group's effect and what was kept")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
                       help="write FP16/INT8 files even when their accuracy gate fails, and an export whose "
                            "torch-vs-ONNX parity gate fails (recorded in the manifest)")
@@ -184,7 +189,8 @@ def options(args) -> ExportOptions:
         verify_images=args.verify_images, precision=args.precision,
         calibration=CalibrationOptions(data=args.calib_data, method=args.calib_method,
                                        high_precision=args.int8_high_precision,
-                                       keep_float=tuple(args.int8_keep_float)),
+                                       keep_float=tuple(args.int8_keep_float),
+                                       sensitivity=args.int8_sensitivity),
         accept_accuracy_loss=args.accept_accuracy_loss,
         engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,

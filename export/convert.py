@@ -225,7 +225,7 @@ HALF_REMAINDER = precisions.INT8_REMAINDERS[0]
 
 
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = HALF_REMAINDER,
-            cache_dir: str | None = None, keep_float: tuple[str, ...] = ()) -> dict:
+            cache_dir: str | None = None, keep_float: tuple[str, ...] = (), keep_nodes: tuple[str, ...] = ()) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
@@ -253,7 +253,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     kept = set(nodes) - set(linear_nodes(graph, keep_float))
     if keep_float and not kept:
         raise ClipadError(f"--int8-keep-float {' '.join(keep_float)}: matches no linear layer")
-    kept |= head_feeding_linears(graph) & set(nodes)
+    kept |= (head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
     del graph
     nodes = [n for n in nodes if n not in kept]
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=os.path.dirname(os.path.abspath(dst))) as tmp, \
@@ -281,7 +281,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
                     "per-channel)" + (" + onnxruntime.transformers.float16" if half else "")}
 
 
-def to_int8_dynamic(src: str, dst: str) -> dict:
+def to_int8_dynamic(src: str, dst: str, keep_nodes: tuple[str, ...] = ()) -> dict:
     """The INT8 model for CPU runtimes: onnxruntime's dynamic quantization of the linear layers' MatMuls (INT8
     weights per output channel, activations quantized per tensor at run time, so no calibration data), which ONNX
     Runtime runs as integer MatMuls (VNNI where the CPU has it); everything else stays FP32. The head and the
@@ -290,7 +290,7 @@ def to_int8_dynamic(src: str, dst: str) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(src, load_external_data=False)
-    kept = head_feeding_linears(graph)
+    kept = head_feeding_linears(graph) | set(keep_nodes)
     matmuls = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
     nodes = [n for n in linear_nodes(graph) if n in matmuls and n not in kept]
     del graph

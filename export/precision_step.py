@@ -17,6 +17,7 @@ from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
 from .options import CalibrationOptions
 
 log = logging.getLogger("clipad")
+INT8_CONVERSIONS = ("static-qdq", "dynamic-int8")
 DECISION_NORMALS = 40   # normal images run through both sides for the OK/NG check (ViT-L@518: ~5 min on 2 cores)
 
 
@@ -59,30 +60,43 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
         if calibration.data:
             calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
         log.info("[3b] %s conversion …", precision.upper())
-    if wanted.conversion == "float16":
-        conversion = convert.to_fp16(fp32_file, dst)
-    elif wanted.conversion == "static-qdq":
-        conversion = convert.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
-                                     high_precision=calibration.high_precision, cache_dir=cache_dir(),
-                                     keep_float=tuple(calibration.keep_float))
-        conversion["calibration_data"] = os.path.abspath(calibration.data)
-    elif wanted.conversion == "dynamic-int8":
-        conversion = convert.to_int8_dynamic(fp32_file, dst)
-    elif wanted.conversion == "bfloat16":
-        from .convert_bf16 import to_bf16
+    def convert_file(keep_nodes: tuple[str, ...] = ()) -> dict:
+        if wanted.conversion == "float16":
+            return convert.to_fp16(fp32_file, dst)
+        if wanted.conversion == "static-qdq":
+            made = convert.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
+                                   high_precision=calibration.high_precision, cache_dir=cache_dir(),
+                                   keep_float=tuple(calibration.keep_float), keep_nodes=keep_nodes)
+            made["calibration_data"] = os.path.abspath(calibration.data)
+            return made
+        if wanted.conversion == "dynamic-int8":
+            return convert.to_int8_dynamic(fp32_file, dst, keep_nodes=keep_nodes)
+        if wanted.conversion == "bfloat16":
+            from .convert_bf16 import to_bf16
 
-        conversion = to_bf16(fp32_file, dst, attention=True)
-    else:
+            return to_bf16(fp32_file, dst, attention=True)
         raise ClipadError(f"internal error: no converter for {wanted.conversion!r}")
+
+    conversion = convert_file()
     normals = None
     if calib is not None:
         normals = calib[np.unique(np.linspace(0, len(calib) - 1, min(len(calib), DECISION_NORMALS)).round()
                                   .astype(int))]
     log.info("[3c] %s accuracy gate on %d image(s)%s …", precision.upper(), len(gate_data),
              f" and OK/NG decisions from {len(normals)} normal image(s)" if normals is not None else "")
-    report = convert.precision_gate(precision, fp32_file, dst, gate_data,
-                                    [os.path.basename(n) for n in gate_names], batch, image_size, normals,
-                                    decision_rule)
+    gate_names = [os.path.basename(n) for n in gate_names]
+
+    def run_gate():
+        return convert.precision_gate(precision, fp32_file, dst, gate_data, gate_names, batch, image_size, normals,
+                                      decision_rule)
+
+    report = run_gate()
+    if not report.passed and wanted.conversion in INT8_CONVERSIONS and normals is not None \
+            and calibration.sensitivity:
+        from .int8_sensitivity_step import keep_sensitive_float
+
+        report, conversion = keep_sensitive_float(precision, fp32_file, conversion, convert_file, run_gate,
+                                                  report, normals, gate_data, batch[0], decision_rule)
     c, d = report.comparison, report.decision
     log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",

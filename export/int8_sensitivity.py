@@ -1,0 +1,177 @@
+"""INT8 sensitivity pass: which linear layers move the OK/NG decision score most when quantized, measured, so that an
+INT8 file whose gate fails keeps the worst of them float and is made again (``precision_step``).
+
+Measured in one ONNX Runtime session on a gate-only copy of the FP32 graph in which each linear layer's activation and
+weight go through their INT8 rounding (``DynamicQuantizeLinear`` → ``DequantizeLinear`` for the activation, as ONNX
+Runtime's dynamic quantization does at run time; symmetric per-output-channel INT8 for the weight), blended with the
+float values by one switch per group of layers (a graph input): switch 1 is the group quantized, 0 float. One pass
+with all switches 0 is the reference, then one pass per group with only its switch on, on a few images: the effect
+of a group is its largest |Δ decision score| divided by the spread of the reference decision scores over those
+images' normals (the margin a threshold has). Groups are runs of ``GROUP_SIZE`` linear layers in graph order, about
+one transformer block (the attention projections carry no block scope in the graph), per tower (Crane+'s DINOv2
+tower apart). For the TensorRT Q/DQ file, whose activations have static calibrated scales, the dynamic rounding is a
+proxy for the ranking; the gate then judges the real file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from clipad.runtime.errors import ClipadError
+
+log = logging.getLogger("clipad")
+SWITCHES = "int8_group_switches"
+GROUP_SIZE = 4
+DINO_SCOPE = "core.vision.dino"
+
+
+@dataclass
+class Group:
+    name: str            # "clip 7: node_MatMul_300 … node_MatMul_306"
+    tower: str           # "clip" or "dino"
+    layers: list[str]
+    effect: float = float("nan")   # max |Δ decision score| / reference spread, this group alone quantized
+
+
+def weight_of(node, initializers: dict):
+    """The 2-D constant weight a MatMul multiplies by (input 1), or None."""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    w = initializers.get(node.input[1])
+    return w if w is not None and len(w.dims) == 2 else None
+
+
+def make_groups(model, candidates: list[str]) -> list[Group]:
+    from .convert import _scopes
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    wanted = set(candidates)
+    groups: list[Group] = []
+    runs = {"clip": [], "dino": []}
+    for node in model.graph.node:
+        if node.name in wanted and weight_of(node, initializers) is not None:
+            runs["dino" if DINO_SCOPE in _scopes(node) else "clip"].append(node.name)
+    for tower, names in runs.items():
+        for start in range(0, len(names), GROUP_SIZE):
+            part = names[start:start + GROUP_SIZE]
+            groups.append(Group(f"{tower} {start // GROUP_SIZE}: {part[0]} … {part[-1]}", tower, part))
+    return groups
+
+
+def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
+    """The gate-only graph (see the module): every grouped MatMul reads x + s·(q(x) − x) and W + s·(q(W) − W)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(src)
+    initializers = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    added, inits = [], []
+    for g, group in enumerate(groups):
+        s = f"int8_switch_{g}"
+        inits.append(numpy_helper.from_array(np.array([g], np.int64), s + "_index"))
+        added.append(helper.make_node("Gather", [SWITCHES, s + "_index"], [s], name=s))
+        for name in group.layers:
+            node = by_name[name]
+            x, w_name = node.input[0], node.input[1]
+            w = numpy_helper.to_array(initializers[w_name]).astype(np.float32)
+            scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+            p = f"int8_fq_{name}"
+            inits += [numpy_helper.from_array(scale.astype(np.float32), p + "_wscale"),
+                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), p + "_wzero")]
+            added += [
+                helper.make_node("QuantizeLinear", [w_name, p + "_wscale", p + "_wzero"], [p + "_wq"], axis=1),
+                helper.make_node("DequantizeLinear", [p + "_wq", p + "_wscale", p + "_wzero"], [p + "_wdq"], axis=1),
+                helper.make_node("Sub", [p + "_wdq", w_name], [p + "_wdelta"]),
+                helper.make_node("Mul", [p + "_wdelta", s], [p + "_wstep"]),
+                helper.make_node("Add", [w_name, p + "_wstep"], [p + "_w"]),
+                helper.make_node("DynamicQuantizeLinear", [x], [p + "_xq", p + "_xs", p + "_xz"]),
+                helper.make_node("DequantizeLinear", [p + "_xq", p + "_xs", p + "_xz"], [p + "_xdq"]),
+                helper.make_node("Sub", [p + "_xdq", x], [p + "_xdelta"]),
+                helper.make_node("Mul", [p + "_xdelta", s], [p + "_xstep"]),
+                helper.make_node("Add", [x, p + "_xstep"], [p + "_x"])]
+            node.input[0], node.input[1] = p + "_x", p + "_w"
+    model.graph.initializer.extend(inits)
+    model.graph.node.extend(added)
+    model.graph.input.append(helper.make_tensor_value_info(SWITCHES, TensorProto.FLOAT, [len(groups)]))
+    from .convert import topological_order
+
+    topological_order(model.graph)
+    onnx.save(model, dst)
+
+
+def measure(fp32_file: str, candidates: list[str], images: np.ndarray, batch_min: int, rule: str,
+            normals_count: int, progress=None) -> list[Group]:
+    """Each group's effect on the decision score (see the module), worst first. ``images``: the first
+    ``normals_count`` are normal images (their reference spread is the scale), the rest verify images."""
+    import onnx
+    import onnxruntime as ort
+
+    from clipad.runtime.decision_check import decision_scores
+
+    from .onnx_export import INPUT_NAME, OUTPUT_NAMES
+
+    groups = make_groups(onnx.load(fp32_file, load_external_data=False), candidates)
+    if not groups:
+        raise ClipadError("internal error: no linear layer to measure")
+    with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=os.path.dirname(os.path.abspath(fp32_file))) as tmp:
+        path = os.path.join(tmp, "switched.onnx")
+        write_switched_copy(fp32_file, path, groups)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+        def decision(switches: np.ndarray) -> np.ndarray:
+            rows = []
+            for image in images:
+                maps, scores = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.repeat(image[None], batch_min, 0),
+                                                                SWITCHES: switches})
+                rows.append((maps[:1].reshape(1, maps.shape[1], -1).max(axis=2), scores[:1].reshape(1, -1)))
+            map_max, score = (np.concatenate(p).astype(np.float64) for p in zip(*rows))
+            constants = {"p_min": float(map_max[:normals_count].min()), "p_max": float(map_max[:normals_count].max()),
+                         "i_min": float(score[:normals_count].min()), "i_max": float(score[:normals_count].max())}
+            return decision_scores(rule, map_max, score, constants)
+
+        off = np.zeros(len(groups), np.float32)
+        reference = decision(off)
+        spread = np.maximum(np.ptp(reference[:normals_count], axis=0), 1e-12)
+        if progress:
+            progress(1)
+        for g, group in enumerate(groups):
+            on = off.copy()
+            on[g] = 1.0
+            group.effect = float((np.abs(decision(on) - reference) / spread).max())
+            if progress:
+                progress(1)
+        del session
+    return sorted(groups, key=lambda grp: -grp.effect)
+
+
+def keep_order(groups: list[Group], clip_layers: int, already: int = 0, share: float = 0.25) -> list[list[Group]]:
+    """The kept sets to try, worst first, doubling: 1, 2, 4 … groups, while the CLIP tower's float layers (``already``
+    float ones, e.g. the projections into the head, included) stay within ``share`` of its ``clip_layers`` linear
+    layers (Crane+'s DINOv2 tower is counted apart)."""
+    limit = int(share * clip_layers) - already
+    sets, k = [], 1
+    while k <= len(groups):
+        chosen = groups[:k]
+        clip = sum(len(g.layers) for g in chosen if g.tower == "clip")
+        if clip > limit:
+            break
+        sets.append(chosen)
+        k *= 2
+    return sets
+
+
+def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int) -> dict:
+    """What the manifest's conversion entry keeps of the pass."""
+    return {"method": "per-group fake INT8 (dynamic activations, per-channel weights) in ONNX Runtime, |Δ decision "
+                      "score| / spread of the normal images' reference scores",
+            "images": images, "group_size": GROUP_SIZE,
+            "groups": [{k: v for k, v in asdict(g).items()} for g in groups],
+            "kept_groups": [g.name for g in kept], "kept_layers": sorted(n for g in kept for n in g.layers),
+            "rounds": rounds}

@@ -1,0 +1,59 @@
+"""The INT8 file made again with its most decision-sensitive linear layers float, after its gate failed: measure
+(``int8_sensitivity``), then keep 1, 2, 4 … of the worst groups float until the gate passes or a quarter of the CLIP
+tower's linear layers would be float. Every round is recorded in the manifest's conversion entry."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import int8_sensitivity as sensitivity
+
+log = logging.getLogger("clipad")
+NORMAL_IMAGES, VERIFY_IMAGES = 3, 2   # per group pass: ViT-L@518 on 2 cores, ~30 s a group, ~27 groups
+
+
+def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, convert_file, run_gate, first_report,
+                         normals: np.ndarray, verify: np.ndarray, batch_min: int, rule: str):
+    """(gate report, conversion entry) of the last round; the first passing round ends the search."""
+    import onnx
+
+    from .convert import _scopes, linear_nodes
+
+    graph = onnx.load(fp32_file, load_external_data=False)
+    already = set(conversion.get("kept_float_nodes") or [])
+    linears = set(linear_nodes(graph))
+    candidates = [n for n in linear_nodes(graph) if n not in already]
+    clip = {n.name for n in graph.graph.node if n.name in linears and sensitivity.DINO_SCOPE not in _scopes(n)}
+    clip_layers, clip_already = len(clip), len(clip & already)
+    groups_total = len(sensitivity.make_groups(graph, candidates))
+    del graph
+    pick = lambda images, k: images[np.unique(np.linspace(0, len(images) - 1, min(k, len(images))).round()  # noqa: E731
+                                              .astype(int))]
+    images = np.concatenate([pick(normals, NORMAL_IMAGES), pick(verify, VERIFY_IMAGES)])
+    normals_used = min(NORMAL_IMAGES, len(normals))
+    log.info("[3d] %s gate failed: measuring each group of %d linear layers' effect on the decision score "
+             "(%d images) …", precision.upper(), sensitivity.GROUP_SIZE, len(images))
+    from tqdm import tqdm
+
+    with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
+              disable=not log.isEnabledFor(logging.INFO)) as bar:
+        groups = sensitivity.measure(fp32_file, candidates, images, batch_min, rule, normals_used, bar.update)
+    for g in groups[:5]:
+        log.info("      %-48s effect %.3f", g.name[:48], g.effect)
+    rounds, report, kept = [], first_report, []
+    for kept in sensitivity.keep_order(groups, clip_layers, clip_already):
+        layers = tuple(n for g in kept for n in g.layers)
+        log.info("      %s again with %d group(s) (%d layers) float …", precision.upper(), len(kept), len(layers))
+        conversion = convert_file(layers)
+        report = run_gate()
+        rounds.append({"kept_groups": len(kept), "kept_layers": len(layers), "passed": report.passed,
+                       "failures": list(report.failures)})
+        if report.passed:
+            break
+    if not rounds:
+        log.info("      no group fits within a quarter of the CLIP tower's %d linear layers (%d float already)",
+                 clip_layers, clip_already)
+    conversion["sensitivity"] = sensitivity.record(groups, kept if report.passed else [], rounds, len(images))
+    conversion["sensitivity"].update(clip_linear_layers=clip_layers, clip_float_before=clip_already)
+    return report, conversion

@@ -1,0 +1,134 @@
+"""The INT8 sensitivity pass (export/int8_sensitivity.py, int8_sensitivity_step.py): the switched graph is the FP32
+model with every switch off and ONNX Runtime's dynamic INT8 with a group's switch on; a failed INT8 gate keeps the
+worst group float and gates again, records every group's effect and each round, and stops at a quarter of the CLIP
+tower's linear layers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from clipad.export import convert, int8_sensitivity
+from clipad.export.int8_sensitivity import Group, keep_order
+from tiny_fixtures import export_tiny, images
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sens") / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--no-engine"], classes=("tile",)) == 0
+    return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory):
+    from clipad.calibration.samples import write_samples
+
+    folder = tmp_path_factory.mktemp("normals")
+    write_samples(str(folder), count=24, seed=5)
+    return folder
+
+
+def run(path, x, switches=None):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"images": x}
+    if switches is not None:
+        feed[int8_sensitivity.SWITCHES] = switches
+    return session.run(["anomaly_map"], feed)[0]
+
+
+def test_switched_graph_is_fp32_off_and_onnxruntime_dynamic_int8_on(fp32, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(fp32))
+    groups = int8_sensitivity.make_groups(model, convert.linear_nodes(model))
+    assert len(groups) >= 2 and all(0 < len(g.layers) <= int8_sensitivity.GROUP_SIZE for g in groups)
+    switched = tmp_path / "switched.onnx"
+    int8_sensitivity.write_switched_copy(str(fp32), str(switched), groups)
+    x = images(1, 56, seed=9)
+    want = run(fp32, x)
+    off = np.zeros(len(groups), np.float32)
+    np.testing.assert_allclose(run(switched, x, off), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    on = off.copy()
+    on[0] = 1.0
+    fake = run(switched, x, on)
+    quantize_dynamic(str(fp32), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_quantize=groups[0].layers, op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True})
+    real = run(tmp_path / "q.onnx", x)
+    moved = np.abs(real - want).max()
+    assert moved > 0                                              # the group's quantization is visible …
+    assert np.abs(fake - real).max() <= 0.05 * moved              # … and the switch reproduces it
+
+
+def test_keep_order_doubles_within_a_quarter_of_the_clip_tower():
+    groups = [Group(f"g{i}", "dino" if i == 1 else "clip", [f"n{i}a", f"n{i}b"]) for i in range(8)]
+    sets = keep_order(groups, clip_layers=16)                      # at most 4 CLIP layers float
+    assert [len(s) for s in sets] == [1, 2]                        # 4 groups would be 3 CLIP groups = 6 layers
+    assert sets[1][1].tower == "dino"                              # the DINOv2 tower is counted apart
+    assert keep_order(groups, clip_layers=16, already=3) == []      # the head projections count
+
+
+class ScriptedGate:
+    """The real gate, but its verdict scripted per call (a test double: the tiny model's INT8 gate result is not
+    under the test's control)."""
+
+    def __init__(self, monkeypatch, verdicts):
+        self.real, self.verdicts, self.calls = convert.precision_gate, list(verdicts), 0
+        monkeypatch.setattr(convert, "precision_gate", self)
+
+    def __call__(self, *args, **kwargs):
+        report = self.real(*args, **kwargs)
+        verdict = self.verdicts[min(self.calls, len(self.verdicts) - 1)]
+        self.calls += 1
+        report.passed = verdict
+        report.failures = [] if verdict else ["scripted failure (test double)"]
+        return report
+
+
+def test_failed_gate_keeps_the_worst_group_float(tiny_files, tmp_path, normals, monkeypatch):
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)      # the tiny tower has too few layers for 4 a group
+    gate = ScriptedGate(monkeypatch, [False, True])
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
+                                                 "--no-engine"], classes=("tile",)) == 0
+    assert gate.calls == 2
+    conversion = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]["conversion"]
+    s = conversion["sensitivity"]
+    effects = [g["effect"] for g in s["groups"]]
+    assert effects == sorted(effects, reverse=True) and all(np.isfinite(effects)) and effects[0] > 0
+    assert s["kept_groups"] == [s["groups"][0]["name"]] and s["rounds"][0]["passed"]
+    assert s["rounds"] == [{"kept_groups": 1, "kept_layers": len(s["groups"][0]["layers"]), "passed": True,
+                            "failures": []}]
+    kept = set(s["groups"][0]["layers"])
+    assert kept <= set(conversion["kept_float_nodes"])
+    graph = onnx.load(str(out / "model.int8-cpu.onnx"))
+    plain = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    assert kept <= plain                                           # still float MatMuls in the written file
+    assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.graph.node)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-int8-sensitivity"]])
+def test_a_gate_that_never_passes_stops_at_the_cap(tiny_files, fp32, tmp_path, normals, monkeypatch, capsys,
+                                                   flag):
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
+    gate = ScriptedGate(monkeypatch, [False])
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
+                                                 "--no-engine", *flag], classes=("tile",)) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "INT8-CPU accuracy gate failed: scripted failure" in err
+    if flag:
+        assert gate.calls == 1
+    else:
+        model = onnx.load(str(fp32))
+        linears = convert.linear_nodes(model)
+        head = convert.head_feeding_linears(model)
+        candidates = [n for n in linears if n not in head]
+        rounds = keep_order(int8_sensitivity.make_groups(model, candidates), len(linears), len(head))
+        assert len(rounds) >= 1 and len(rounds[-1]) + len(head) <= len(linears) // 4
+        assert gate.calls == 1 + len(rounds)                        # 1 layer, 2 layers, … within a quarter
