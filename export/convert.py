@@ -20,18 +20,16 @@ from clipad.runtime.batching import chunks
 from clipad.runtime.compare import GateReport, gate
 from clipad.runtime.errors import ClipadError
 
+from .onnx_graph import scopes as _scopes
+from .onnx_graph import topological_order
+
 log = logging.getLogger("clipad")
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 HEAD_SCOPE = "core.head"
 FP32_SCOPES = (HEAD_SCOPE, "core.vision.dattn_weights")   # + Crane+'s D-Attn similarity, mean, mask and softmax
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_FP16_OPSET = 19
-
-
-def _scopes(node) -> str:
-    return next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), "")
 
 
 def head_nodes(model) -> list[str]:
@@ -52,35 +50,6 @@ def _half(model, opset: int | None = None):
     drop_fp16_round_trips(half)
     topological_order(half.graph)
     return half, len(keep)
-
-
-def topological_order(graph) -> None:
-    """Reorder nodes so each comes after its inputs' producers (the converter appends its Casts at the end, which
-    the ONNX checker rejects), keeping the original order where it is free."""
-    import heapq
-
-    nodes = list(graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    needs = [{producer[x] for x in n.input if x in producer and producer[x] != i} for i, n in enumerate(nodes)]
-    users = [[] for _ in nodes]
-    for i, deps in enumerate(needs):
-        for d in deps:
-            users[d].append(i)
-    waiting = [len(d) for d in needs]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise ClipadError("internal error: the converted graph has a cycle")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
 
 
 def _cast_to(node) -> int | None:

@@ -28,7 +28,8 @@ import numpy as np
 from clipad.runtime.compare import PARITY_LIMITS, Comparator, GateReport, RoundingPins, gate
 from clipad.runtime.errors import ClipadError
 
-from .convert import _scopes, topological_order
+from .onnx_graph import INPUT_NAME, OUTPUT_NAMES, topological_order
+from .onnx_graph import scopes as _scopes
 
 log = logging.getLogger("clipad")
 DATTN_SCOPE = "core.vision.dattn_weights"
@@ -105,8 +106,6 @@ def pinned_parity(built, onnx_path: str, data: np.ndarray, names: list[str], bat
                   plain: GateReport) -> GateReport:
     """The parity gate again, D-Attn entries within rounding pinned to the torch reference (see the module)."""
     import onnxruntime as ort
-
-    from .onnx_export import INPUT_NAME, OUTPUT_NAMES
 
     size = batch[0]   # the graph's smallest batch: one image, repeated when the batch is fixed above 1
     pins = RoundingPins(images=list(names), band=[], within_band=[], pinned_flips=[], flips_outside_band=[], cap=0,

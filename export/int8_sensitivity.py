@@ -23,6 +23,9 @@ import numpy as np
 
 from clipad.runtime.errors import ClipadError
 
+from .onnx_graph import INPUT_NAME, OUTPUT_NAMES, topological_order
+from .onnx_graph import scopes as _scopes
+
 log = logging.getLogger("clipad")
 SWITCHES = "int8_group_switches"
 GROUP_SIZE = 4
@@ -46,8 +49,6 @@ def weight_of(node, initializers: dict):
 
 
 def make_groups(model, candidates: list[str]) -> list[Group]:
-    from .convert import _scopes
-
     initializers = {i.name: i for i in model.graph.initializer}
     wanted = set(candidates)
     groups: list[Group] = []
@@ -98,8 +99,6 @@ def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
     model.graph.initializer.extend(inits)
     model.graph.node.extend(added)
     model.graph.input.append(helper.make_tensor_value_info(SWITCHES, TensorProto.FLOAT, [len(groups)]))
-    from .convert import topological_order
-
     topological_order(model.graph)
     onnx.save(model, dst)
 
@@ -112,8 +111,6 @@ def measure(fp32_file: str, candidates: list[str], images: np.ndarray, batch_min
     import onnxruntime as ort
 
     from clipad.runtime.decision_check import decision_scores
-
-    from .onnx_export import INPUT_NAME, OUTPUT_NAMES
 
     groups = make_groups(onnx.load(fp32_file, load_external_data=False), candidates)
     if not groups:

@@ -18,7 +18,8 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     """(gate report, conversion entry) of the last round; the first passing round ends the search."""
     import onnx
 
-    from .convert import _scopes, linear_nodes
+    from .convert import linear_nodes
+    from .onnx_graph import scopes as _scopes
 
     graph = onnx.load(fp32_file, load_external_data=False)
     already = set(conversion.get("kept_float_nodes") or [])

@@ -15,13 +15,13 @@ from clipad.runtime import precisions
 from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare_runners, gate
 from clipad.runtime.errors import ClipadError
 
+from .onnx_graph import INPUT_NAME, OUTPUT_NAMES  # noqa: F401  (the exported graph's names, imported from here too)
+
 if TYPE_CHECKING:
     from .models.factory import BuiltDetector
 
 log = logging.getLogger("clipad")
 OPSET = 18
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("anomaly_map", "image_score")
 
 
 def export_onnx(built: BuiltDetector, path: str, batch_min: int, batch_max: int) -> None:
