@@ -9,6 +9,7 @@ import pytest
 
 from clipad.calibration.samples import write_samples
 from clipad.export import convert as precision
+from clipad.export import onnx_graph
 from clipad.runtime import precisions
 from clipad.runtime.compare import GateLimits
 from tiny_fixtures import export_one_class as export
@@ -55,7 +56,7 @@ def test_fp32_nodes_pass_values_above_the_fp16_range_to_each_other():
 
     def scoped(node, scope):
         entry = node.metadata_props.add()
-        entry.key, entry.value = precision.SCOPE_KEY, f"['', '{scope}', '{scope}.x']"
+        entry.key, entry.value = onnx_graph.SCOPE_KEY, f"['', '{scope}', '{scope}.x']"
         return node
 
     w = numpy_helper.from_array(np.full((8, 8), 30.0, np.float32), "w")
