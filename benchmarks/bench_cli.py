@@ -29,9 +29,11 @@ decision + a 1920x1080 overlay), peak RSS, and its accuracy against the FP32 ref
 min, max |delta score|). gate: the verdict export-engine recorded for the file that ran (passed, failed, or
 accepted: failed and kept with --accept-accuracy-loss); check: these images held to the same precision's limits
 (only a hint on a few images). The torch row rebuilds the reference model (needs the export extra) from the files
-the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+).
+the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+); its bf16
+row runs that model under torch.autocast(bfloat16) (no gate: it is not an exported file).
 chip (unless --no-ceiling): the model's matrix-product GFLOP per image, this machine's rate on a ViT-L MLP-shaped
-product per library and data type (numpy for torch, ONNX Runtime FP32 and dynamic INT8, OpenVINO FP32 and BF16),
+product per library and data type (numpy FP32 and torch BF16 for torch, ONNX Runtime FP32 and dynamic INT8,
+OpenVINO FP32 and BF16),
 and per row the achieved GFLOP/s (inference time only) and its share of that ceiling.
 --save-choice records the fastest edge row (batch 1 first) whose export gate passed (or the FP32 reference) for this
 machine in DIR/bench-choices.json; edge-detect --backend best runs it (with that precision's own calibration).
@@ -112,7 +114,7 @@ def _accuracy(rows, outputs, manifest) -> None:
         next((out for r, out in ok if r.runs == reference_name), None)
     for row, out in ok:
         recorded = manifest.precisions.get(row.runs)
-        if recorded is not None:
+        if recorded is not None and row.backend != "torch":   # torch runs the rebuilt model, not the gated file
             g = recorded.gate
             row.gate = "passed" if g.passed else "accepted" if g.accepted_despite_failure else "failed"
         if reference is None:

@@ -27,7 +27,11 @@ def ceiling_key(backend: str, precision: str) -> str | None:
 
     record = precisions.get(precision)
     kind = record.name if record.reference else DATA_TYPE.get(record.conversion)
-    return None if kind is None else f"{'numpy' if backend == 'torch' else backend} {kind}"
+    if kind is None:
+        return None
+    if backend == "torch":   # torch's FP32 products use the same BLAS class as numpy's; BF16 needs torch itself
+        return f"{'numpy' if record.reference else 'torch'} {kind}"
+    return f"{backend} {kind}"
 
 
 def model_gflop(onnx_path: str) -> float | None:
@@ -107,6 +111,14 @@ def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "
     out = {}
     if "torch" in backends:
         out["numpy fp32"] = _rate(lambda: x @ w, flop)
+        try:
+            import torch
+
+            xb, wb = torch.from_numpy(x).bfloat16(), torch.from_numpy(w).bfloat16()
+            with torch.no_grad():
+                out["torch bf16"] = _rate(lambda: xb @ wb, flop)
+        except ImportError:
+            pass
     with tempfile.TemporaryDirectory(prefix="clipad-ceiling-") as tmp:
         try:
             import onnx  # noqa: F401  (writing the probe models)

@@ -34,7 +34,10 @@ class TorchBackend(Backend):
         why = chosen.why_not(self.name)
         if why:
             raise ClipadError(f"--precision {chosen.name}: {why}")
-        if not chosen.reference and device == "cpu":
+        # bf16: torch's autocast (matrix products in BF16; LayerNorm, softmax and reductions FP32, torch's own
+        # keep-list), on a CPU or GPU; any other low precision: the whole module cast, on a CUDA GPU only
+        self.autocast = chosen.conversion == "bfloat16"
+        if not chosen.reference and not self.autocast and device == "cpu":
             raise ClipadError(f"torch {chosen.name} needs a CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
@@ -42,7 +45,7 @@ class TorchBackend(Backend):
         self.image_size = built.image_size
         if device != "cpu":
             built.module.to(device)
-        if not chosen.reference:
+        if not chosen.reference and not self.autocast:
             built.module.half()
 
     @classmethod
@@ -56,7 +59,7 @@ class TorchBackend(Backend):
 
     @property
     def description(self) -> str:
-        return f"torch {torch.__version__} {self.precision} ({self.device})"
+        return f"torch {torch.__version__} {self.precision}{' (autocast)' if self.autocast else ''} ({self.device})"
 
     @property
     def batch_range(self) -> tuple[int, int]:
@@ -64,7 +67,8 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.built.module(torch.from_numpy(batch_u8).to(self.device))
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
+            maps, scores = self.built.module(torch.from_numpy(batch_u8).to(self.device))
         return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
     def predict(self, images: list[ImageLike] | ImageLike, color_order: str = "rgb") -> list[ReferenceOutput]:

@@ -89,6 +89,9 @@ def test_accuracy_columns_and_variant(report):
     assert bf16["status"] == "ok" and bf16["gate"] == "passed" and bf16["check"] in ("passed", "failed")
     assert bf16["map_pearson"] > 0.9, "BF16 maps are not finite or not the model's (a stale compiled-model cache?)"
     assert rows(data, "onnxruntime", "fp32", 2)["status"] == "ok"
+    autocast = rows(data, "torch", "bf16")                  # torch.autocast(bfloat16): its own row, not the file's gate
+    assert autocast["status"] == "ok" and "(autocast)" in autocast["device"] and autocast["gate"] is None
+    assert autocast["check"] in ("passed", "failed") and autocast["map_pearson"] > 0.9
 
 
 def test_check_column_holds_each_row_to_its_precisions_limits():
@@ -139,7 +142,8 @@ def test_openvino_cache_is_per_model_file_and_precision(model, tmp_path, monkeyp
 def test_not_applicable_table():
     assert not_applicable("onnxruntime", "fp32") is None and not_applicable("openvino", "bf16") is None
     assert "no BF16 path" in not_applicable("onnxruntime", "bf16")
-    assert not_applicable("tensorrt", "int8-cpu") and not_applicable("torch", "bf16")
+    assert not_applicable("tensorrt", "int8-cpu") and not_applicable("torch", "int8")
+    assert not_applicable("torch", "bf16") is None                       # autocast(bfloat16)
     assert not_applicable("openvino", "int8-cpu") and not_applicable("tensorrt", "int8") is None
 
 
@@ -277,7 +281,9 @@ def test_chip_columns(report):
     data, out = report
     chip = data["chip"]
     assert chip["model_gflop"] > 0
-    assert {"numpy fp32", "onnxruntime fp32", "openvino fp32"} <= set(chip["ceilings_gflops"])
+    assert {"numpy fp32", "torch bf16", "onnxruntime fp32", "openvino fp32"} <= set(chip["ceilings_gflops"])
+    autocast = rows(data, "torch", "bf16")
+    assert autocast["of_ceiling"] == pytest.approx(autocast["gflops"] / chip["ceilings_gflops"]["torch bf16"], abs=1e-3)
     assert all(v > 0 for v in chip["ceilings_gflops"].values())
     row = rows(data, "onnxruntime", "fp32")
     assert row["gflops"] == pytest.approx(chip["model_gflop"] / (row["stages_ms"]["infer"] / 1e3), rel=0.01)
