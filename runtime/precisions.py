@@ -59,7 +59,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               "and head (OpenVINO on CPUs with BF16; TensorRT on SM 8.0+)", gate=_FP16_GATE, conversion="bfloat16",
               engine_rank=3, openvino_hint="f32", cpu_capability="BF16", min_compute_capability=8.0,
               only_on=("openvino", "tensorrt", "torch"),   # torch: autocast(bfloat16), an edge-bench row
-              not_run_by={"onnxruntime": "ONNX Runtime's CPU provider has no BF16 path (no BF16 MatMul); use openvino"}),
+              not_run_by={"onnxruntime": "ONNX Runtime's CPU provider has no BF16 path (no BF16 MatMul); "
+                                         "use openvino"}),
     Precision("int8", "model.int8.onnx", "explicit symmetric Q/DQ on the linear layers, FP16 remainder (TensorRT)",
               gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, engine_rank=1,
               cpu_substitute="int8-cpu", openvino_hint="f32",
