@@ -108,6 +108,11 @@ def parse_args(argv):
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
                       help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
                            "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
+    prec.add_argument("--int8-quantizer", choices=["onnxruntime", "nncf"], default="onnxruntime",
+                      help="INT8 (the Q/DQ file): who places and calibrates the linear layers' Q/DQ: onnxruntime's "
+                           "quantize_static with our bounded-memory range collector (default), or NNCF (OpenVINO's "
+                           "quantizer; fast bias correction). The manifest records which, and whether the file "
+                           "suits TensorRT")
     prec.add_argument("--no-int8-sensitivity", dest="int8_sensitivity", action="store_false",
                       help="INT8: when the gate fails, stop there. By default a failed INT8 gate (with --calib-data) "
                            "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "
@@ -190,7 +195,7 @@ def options(args) -> ExportOptions:
         calibration=CalibrationOptions(data=args.calib_data, method=args.calib_method,
                                        high_precision=args.int8_high_precision,
                                        keep_float=tuple(args.int8_keep_float),
-                                       sensitivity=args.int8_sensitivity),
+                                       sensitivity=args.int8_sensitivity, quantizer=args.int8_quantizer),
         accept_accuracy_loss=args.accept_accuracy_loss,
         engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,

@@ -29,6 +29,7 @@ FP32_SCOPES = (HEAD_SCOPE, "core.vision.dattn_weights")   # + Crane+'s D-Attn si
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZERS = ("onnxruntime", "nncf")   # who places and calibrates the static Q/DQ (--int8-quantizer)
 INT8_FP16_OPSET = 19
 
 
@@ -194,18 +195,20 @@ HALF_REMAINDER = precisions.INT8_REMAINDERS[0]
 
 
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = HALF_REMAINDER,
-            cache_dir: str | None = None, keep_float: tuple[str, ...] = (), keep_nodes: tuple[str, ...] = ()) -> dict:
+            cache_dir: str | None = None, keep_float: tuple[str, ...] = (), keep_nodes: tuple[str, ...] = (),
+            quantizer: str = "onnxruntime") -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
     fp16 still applies) or fp32. A strongly typed TensorRT build runs exactly these types, so an FP32 remainder makes
-    attention, GELU and the residual stream FP32 on the GPU."""
+    attention, GELU and the residual stream FP32 on the GPU. ``quantizer`` "nncf": NNCF places and calibrates the
+    same layers' Q/DQ instead (``quantize_nncf``)."""
     import inspect
-    import tempfile
 
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization import quantize_static
+
+    from . import quantize_nncf
 
     if method not in CALIB_METHODS:
         raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
@@ -216,7 +219,14 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
 
         raise ClipadError(f"INT8 export needs ONNX Runtime >= 1.32 (installed {onnxruntime.__version__}): "
                           f"{onnxruntime_upgrade_hint('1.32')}")
-    nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
+    if quantizer == "nncf":
+        if quantize_nncf.available():
+            raise ClipadError(quantize_nncf.available())
+        graph = onnx.load(src, load_external_data=False)
+        nodes, tensors, ranges = linear_nodes(graph), None, None
+        del graph
+    else:
+        nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
     # Loaded again rather than held through calibration: at ViT-L the proto is 1.3 GB next to the session.
     graph = onnx.load(src, load_external_data=False)
     kept = set(nodes) - set(linear_nodes(graph, keep_float))
@@ -225,6 +235,37 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     kept |= (head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
     del graph
     nodes = [n for n in nodes if n not in kept]
+    if quantizer == "nncf":
+        model = quantize_nncf.quantize(src, calib, batch, nodes)
+    else:
+        model = _quantize_static(src, dst, nodes, ranges)
+    restored = keep_float_consumers(model, set(nodes))
+    trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer == "nncf" else (True, "")
+    half = high_precision == HALF_REMAINDER
+    if half:
+        # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
+        model, _ = _half(model, opset=INT8_FP16_OPSET)
+    onnx.save(model, dst)
+    tool = ("nncf.quantize(ONNX, PERFORMANCE preset, transformer: SmoothQuant, fast bias correction)"
+            if quantizer == "nncf" else
+            "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)")
+    return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors) if tensors else None,
+            "float_consumers_restored": restored, "quantizer": quantizer,
+            "calibration_images": int(len(calib)), "method": method if quantizer != "nncf" else "nncf",
+            "high_precision": high_precision, "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
+            "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
+            "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),
+            "tool": tool + (" + onnxruntime.transformers.float16" if half else "")}
+
+
+def _quantize_static(src: str, dst: str, nodes: list[str], ranges):
+    """onnxruntime's QDQ placement with our ranges (symmetric, per-channel weights) → ModelProto."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=os.path.dirname(os.path.abspath(dst))) as tmp, \
             _quiet_preprocess_advice():
         cache = os.path.join(tmp, "ranges.json")
@@ -235,19 +276,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=ranges.calibration_method, calibration_cache_path=cache,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-        model = onnx.load(quantized)
-    restored = keep_float_consumers(model, set(nodes))
-    half = high_precision == HALF_REMAINDER
-    if half:
-        # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
-        model, _ = _half(model, opset=INT8_FP16_OPSET)
-    onnx.save(model, dst)
-    return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors), "float_consumers_restored": restored,
-            "calibration_images": int(len(calib)), "method": method, "high_precision": high_precision,
-            "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
-            "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
-            "tool": "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
-                    "per-channel)" + (" + onnxruntime.transformers.float16" if half else "")}
+        return onnx.load(quantized)
 
 
 def to_int8_dynamic(src: str, dst: str, keep_nodes: tuple[str, ...] = ()) -> dict:

@@ -14,6 +14,7 @@ class CalibrationOptions:
     method: str = "minmax"
     high_precision: str = precisions.INT8_REMAINDERS[0]   # type of everything that is not a quantized linear layer
     keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
+    quantizer: str = "onnxruntime"     # static Q/DQ by onnxruntime's quantize_static or NNCF (convert.QUANTIZERS)
     sensitivity: bool = True           # a failed INT8 gate: keep the most decision-sensitive layers float, try again
 
 

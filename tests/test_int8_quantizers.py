@@ -1,0 +1,101 @@
+"""INT8 quantizers side by side (export/quantize_nncf.py): the same calibration images through onnxruntime's
+quantize_static and NNCF, the same policy (only the linear layers quantized, the projections into the head float),
+the same gate; NNCF's file is checked to suit TensorRT and runs on OpenVINO."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from clipad.export import convert, quantize_nncf
+from tiny_fixtures import export_tiny, images
+
+pytest.importorskip("nncf", reason="NNCF comes with the export extra")
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory):
+    from clipad.calibration.samples import write_samples
+
+    folder = tmp_path_factory.mktemp("normals")
+    write_samples(str(folder), count=24, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_files, normals, tmp_path_factory):
+    out = {}
+    for quantizer in convert.QUANTIZERS:
+        folder = tmp_path_factory.mktemp(quantizer) / "m"
+        assert export_tiny(tiny_files, folder, "clip", ["--precision", "int8", "--int8-quantizer", quantizer,
+                                                        "--calib-data", str(normals), "--accept-accuracy-loss",
+                                                        "--no-engine"], classes=("tile",)) == 0
+        out[quantizer] = folder
+    return out
+
+
+def quantized_consumers(model) -> set[str]:
+    """Nodes that read a DequantizeLinear output of an activation (not a weight)."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    activation_dq = set()
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+                activation_dq.add(node.output[0])
+    return {n.name for n in model.graph.node if any(i in activation_dq for i in n.input)}
+
+
+def test_both_quantizers_follow_one_policy_and_one_gate(exports):
+    fp32 = onnx.load(str(exports["onnxruntime"] / "model.onnx"))
+    linears = set(convert.linear_nodes(fp32))
+    head_side = convert.head_feeding_linears(fp32)
+    for quantizer, folder in exports.items():
+        m = json.loads((folder / "manifest.json").read_text())["precisions"]["int8"]
+        conversion, gate = m["conversion"], m["gate"]
+        assert conversion["quantizer"] == quantizer and conversion["tensorrt_compatible"] is True
+        assert gate["decision"] is not None and gate["comparison"]["map_pearson_min"] > 0.9
+        quantized = quantized_consumers(onnx.load(str(folder / "model.int8.onnx")))
+        assert quantized and quantized <= linears - head_side, (quantizer, sorted(quantized - linears)[:5])
+    nncf_conversion = json.loads((exports["nncf"] / "manifest.json").read_text())["precisions"]["int8"]["conversion"]
+    assert "nncf.quantize" in nncf_conversion["tool"] and nncf_conversion["quantized_nodes"] == len(linears - head_side)
+
+
+def test_tensorrt_compatibility_is_checked():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(zero_point):
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(zero_point, "z")]
+        return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits))
+
+    assert quantize_nncf.tensorrt_compatible(graph(np.array(0, np.int8)))[0]
+    ok, why = quantize_nncf.tensorrt_compatible(graph(np.array(128, np.uint8)))
+    assert not ok and "UINT8" in why
+    ok, why = quantize_nncf.tensorrt_compatible(graph(np.array(3, np.int8)))
+    assert not ok and "asymmetric" in why
+
+
+def test_nncf_file_runs_on_openvino_and_builds_in_tensorrt_rtx(exports):
+    from clipad.runtime.backends.openvino import OpenVINOBackend
+
+    folder = exports["nncf"]
+    backend = OpenVINOBackend.for_file(str(folder / "model.int8.onnx"), "int8", 56, (1, 1), "images",
+                                       ["anomaly_map", "image_score"])
+    try:
+        maps, scores = backend.run(images(1, 56, seed=3))
+    finally:
+        backend.close()
+    assert np.isfinite(maps).all() and np.isfinite(scores).all()
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    from clipad.export import cli as export_cli
+
+    assert export_cli.main(["--from-onnx", str(folder), "--precision", "int8", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 0
+    engines = json.loads((folder / "manifest.json").read_text())["engines"]
+    assert [e["file"] for e in engines] == ["model.int8.rtx-sm86.engine"]
