@@ -36,7 +36,7 @@ from clipad.runtime.manifest import (
 )
 
 from .models.registry import get_kind
-from .options import ExportOptions
+from .options import CalibrationOptions, ExportOptions
 from .precision_step import enforce_gate, needs_calibration
 
 log = logging.getLogger("clipad")
@@ -228,8 +228,13 @@ def check_images(opts: ExportOptions) -> None:
 
 # ---- shared by both paths --------------------------------------------------------------------------------------------
 def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -> None:
-    """A precision made from calibration data needs --calib-data, unless the export already has its file."""
+    """A precision made from calibration data needs --calib-data, unless the export already has its file; the INT8
+    quantizer choice applies to the Q/DQ file only."""
     wanted = precisions.get(opts.precision)
+    if opts.calibration.quantizer != CalibrationOptions.quantizer and wanted.conversion != "static-qdq":
+        raise ClipadError(f"--int8-quantizer {opts.calibration.quantizer}: applies to the Q/DQ INT8 file (--precision "
+                          f"{next(p.name for p in precisions.PRECISIONS.values() if p.conversion == 'static-qdq')}), "
+                          f"not to --precision {wanted.name}")
     if not wanted.needs_calibration_data or opts.calibration.data:
         return
     if manifest is not None and wanted.file in manifest.files:

@@ -99,3 +99,11 @@ def test_nncf_file_runs_on_openvino_and_builds_in_tensorrt_rtx(exports):
                             "--compute-capability", "8.6", "-q"]) == 0
     engines = json.loads((folder / "manifest.json").read_text())["engines"]
     assert [e["file"] for e in engines] == ["model.int8.rtx-sm86.engine"]
+
+
+def test_quantizer_choice_for_another_precision_is_a_usage_error(tiny_files, tmp_path, capsys):
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", ["--precision", "int8-cpu", "--int8-quantizer", "nncf"],
+                       classes=("tile",)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--int8-quantizer nncf: applies to the Q/DQ INT8 file (--precision int8)" in err
+    assert not (tmp_path / "m").exists()
