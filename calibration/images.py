@@ -65,6 +65,11 @@ def load_verify_set(folder: str | None, size: int) -> tuple[np.ndarray, list[str
     return np.stack([prepare(p, size) for p in paths]), [os.path.basename(p) for p in paths]
 
 
+def evenly_spaced(data: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``data`` (first and last included), spread evenly over it."""
+    return data[np.unique(np.linspace(0, len(data) - 1, min(count, len(data))).round().astype(int))]
+
+
 def split_holdout(data: np.ndarray, names: list[str], every: int = 5, minimum: int = 3):
     """(calibration part, held-back part): every ``every``-th image — at least ``minimum`` while twice that many
     remain for calibration — is held back for the accuracy gate (a score rank correlation needs 3 or more)."""

@@ -17,6 +17,9 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
                          normals: np.ndarray, verify: np.ndarray, batch_min: int, rule: str):
     """(gate report, conversion entry) of the last round; the first passing round ends the search."""
     import onnx
+    from tqdm import tqdm
+
+    from clipad.calibration.images import evenly_spaced
 
     from .convert import linear_nodes
     from .onnx_graph import scopes as _scopes
@@ -29,14 +32,10 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     clip_layers, clip_already = len(clip), len(clip & already)
     groups_total = len(sensitivity.make_groups(graph, candidates))
     del graph
-    pick = lambda images, k: images[np.unique(np.linspace(0, len(images) - 1, min(k, len(images))).round()  # noqa: E731
-                                              .astype(int))]
-    images = np.concatenate([pick(normals, NORMAL_IMAGES), pick(verify, VERIFY_IMAGES)])
+    images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), evenly_spaced(verify, VERIFY_IMAGES)])
     normals_used = min(NORMAL_IMAGES, len(normals))
     log.info("[3d] %s gate failed: measuring each group of %d linear layers' effect on the decision score "
              "(%d images) …", precision.upper(), sensitivity.GROUP_SIZE, len(images))
-    from tqdm import tqdm
-
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
         groups = sensitivity.measure(fp32_file, candidates, images, batch_min, rule, normals_used, bar.update)

@@ -38,7 +38,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     compares OK/NG decisions at each side's own threshold from those normal images (at most ``DECISION_NORMALS``,
     spread evenly), and they decide instead of the score rank.
     """
-    from clipad.calibration.images import load_set, split_holdout
+    from clipad.calibration.images import evenly_spaced, load_set, split_holdout
 
     from . import convert
     from .onnx_export import OPSET
@@ -82,8 +82,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     conversion = convert_file()
     normals = None
     if calib is not None:
-        normals = calib[np.unique(np.linspace(0, len(calib) - 1, min(len(calib), DECISION_NORMALS)).round()
-                                  .astype(int))]
+        normals = evenly_spaced(calib, DECISION_NORMALS)
     log.info("[3c] %s accuracy gate on %d image(s)%s …", precision.upper(), len(gate_data),
              f" and OK/NG decisions from {len(normals)} normal image(s)" if normals is not None else "")
     gate_names = [os.path.basename(n) for n in gate_names]
