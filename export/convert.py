@@ -246,7 +246,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
         # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
         model, _ = _half(model, opset=INT8_FP16_OPSET)
     onnx.save(model, dst)
-    tool = ("nncf.quantize(ONNX, PERFORMANCE preset, transformer: SmoothQuant, fast bias correction)"
+    tool = ("nncf.quantize(ONNX, PERFORMANCE preset, transformer, fast bias correction, SmoothQuant off)"
             if quantizer == "nncf" else
             "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)")
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors) if tensors else None,

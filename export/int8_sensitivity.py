@@ -149,19 +149,17 @@ def measure(fp32_file: str, candidates: list[str], images: np.ndarray, batch_min
 
 
 def keep_order(groups: list[Group], clip_layers: int, already: int = 0, share: float = 0.25) -> list[list[Group]]:
-    """The kept sets to try, worst first, doubling: 1, 2, 4 … groups, while the CLIP tower's float layers (``already``
-    float ones, e.g. the projections into the head, included) stay within ``share`` of its ``clip_layers`` linear
-    layers (Crane+'s DINOv2 tower is counted apart)."""
+    """The kept sets to try, worst first, doubling: 1, 2, 4 … groups, then the largest set whose CLIP-tower float
+    layers (``already`` float ones, e.g. the projections into the head, included) stay within ``share`` of its
+    ``clip_layers`` linear layers (Crane+'s DINOv2 tower is counted apart)."""
     limit = int(share * clip_layers) - already
-    sets, k = [], 1
-    while k <= len(groups):
-        chosen = groups[:k]
-        clip = sum(len(g.layers) for g in chosen if g.tower == "clip")
-        if clip > limit:
-            break
-        sets.append(chosen)
-        k *= 2
-    return sets
+
+    def fits(k: int) -> bool:
+        return sum(len(g.layers) for g in groups[:k] if g.tower == "clip") <= limit
+
+    largest = max((k for k in range(len(groups) + 1) if fits(k)), default=0)   # clip layers grow with k
+    sizes = [k for k in (2 ** i for i in range(len(groups).bit_length() + 1)) if k < largest] + [largest]
+    return [groups[:k] for k in sizes if k]
 
 
 def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int) -> dict:

@@ -32,6 +32,9 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     clip_layers, clip_already = len(clip), len(clip & already)
     groups_total = len(sensitivity.make_groups(graph, candidates))
     del graph
+    if not groups_total:
+        log.info("      no quantized MatMul layer left to measure; the gate's verdict stands")
+        return first_report, conversion
     images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), evenly_spaced(verify, VERIFY_IMAGES)])
     normals_used = min(NORMAL_IMAGES, len(normals))
     log.info("[3d] %s gate failed: measuring each group of %d linear layers' effect on the decision score "
@@ -54,6 +57,8 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     if not rounds:
         log.info("      no group fits within a quarter of the CLIP tower's %d linear layers (%d float already)",
                  clip_layers, clip_already)
-    conversion["sensitivity"] = sensitivity.record(groups, kept if report.passed else [], rounds, len(images))
+    # the file written is the last round's (or the first, without rounds): what it keeps float is recorded
+    conversion["sensitivity"] = sensitivity.record(groups, kept if rounds else [], rounds, len(images))
+    conversion["sensitivity"]["passed"] = bool(report.passed)
     conversion["sensitivity"].update(clip_linear_layers=clip_layers, clip_float_before=clip_already)
     return report, conversion

@@ -1,11 +1,11 @@
 """The INT8 Q/DQ file placed and calibrated by NNCF (OpenVINO's quantizer, ONNX backend) instead of onnxruntime's
 ``quantize_static``: ``export-engine --precision int8 --int8-quantizer nncf``. Same policy as ours: only the linear
 layers' inputs are quantized (NNCF's ignored scope is everything else, the head and the projections into it), the
-remainder is made FP16 with the FP32 keep-list when ``--int8-high-precision fp16``. NNCF brings what ours lacks: with
-``model_type`` TRANSFORMER it applies SmoothQuant (NNCF 3.4 does so on ONNX models too: per-channel activation scales
-moved into the weights, with a ``Mul`` before each smoothed layer) and fast bias correction, and its own activation
-range estimators. Whether the file suits TensorRT (signed, symmetric, zero-point-free Q/DQ) is checked and
-recorded."""
+remainder is made FP16 with the FP32 keep-list when ``--int8-high-precision fp16``. NNCF brings its own activation
+range estimators and fast bias correction. Its SmoothQuant stays off: NNCF 3.4 applies it to every MatMul with a
+constant weight, ignoring the ignored scope, so it would rescale the head's anchor products and the layers kept float
+and put an unscoped ``Mul`` (which the FP16 remainder would make FP16) in front of the FP32 head. Whether the file
+suits TensorRT (signed, symmetric, zero-point-free Q/DQ) is checked and recorded."""
 from __future__ import annotations
 
 import logging
@@ -35,6 +35,8 @@ def tensorrt_compatible(model) -> tuple[bool, str]:
 
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and (len(node.input) < 3 or not node.input[2]):
+            return False, f"{node.name}: no zero point (UINT8 by default)"
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             zp = inits.get(node.input[2])
             if zp is None:
@@ -66,8 +68,14 @@ def quantize(src: str, calib: np.ndarray, batch: int, quantize_nodes: list[str])
     for name in ("nncf", "nncf.common"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           AdvancedSmoothQuantParameters)
+
+        no_smoothing = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))
         return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE,
                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib),
-                             ignored_scope=nncf.IgnoredScope(names=others, types=OTHER_QUANTIZABLE, validate=False))
+                             ignored_scope=nncf.IgnoredScope(names=others, types=OTHER_QUANTIZABLE, validate=False),
+                             advanced_parameters=no_smoothing)
     except Exception as exc:  # NNCF raises many types; the message is what matters
         raise ClipadError(f"NNCF quantization failed: {str(exc).strip().splitlines()[0][:300]}") from exc

@@ -30,7 +30,7 @@ def rule_for(kind: str, domain: str | None) -> str:
 
 def upgrade(data: dict, version: int) -> dict:
     """``data`` of schema ``version`` as a current-schema document (SchemaError for a damaged one)."""
-    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3}
+    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3, 4: upgrade_v4}
     for step in range(version, max(steps) + 1):
         try:
             data = steps[step](data)
@@ -124,5 +124,10 @@ def upgrade_v2(data: dict) -> dict:
 
 
 def upgrade_v3(data: dict) -> dict:
-    """Schema 4 only adds optional fields."""
+    """Schema 4 only adds optional fields (the precision gates' OK/NG ``decision``)."""
+    return data
+
+
+def upgrade_v4(data: dict) -> dict:
+    """Schema 5 only adds optional fields (the parity gate's ``rounding_pins``)."""
     return data

@@ -60,6 +60,9 @@ def test_both_quantizers_follow_one_policy_and_one_gate(exports):
         assert gate["decision"] is not None and gate["comparison"]["map_pearson_min"] > 0.9
         quantized = quantized_consumers(onnx.load(str(folder / "model.int8.onnx")))
         assert quantized and quantized <= linears - head_side, (quantizer, sorted(quantized - linears)[:5])
+    muls = {q: sum(n.op_type == "Mul" for n in onnx.load(str(f / "model.int8.onnx")).graph.node)
+            for q, f in exports.items()}
+    assert muls["nncf"] == muls["onnxruntime"]             # no SmoothQuant Mul in front of the FP32 head
     nncf_conversion = json.loads((exports["nncf"] / "manifest.json").read_text())["precisions"]["int8"]["conversion"]
     assert "nncf.quantize" in nncf_conversion["tool"] and nncf_conversion["quantized_nodes"] == len(linears - head_side)
 
@@ -68,8 +71,10 @@ def test_tensorrt_compatibility_is_checked():
     from onnx import TensorProto, helper, numpy_helper
 
     def graph(zero_point):
-        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        z = "z" if zero_point is not None else ""
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", z][:3 if z else 2], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", z][:3 if z else 2], ["y"])]
+        zero_point = np.array(0, np.int8) if zero_point is None else zero_point
         inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(zero_point, "z")]
         return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
             "x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits))
@@ -79,6 +84,8 @@ def test_tensorrt_compatibility_is_checked():
     assert not ok and "UINT8" in why
     ok, why = quantize_nncf.tensorrt_compatible(graph(np.array(3, np.int8)))
     assert not ok and "asymmetric" in why
+    ok, why = quantize_nncf.tensorrt_compatible(graph(None))
+    assert not ok and "no zero point" in why
 
 
 def test_nncf_file_runs_on_openvino_and_builds_in_tensorrt_rtx(exports):

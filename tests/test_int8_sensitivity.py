@@ -67,7 +67,8 @@ def test_switched_graph_is_fp32_off_and_onnxruntime_dynamic_int8_on(fp32, tmp_pa
 def test_keep_order_doubles_within_a_quarter_of_the_clip_tower():
     groups = [Group(f"g{i}", "dino" if i == 1 else "clip", [f"n{i}a", f"n{i}b"]) for i in range(8)]
     sets = keep_order(groups, clip_layers=16)                      # at most 4 CLIP layers float
-    assert [len(s) for s in sets] == [1, 2]                        # 4 groups would be 3 CLIP groups = 6 layers
+    assert [len(s) for s in sets] == [1, 2, 3]                     # doubling, then the largest set that fits:
+                                                                   # 4 groups would be 3 CLIP groups = 6 layers
     assert sets[1][1].tower == "dino"                              # the DINOv2 tower is counted apart
     assert keep_order(groups, clip_layers=16, already=3) == []      # the head projections count
 
@@ -132,3 +133,20 @@ def test_a_gate_that_never_passes_stops_at_the_cap(tiny_files, fp32, tmp_path, n
         rounds = keep_order(int8_sensitivity.make_groups(model, candidates), len(linears), len(head))
         assert len(rounds) >= 1 and len(rounds[-1]) + len(head) <= len(linears) // 4
         assert gate.calls == 1 + len(rounds)                        # 1 layer, 2 layers, … within a quarter
+
+
+def test_a_kept_failure_records_what_its_file_keeps_float(tiny_files, tmp_path, normals, monkeypatch):
+    """--accept-accuracy-loss keeps the last round's file: the manifest names that round's float layers."""
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
+    ScriptedGate(monkeypatch, [False])
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
+                                                 "--no-engine", "--accept-accuracy-loss"], classes=("tile",)) == 0
+    entry = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]
+    s = entry["conversion"]["sensitivity"]
+    assert s["passed"] is False and s["rounds"] and not any(r["passed"] for r in s["rounds"])
+    assert len(s["kept_groups"]) == s["rounds"][-1]["kept_groups"]
+    assert set(s["kept_layers"]) <= set(entry["conversion"]["kept_float_nodes"])
+    graph = onnx.load(str(out / "model.int8-cpu.onnx"))
+    assert set(s["kept_layers"]) <= {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    assert entry["gate"]["accepted_despite_failure"]
