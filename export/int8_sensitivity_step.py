@@ -52,6 +52,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         report = run_gate()
         rounds.append({"kept_groups": len(kept), "kept_layers": len(layers), "passed": report.passed,
                        "failures": list(report.failures)})
+        log.info("      %s", "passes" if report.passed else "fails: " + "; ".join(report.failures))
         if report.passed:
             break
     if not rounds:
