@@ -37,8 +37,9 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         return first_report, conversion
     images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), evenly_spaced(verify, VERIFY_IMAGES)])
     normals_used = min(NORMAL_IMAGES, len(normals))
-    log.info("[3d] %s gate failed: measuring each group of %d linear layers' effect on the decision score "
-             "(%d images) …", precision.upper(), sensitivity.GROUP_SIZE, len(images))
+    log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the decision score "
+             "(%d images) …", precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
+             len(images))
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
         groups = sensitivity.measure(fp32_file, candidates, images, batch_min, rule, normals_used, bar.update)
