@@ -10,6 +10,7 @@ import pytest
 
 from clipad.runtime.compare import GateLimits, compare, gate
 from clipad.runtime.decision_check import check, conformal_threshold, spearman_ci95
+from clipad.runtime.manifest import SCHEMA_VERSION
 from tiny_fixtures import export_tiny
 
 
@@ -90,7 +91,7 @@ def test_int8_export_is_judged_by_decisions(tiny_files, tmp_path, normals):
                                                  "--accept-accuracy-loss"], classes=("tile",))
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] >= 4
+    assert manifest["schema_version"] == SCHEMA_VERSION == 5
     report = manifest["precisions"]["int8"]["gate"]
     decision = report["decision"]
     assert report["limits"]["score_spearman_min"] is None              # the rank no longer decides
