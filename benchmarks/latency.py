@@ -111,7 +111,7 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
         return row, None
     pictures = [load_image(p) for p in spec.images]
     frame = np.ascontiguousarray(np.asarray(pictures[0].resize(FRAME))[:, :, ::-1])
-    outputs = run(np.stack([resize_for_model(p, size) for p in pictures]))  # also the first warm-up
+    outputs = run(np.stack([resize_for_model(p, size) for p in pictures]))[:2]  # also the first warm-up
     timings = {"pre": [], "infer": [], "post": []}
     batches = []
     for i in range(spec.warmup + spec.iters):
@@ -119,7 +119,7 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
         t0 = time.perf_counter()
         batch = np.stack([resize_for_model(p, size) for p in chosen])
         t1 = time.perf_counter()
-        maps, scores = run(batch)
+        maps, scores = run(batch)[:2]
         t2 = time.perf_counter()
         for m, s in zip(maps[:, 0], scores[:, 0]):
             policy.decide(names[0], m, float(s))

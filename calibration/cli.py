@@ -10,14 +10,25 @@ import sys
 
 import numpy as np
 
-from clipad.runtime.commands import add_model_options, open_detector, run_cli
+from clipad.runtime.commands import add_model_options, model_options, run_cli
+from clipad.runtime.decision import FUSED
+from clipad.runtime.detector import Detector
 from clipad.runtime.errors import ClipadError
+
+from . import memory
 
 EPILOG = """\
 examples:
   edge-calibrate --model crane_l14 --normal line3/train/good
   edge-calibrate --model aa_line3 --normal 'good/*.png' --class-name screw --target-fpr 0.005
   edge-calibrate --model crane_int8 --normal line3/good --backend tensorrt --precision int8
+  edge-calibrate --model crane_l14 --normal line3/train/good --memory 16 --coreset 0.1
+
+few-shot (an export made with --memory-features): --memory K takes K of the --normal images (seeded), or
+--memory-from DIR exactly the images of DIR, runs them through the same backend and precision, and stores their
+patch features beside the model (memory-*.npy, FP16). The thresholds are then fitted on the fused decision score
+(zero-shot + few-shot, docs/few-shot.md) over the --normal images that are not in the memory (by content sha256),
+so the false-alarm promise stays honest.
 
 how: every normal image runs through the model as edge-detect runs it (same backend and precision). A seeded
 --holdout share is set aside; on the rest the decision score's constants are fitted (AA-CLIP's per-class
@@ -48,7 +59,13 @@ def parse_args(argv):
                     help="conformal (default; a guarantee), quantile (empirical), meanstd (mean + z·std)")
     ap.add_argument("--holdout", type=float, default=0.2, metavar="SHARE",
                     help="share of the normal images kept out to measure the false-alarm rate (default 0.2)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw (default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out and memory draws (default 0)")
+    fs = ap.add_argument_group("few-shot memory (exports made with --memory-features)")
+    fs.add_argument("--memory", type=int, metavar="K", help="build a memory from K of the --normal images")
+    fs.add_argument("--memory-from", metavar="DIR_OR_GLOB", help="build the memory from exactly these images")
+    fs.add_argument("--coreset", type=float, metavar="SHARE",
+                    help="keep this share of the memory's patches per tap, chosen by PatchCore's greedy coreset "
+                         "(default: all patches)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return ap.parse_args(argv)
 
@@ -85,6 +102,71 @@ def collect(detector, files: list[str], classes: list[int], quiet: bool):
     return stats, used, unreadable
 
 
+def check_memory_options(args, manifest) -> None:
+    """The few-shot options, checked before any image runs."""
+    from clipad.runtime.fewshot import require_features
+
+    if args.memory is not None and args.memory_from is not None:
+        raise ClipadError("--memory K and --memory-from DIR: give one (K of the --normal images, or exactly DIR)")
+    if args.coreset is not None and (not 0 < args.coreset <= 1 or args.coreset != args.coreset):
+        raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+    if args.coreset is not None and args.memory is None and args.memory_from is None:
+        raise ClipadError("--coreset thins a few-shot memory: give --memory K or --memory-from DIR too")
+    if args.memory is not None or args.memory_from is not None:
+        require_features(manifest, args.model)
+
+
+def memory_images(args, normal_files: list[str]) -> list[str]:
+    from clipad.runtime.inputs import list_images
+
+    if args.memory_from is None:
+        return memory.pick(normal_files, args.memory, args.seed)
+    listing = list_images(args.memory_from, "--memory-from", single_file=False)
+    if not listing.paths:
+        raise ClipadError(f"--memory-from {args.memory_from}: no images")
+    return listing.paths
+
+
+def attach_memory(args, detector, files: list[str], class_names: list[str]) -> dict:
+    """Build, store and attach the memory the thresholds will be fitted with; its manifest record."""
+    from clipad.runtime.fewshot import FewShot, FewShotGraph, as_loaded, model_file_of, save_memory
+
+    features, hashes = memory.features_of(detector, files, args.quiet)
+    bank = memory.make_bank(features, args.coreset, args.seed, args.quiet)
+    name, digest = save_memory(args.model, bank)
+    model_file = model_file_of(detector.backend.precision)
+    entry = detector.manifest.files[model_file]
+    source = os.path.abspath(args.memory_from) if args.memory_from else \
+        f"{args.memory} of {os.path.abspath(args.normal)}"
+    stored = as_loaded(bank)   # exactly what edge-detect will load
+    detector.fewshot = FewShot(FewShotGraph(args.model, detector.manifest), {n: stored for n in class_names})
+    if not args.quiet:
+        log.info("few-shot memory %s: %d image(s), %d patch(es) × %d tap(s), %.1f MB", name, len(hashes),
+                 bank.shape[1], bank.shape[0], bank.astype(np.float16).nbytes / 1e6)
+    return memory.record(name, digest, bank, model_file, entry.sha256, hashes, args.coreset, args.seed, source)
+
+
+def discard_unreferenced(model_dir: str, record: dict | None) -> None:
+    """A memory file this run wrote but never recorded (interrupted, failed) goes again."""
+    from clipad.runtime.manifest import Manifest
+
+    if record is None:
+        return
+    try:
+        if record["file"] in Manifest.read(model_dir).memory_files():
+            return
+    except ClipadError:
+        return
+    remove_quietly(os.path.join(model_dir, record["file"]))
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def check_counts(n: int, holdout: float, method: str, alpha: float) -> None:
     """What the image count allows, checked before any image runs (and again after unreadable ones are skipped)."""
     from .thresholds import holdout_split, threshold
@@ -110,6 +192,8 @@ def run(args) -> int:
     if not 0 <= args.holdout < 1:
         raise ClipadError(f"--holdout {args.holdout}: must be at least 0 and below 1")
     manifest = check_writable(args.model)   # a read-only model folder fails now, not after the images ran
+    wants_memory = args.memory is not None or args.memory_from is not None
+    check_memory_options(args, manifest)
     unknown = [n for n in args.class_name or [] if n not in manifest.class_names]
     if unknown:
         raise ClipadError(f"unknown class name {unknown[0]!r}; this model has: {', '.join(manifest.class_names)}")
@@ -117,15 +201,32 @@ def run(args) -> int:
     if listing.skipped and not args.quiet:
         log.warning("WARNING: --normal %s: %s", args.normal, listing.skipped_note())
     files = listing.paths
+    memory_files = memory_images(args, files) if wants_memory else []
+    if memory_files:
+        in_memory = {memory.file_sha256(f) for f in memory_files}
+        files = [f for f in files if memory.file_sha256(f) not in in_memory]
+        if not args.quiet:
+            log.info("few-shot memory: %d image(s); %d normal image(s) left for the thresholds", len(memory_files),
+                     len(files))
     check_counts(len(files), args.holdout, args.method, args.target_fpr)
-    with open_detector(args) as detector:
+    model_dir, backend_name, options = model_options(args)
+    new_memory = None
+    with Detector.open(model_dir, backend=backend_name, memory=not wants_memory, **options) as detector:
         names = args.class_name or detector.class_names
         classes = [detector.class_index(n) for n in names]
         if not args.quiet:
             log.info("calibrating %s (%s) on %s: %d normal file(s), %s, target false-alarm rate %g", args.model,
                      ", ".join(names), detector.backend.description, len(files), args.method, args.target_fpr)
-        stats, hashes, unreadable = collect(detector, files, classes, args.quiet)
+        try:
+            if wants_memory:
+                new_memory = attach_memory(args, detector, memory_files, names)
+            stats, hashes, unreadable = collect(detector, files, classes, args.quiet)
+        except BaseException:
+            discard_unreferenced(args.model, new_memory)
+            raise
         precision, backend, rule = detector.backend.precision, detector.backend.name, detector.rule
+        if new_memory is not None:
+            rule = FUSED
     check_counts(len(hashes), args.holdout, args.method, args.target_fpr)
     held = holdout_split(len(hashes), args.holdout, args.seed)
     provenance = {"method": args.method, "target_fpr": args.target_fpr, "images": int((~held).sum()),
@@ -135,12 +236,28 @@ def run(args) -> int:
     extra = {"tool": f"clipad-edge {__version__}", "unreadable": len(unreadable), "seed": args.seed}
     per_class = {detector.class_names[k]: calibrate_class(rule, stats[k], held, args.method, args.target_fpr,
                                                           provenance, extra) for k in classes}
+    for cal in per_class.values():
+        if new_memory is not None:
+            cal.decision["rule"], cal.memory = FUSED, new_memory
+    replaced: set[str] = set()
 
     def store(manifest: Manifest) -> None:
         for name, cal in per_class.items():
+            old, _ = manifest.calibration(precision, backend)
+            previous = old.classes.get(name) if old is not None and (old.precision, old.backend) == \
+                (precision, backend) else None
+            if previous is not None and previous.memory is not None:
+                replaced.add(previous.memory["file"])
             manifest.set_class_calibration(precision, backend, name, cal)
+        replaced.difference_update(manifest.memory_files())
 
-    Manifest.update(args.model, store)
+    try:
+        Manifest.update(args.model, store)
+    except BaseException:
+        discard_unreferenced(args.model, new_memory)
+        raise
+    for name in replaced:   # memories this calibration replaced and nothing else uses
+        remove_quietly(os.path.join(args.model, name))
     if not args.quiet:
         for name, cal in per_class.items():
             fpr = cal.holdout_fpr

@@ -66,6 +66,10 @@ def parse_args(argv):
     ap.add_argument("--dino-weights", metavar="FILE",
                     help="Crane+: the local DINOv2 ViT-B/14 with registers state dict "
                          "(dinov2_vitb14_reg4_pretrain.pth; never downloaded)")
+    ap.add_argument("--memory-features", action="store_true",
+                    help="also output patch_features [B, T, P, C] (the unit patch tokens; Crane+ adds its DINOv2 "
+                         "patches) and write fewshot.onnx, so edge-calibrate --memory K can add a few-shot memory "
+                         "of normal patches (docs/few-shot.md)")
     ap.add_argument("--random-init", action="store_true",
                     help="use seeded random base weights instead of --clip-weights (pipeline trials only: "
                          "the maps mean nothing)")
@@ -182,6 +186,7 @@ def options(args) -> ExportOptions:
                              random_init=args.random_init, seed=args.seed, arch=args.arch,
                              image_size=args.image_size, class_names=args.class_names, dataset=args.dataset,
                              domain=args.domain, dino_weights=args.dino_weights,
+                             memory_features=args.memory_features,
                              quick_gelu=None if args.activation is None else args.activation == "quick_gelu")
     triton = None
     if args.triton_repo:

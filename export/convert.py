@@ -342,7 +342,7 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
         kept = {"ref": [], "cand": []}
 
         def keep(*outputs):
-            for side, (maps, scores) in zip(("ref", "cand"), outputs):
+            for side, (maps, scores, *_) in zip(("ref", "cand"), outputs):   # patch_features not compared
                 kept[side].append((maps.reshape(len(maps), maps.shape[1], -1).max(axis=2).astype(np.float64),
                                    np.asarray(scores, np.float64).reshape(len(scores), -1)))
 

@@ -15,7 +15,7 @@ from clipad.runtime import precisions
 from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare_runners, gate
 from clipad.runtime.errors import ClipadError
 
-from .onnx_graph import INPUT_NAME, OUTPUT_NAMES  # noqa: F401  (the exported graph's names, imported from here too)
+from .onnx_graph import INPUT_NAME, MEMORY_FEATURES, OUTPUT_NAMES  # noqa: F401  (the graph's names, imported here too)
 
 if TYPE_CHECKING:
     from .models.factory import BuiltDetector
@@ -41,12 +41,24 @@ def export_onnx(built: BuiltDetector, path: str, batch_min: int, batch_max: int)
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(built.module, (example,), dynamo=True, opset_version=OPSET,
-                                        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                        input_names=[INPUT_NAME], output_names=output_names(built),
                                         dynamic_shapes=dynamic, optimize=True, verbose=False)
         except Exception as exc:  # the exporter raises many types; the message is what matters
             raise ClipadError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
     program.save(path, external_data=False)
     check_graph(path)
+
+
+def output_names(built: BuiltDetector) -> list[str]:
+    return list(OUTPUT_NAMES) + ([MEMORY_FEATURES] if built.module.memory_features else [])
+
+
+def output_shapes(path: str) -> dict[str, list]:
+    """Each graph output's dimensions (a name for a dynamic one), read without the weights' external data."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
 
 
 def check_graph(path: str) -> None:
@@ -69,7 +81,7 @@ def onnx_backend(path: str, image_size: int, batch: tuple[int, int], precision: 
 
     return OnnxRuntimeBackend(path, image_size=image_size, batch_range=batch,
                               precision=precision or precisions.REFERENCE.name, input_name=INPUT_NAME,
-                              output_names=list(OUTPUT_NAMES), providers=[CPU])
+                              output_names=None, providers=[CPU])
 
 
 def parity_gate(built: BuiltDetector, onnx_path: str, data: np.ndarray, names: list[str],

@@ -6,6 +6,7 @@ from clipad.runtime.errors import ClipadError
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
+MEMORY_FEATURES = "patch_features"   # the optional third output (export-engine --memory-features)
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 

@@ -56,6 +56,7 @@ class ModelOptions:
     domain: str | None = None
     quick_gelu: bool | None = None
     dino_weights: str | None = None        # Crane+: DINOv2 ViT-B/14-reg4 state dict
+    memory_features: bool = False          # a patch_features output and fewshot.onnx (few-shot memory)
 
 
 @dataclass

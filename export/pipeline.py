@@ -72,7 +72,7 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
     built = build_detector(m.kind, arch=m.arch, image_size=m.image_size, clip_weights=m.clip_weights,
                            random_init=m.random_init, seed=m.seed, ckpt=m.ckpt, epoch=m.epoch,
                            class_names=m.class_names, dataset=m.dataset, domain=m.domain, quick_gelu=m.quick_gelu,
-                           dino_weights=m.dino_weights)
+                           dino_weights=m.dino_weights, memory_features=m.memory_features)
     verify = load_verify_set(opts.verify_images, m.image_size)
     for name in remove_stale_temp_dirs(out, "partial"):
         log.info("removed %s, left by an export that was killed", name)
@@ -89,8 +89,11 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
         log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e",
                  c.anomaly_map.max_abs, c.map_error_over_range, c.image_score.max_abs)
         enforce_gate(parity, "parity gate", opts.accept_accuracy_loss, get_kind(m.kind).parity_note)
+        fewshot = fewshot_step(built, onnx_file, tmp) if m.memory_features else None
         del built.module  # free the torch model before the ONNX-only steps
         manifest = new_manifest(opts, built, onnx_file, parity, time.perf_counter() - started)
+        if fewshot is not None:
+            add_fewshot(manifest, onnx_file, *fewshot)
         if not precisions.get(opts.precision).reference:
             name, entry, report = make_precision(opts.precision, onnx_file, tmp,
                                                  None if gates_on_holdout(opts) else verify,
@@ -139,6 +142,31 @@ def new_manifest(opts: ExportOptions, built, onnx_file: str, parity, seconds: fl
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 1), "host": platform.node()},
         parity=parity)
+
+
+def fewshot_step(built, onnx_file: str, folder: str) -> tuple[str, dict]:
+    """fewshot.onnx beside the model, checked against its numpy reference; (path, recipe for the manifest)."""
+    from . import fewshot_graph
+    from .onnx_export import MEMORY_FEATURES, output_shapes
+
+    _, taps, _, channels = output_shapes(onnx_file)[MEMORY_FEATURES]
+    head = built.module.core.head
+    path = os.path.join(folder, fewshot_graph.FILE)
+    recipe = fewshot_graph.recipe(head, head.grid, built.kind)
+    fewshot_graph.export_fewshot(head, head.grid, taps, channels, path)
+    error = fewshot_graph.check_against_reference(path, recipe, taps, channels)
+    log.info("      few-shot graph: %d tap(s) × %d channels at a %d×%d grid, matches its numpy reference "
+             "(max|Δ| %.1e)", taps, channels, head.grid, head.grid, error)
+    return path, recipe
+
+
+def add_fewshot(manifest: Manifest, onnx_file: str, path: str, recipe: dict) -> None:
+    from .onnx_export import MEMORY_FEATURES, OPSET, output_shapes
+
+    shape = output_shapes(onnx_file)[MEMORY_FEATURES]
+    manifest.outputs.append(TensorSpec(MEMORY_FEATURES, "float32", [manifest.outputs[0].shape[0], *shape[1:]]))
+    manifest.files[os.path.basename(path)] = file_entry(path, precisions.REFERENCE.name, OPSET)
+    manifest.model.details["fewshot"] = recipe
 
 
 def source_entry(path: str | None) -> dict | None:

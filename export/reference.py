@@ -66,16 +66,16 @@ class TorchBackend(Backend):
         return 1, 1 << 16
 
     @torch.no_grad()
-    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
-            maps, scores = self.built.module(torch.from_numpy(batch_u8).to(self.device))
-        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+            outputs = self.built.module(torch.from_numpy(batch_u8).to(self.device))
+        return tuple(o.float().cpu().numpy() for o in outputs)
 
     def predict(self, images: list[ImageLike] | ImageLike, color_order: str = "rgb") -> list[ReferenceOutput]:
         if not isinstance(images, list):
             images = [images]
         batch = np.stack([prepare(im, self.built.image_size, color_order) for im in images])
-        maps, scores = self.run(batch)
+        maps, scores = self.run(batch)[:2]
         return [ReferenceOutput(m, s, m.reshape(m.shape[0], -1).max(axis=1)) for m, s in zip(maps, scores)]
 
     def _release(self) -> None:

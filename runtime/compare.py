@@ -136,8 +136,8 @@ class Comparator:
 
     def add(self, reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray],
             names: list[str] | None = None) -> None:
-        ref_maps, ref_scores = (np.asarray(a) for a in reference)
-        maps, scores = (np.asarray(a) for a in candidate)
+        ref_maps, ref_scores = (np.asarray(a) for a in reference[:2])   # patch_features, if any, are not compared
+        maps, scores = (np.asarray(a) for a in candidate[:2])
         if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
             raise ValueError(f"shapes differ: reference {ref_maps.shape}/{ref_scores.shape}, candidate "
                              f"{maps.shape}/{scores.shape}")

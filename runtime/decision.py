@@ -41,14 +41,15 @@ def nonfinite_error(score: float, anomaly_map: np.ndarray | None) -> str | None:
     return None if not bad else f"model output is not finite ({', '.join(bad)} NaN/inf); labelled NG"
 
 
-RULES = ("aaclip_industrial", "aaclip_medical", "image_score", "map_max")
+FUSED = "fused"   # with a few-shot memory: the few-shot graph's fused score (clipad.export.fewshot_graph)
+RULES = ("aaclip_industrial", "aaclip_medical", "image_score", "map_max", FUSED)
 CONSTANTS = {"aaclip_industrial": ("p_min", "p_max", "i_min", "i_max"), "aaclip_medical": ("p_min", "p_max"),
-             "image_score": (), "map_max": ()}
+             "image_score": (), "map_max": (), FUSED: ()}
 
 
 def decision_score(rule: str, constants: dict | None, map_max: float, score: float) -> float | None:
     """The decision score, or None when the rule needs calibration constants that are not there."""
-    if rule == "image_score":
+    if rule in ("image_score", FUSED):
         return score
     if rule == "map_max":
         return map_max

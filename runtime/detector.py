@@ -14,6 +14,7 @@ from .backends.registry import get as backend_spec
 from .backends.registry import open_backend
 from .batching import run_batched
 from .errors import ClipadError
+from .fewshot import FewShot
 from .manifest import Manifest
 from .policy import DecisionPolicy
 from .preprocess import ImageLike, prepare
@@ -35,27 +36,37 @@ class Prediction:
     pixel_threshold: float | None = None   # map values >= this are defect regions (calibrated)
     calibration: dict | None = None        # which calibration decided (method, target_fpr, created, …)
     latency_ms: dict = field(default_factory=dict)
+    fewshot_map: np.ndarray | None = None  # [S, S] few-shot part (1 − max cosine to the memory, in [0, 2]);
+    fewshot_max: float | None = None       # then anomaly_map, map_max and score are the fused values
 
 
 class Detector:
-    def __init__(self, model_dir: str | None, manifest: Manifest, backend: Backend):
+    def __init__(self, model_dir: str | None, manifest: Manifest, backend: Backend, memory: bool = True):
+        """``memory`` False ignores few-shot memories (``edge-calibrate`` builds a new one)."""
         self.model_dir, self.manifest, self.backend = model_dir, manifest, backend
         self.kind = manifest.model.kind
         self.class_names: list[str] = list(manifest.class_names)
         self.image_size: int = manifest.image_size
         self.policy = DecisionPolicy(manifest, backend.precision, backend.name)
+        self.fewshot: FewShot | None = None
+        if memory:
+            try:
+                self.fewshot = FewShot.open(model_dir, manifest, self.policy.calibration, backend.precision)
+            except BaseException:
+                backend.close()
+                raise
 
     @classmethod
-    def open(cls, model_dir: str | None, backend: str = "auto", **options) -> "Detector":
+    def open(cls, model_dir: str | None, backend: str = "auto", memory: bool = True, **options) -> "Detector":
         """``options`` go to the backend (``clipad.runtime.backends.registry``): ``precision`` (which model file or
         engine runs; default FP32 for ONNX Runtime, the best engine for this GPU for TensorRT), ``threads``,
         ``device``, ``engine``, ``cuda_graph``; ``backend="triton"`` takes ``triton_url``, ``triton_model`` and
         ``grpc`` (the model runs on that server, described by the manifest it serves; ``model_dir`` is None)."""
         if backend not in ("auto", "best") and backend_spec(backend).remote:
             runner = open_backend(backend, None, None, **options)
-            return cls(model_dir, runner.manifest, runner)
+            return cls(model_dir, runner.manifest, runner, memory)
         manifest = Manifest.read(model_dir)
-        return cls(model_dir, manifest, open_backend(backend, model_dir, manifest, **options))
+        return cls(model_dir, manifest, open_backend(backend, model_dir, manifest, **options), memory)
 
     @property
     def rule(self) -> str:
@@ -116,12 +127,15 @@ class Detector:
             raise ClipadError(f"predict_prepared: {len(names)} class names for {len(batch_u8)} images")
         ks = [self.class_index(n) for n in names]
         t1 = time.perf_counter()
-        maps, scores = self.run(batch_u8)
+        maps, scores, fewshot = self.run_all(batch_u8)
         infer_ms = 1e3 * (time.perf_counter() - t1) / len(batch_u8)
         out = []
         for i, (name, k) in enumerate(zip(names, ks)):
             t = time.perf_counter()
             pred = self.decide(name, maps[i, k], float(scores[i, k]), threshold)
+            if k in fewshot:
+                pred.fewshot_map = fewshot[k][i]
+                pred.fewshot_max = float(np.max(pred.fewshot_map))
             pred.latency_ms = {"pre": 0.0, "infer": infer_ms, "post": 1e3 * (time.perf_counter() - t)}
             out.append(pred)
         return out
@@ -136,7 +150,25 @@ class Detector:
                           d.normalized_score, d.p_value, d.pixel_threshold, d.calibration)
 
     def run(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run any number of preprocessed uint8 images, split and padded to the model's batch range."""
+        """Run any number of preprocessed uint8 images, split and padded to the model's batch range: (anomaly_map,
+        image_score), fused with the few-shot memory for the classes that have one."""
+        maps, scores, _ = self.run_all(batch_u8)
+        return maps, scores
+
+    def run_all(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(anomaly_map, image_score, {class index: fewshot_map}) of any number of images."""
+        outputs = self.run_raw(batch_u8)
+        maps, scores = outputs[0], outputs[1]
+        if self.fewshot is None:
+            return maps, scores, {}
+        if len(outputs) < 3:
+            raise ClipadError(f"the {self.backend.name} backend gives no patch_features, which the few-shot memory "
+                              f"needs")
+        maps, scores = np.array(maps, np.float32), np.array(scores, np.float32)
+        return maps, scores, self.fewshot.apply(self.class_names, maps, scores, outputs[2])
+
+    def run_raw(self, batch_u8: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The model's own outputs (anomaly_map, image_score[, patch_features]), without any memory."""
         s = self.image_size
         if not isinstance(batch_u8, np.ndarray) or batch_u8.dtype != np.uint8 or batch_u8.ndim != 4 \
                 or batch_u8.shape[1:] != (s, s, 3) or len(batch_u8) == 0:
@@ -144,8 +176,7 @@ class Detector:
                               f"{getattr(batch_u8, 'dtype', type(batch_u8).__name__)} "
                               f"{list(getattr(batch_u8, 'shape', []))}")
         lo, hi = self.backend.batch_range
-        maps, scores = run_batched(self.backend.run, batch_u8, lo, hi)
-        return maps, scores
+        return run_batched(self.backend.run, batch_u8, lo, hi)
 
     def close(self) -> None:
         self.backend.close()

@@ -29,7 +29,7 @@ from .manifest_calibration import Calibration, ClassCalibration, precision_name
 __all__ = ["Calibration", "ClassCalibration", "Manifest", "SCHEMA_VERSION", "MANIFEST_NAME", "check_writable",
            "file_entry", "lock", "sha256_file"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.json.lock"
 LOCK_TIMEOUT_S = 120.0
@@ -323,7 +323,11 @@ class Manifest:
 
     def owned_files(self) -> list[str]:
         """The names of everything in the folder that the export owns: manifest, lock, model files, engines."""
-        return [MANIFEST_NAME, LOCK_NAME, *self.files, *(e.file for e in self.engines)]
+        return [MANIFEST_NAME, LOCK_NAME, *self.files, *(e.file for e in self.engines), *self.memory_files()]
+
+    def memory_files(self) -> list[str]:
+        """The few-shot memories the calibrations use (``edge-calibrate --memory``)."""
+        return sorted({cal.memory["file"] for c in self.calibrations for cal in c.classes.values() if cal.memory})
 
 
 def lock(model_dir: str, timeout: float = LOCK_TIMEOUT_S, shared: bool = False) -> FileLock:

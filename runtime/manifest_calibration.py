@@ -7,7 +7,31 @@ import math
 from dataclasses import dataclass, field
 
 from . import precisions, schema
-from .decision import CONSTANTS
+from .decision import CONSTANTS, FUSED
+
+MEMORY_KEYS = {"file": str, "sha256": str, "model_file": str, "model_sha256": str, "rows": int, "taps": int,
+               "channels": int, "images": int, "image_sha256s": list, "coreset": (float, type(None)), "seed": int,
+               "source": str, "created": str}
+
+
+def check_memory(memory: dict, where: str) -> None:
+    """A few-shot memory record: every key with its type, a plain ``memory-*.npy`` file name beside the manifest."""
+    for key, kind in MEMORY_KEYS.items():
+        if key not in memory:
+            raise schema.SchemaError(f"{where}: no {key!r}")
+        value = memory[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise schema.SchemaError(f"{where}.{key}: {value!r} has the wrong type")
+    name = memory["file"]
+    if "/" in name or "\\" in name or not (name.startswith("memory-") and name.endswith(".npy")):
+        raise schema.SchemaError(f"{where}.file: {name!r} is not a memory-*.npy file beside the manifest")
+    for key in ("rows", "taps", "channels", "images"):
+        if memory[key] < 1:
+            raise schema.SchemaError(f"{where}.{key}: must be at least 1")
+    if memory["coreset"] is not None:
+        _finite(memory["coreset"], f"{where}.coreset")
+        if not 0 < memory["coreset"] <= 1:
+            raise schema.SchemaError(f"{where}.coreset: must be in (0, 1]")
 
 
 def precision_name(name: str, where: str) -> None:
@@ -38,6 +62,7 @@ class ClassCalibration:
     created: str
     holdout_images: int = 0          # normal images held out to measure the false-alarm rate
     holdout_false_alarms: int = 0
+    memory: dict | None = None       # the few-shot memory the thresholds were fitted with (``fewshot.MEMORY_KEYS``)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -63,9 +88,17 @@ class ClassCalibration:
         for key, value in self.decision.items():
             if key != "rule":
                 _finite(value, f"{where}.decision.{key}")
+        if self.memory is not None:
+            check_memory(self.memory, f"{where}.memory")
 
     def check_rule(self, rule: str, where: str) -> None:
-        """The constants the model's decision-score rule needs, and no other rule named."""
+        """The constants the model's decision-score rule needs, and no other rule named (with a few-shot memory the
+        rule is ``fused``, and only then)."""
+        if self.memory is not None:
+            if self.decision.get("rule") != FUSED:
+                raise schema.SchemaError(f"{where}.decision.rule: thresholds with a few-shot memory decide on the "
+                                         f"{FUSED!r} score; re-run edge-calibrate --memory")
+            return
         if self.decision.get("rule", rule) != rule:
             raise schema.SchemaError(f"{where}.decision.rule: {self.decision['rule']!r} is not the model's decision "
                                      f"score {rule!r} (model.decision_score is the one source); re-run edge-calibrate")

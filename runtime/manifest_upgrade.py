@@ -8,6 +8,7 @@ precision × backend, so calibrating one class rewrote another's description: up
 marked as such).
 3 → 4: precision gates may carry an OK/NG decision check (``gate.decision``, limits ``decision_*``) and ``bf16`` has
 its own file (``model.bf16.onnx``; 3 had none: its bf16 was OpenVINO's hint on ``model.onnx``). Nothing to convert.
+4 → 5, 5 → 6: optional additions only (the parity gate's rounding pins; few-shot memories and ``patch_features``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def rule_for(kind: str, domain: str | None) -> str:
 
 def upgrade(data: dict, version: int) -> dict:
     """``data`` of schema ``version`` as a current-schema document (SchemaError for a damaged one)."""
-    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3, 4: upgrade_v4}
+    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3, 4: upgrade_v4, 5: upgrade_v5}
     for step in range(version, max(steps) + 1):
         try:
             data = steps[step](data)
@@ -130,4 +131,10 @@ def upgrade_v3(data: dict) -> dict:
 
 def upgrade_v4(data: dict) -> dict:
     """Schema 5 only adds optional fields (the parity gate's ``rounding_pins``)."""
+    return data
+
+
+def upgrade_v5(data: dict) -> dict:
+    """Schema 6 only adds optional parts: a ``patch_features`` output with ``fewshot.onnx``, and few-shot memories in
+    calibrations (a schema-5 reader would apply their fused thresholds to zero-shot scores, so it must refuse)."""
     return data

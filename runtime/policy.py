@@ -37,6 +37,11 @@ class DecisionPolicy:
         warning, self.warning = self.warning, None
         return warning
 
+    def rule_for(self, class_name: str) -> str:
+        """The model's decision-score rule, or ``fused`` for a class calibrated with a few-shot memory."""
+        cal = self.class_calibration(class_name)
+        return cal.decision["rule"] if cal is not None and cal.memory is not None else self.rule
+
     def class_calibration(self, class_name: str) -> ClassCalibration | None:
         return self.calibration.classes.get(class_name) if self.calibration else None
 
@@ -55,7 +60,9 @@ class DecisionPolicy:
         cal = self.class_calibration(class_name)
         if cal is None:
             return "no OK/NG (no --threshold and no calibration for this class; run edge-calibrate)"
-        return (f"NG when the {self.rule} decision score >= {cal.image_threshold:.6g} ({cal.method}, target "
+        memory = f", few-shot memory of {cal.memory['images']} image(s)" if cal.memory else ""
+        return (f"NG when the {self.rule_for(class_name)} decision score >= {cal.image_threshold:.6g}{memory} "
+                f"({cal.method}, target "
                 f"false-alarm rate {cal.target_fpr:g}, calibrated on {cal.images} normal images, "
                 f"{self.calibration.precision} on {self.calibration.backend}, {cal.created})")
 
@@ -66,7 +73,7 @@ class DecisionPolicy:
         override = self.override if override is None else check_threshold(override)
         cal = self.class_calibration(class_name)
         map_max = float(np.max(anomaly_map))
-        value = decision_score(self.rule, cal.decision if cal else None, map_max, float(score))
+        value = decision_score(self.rule_for(class_name), cal.decision if cal else None, map_max, float(score))
         bad = nonfinite_error(float(score), anomaly_map)
         if override is not None:
             threshold, compared = override, float(score)

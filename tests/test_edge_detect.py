@@ -16,8 +16,8 @@ from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from tiny_fixtures import TINY, write_video
 
-KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max", "label",
-        "regions", "latency_ms", "error", "pixel_label", "calibration", "run", "camera", "seq"}
+KEYS = {"time", "source", "frame", "class_name", "score", "decision_score", "normalized_score", "p_value", "map_max",
+        "fewshot_max", "label", "regions", "latency_ms", "error", "pixel_label", "calibration", "run", "camera", "seq"}
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypa
     for i in range(4):
         Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     calls = {"n": 0}
-    original = Detector.run
+    original = Detector.run_all
 
     def interrupted(self, *a, **k):
         calls["n"] += 1
@@ -224,7 +224,7 @@ def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypa
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(Detector, "run", interrupted)
+    monkeypatch.setattr(Detector, "run_all", interrupted)
     jsonl = tmp_path / "r.jsonl"
     rc = edge_detect(["--model", str(model_dir), "--source", str(folder), "--jsonl", str(jsonl),
                       "--save-maps", str(tmp_path / "maps"), "-q"])

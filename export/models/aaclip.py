@@ -88,7 +88,7 @@ class AACLIPVision(torch.nn.Module):
         y = F.linear(self.visual.ln_post(tokens), weight)
         return vit.l2_normalize(F.leaky_relu(y, LEAKY_SLOPE) if self.relu else y)
 
-    def forward(self, pixels: torch.Tensor, trace: dict | None = None):
+    def forward(self, pixels: torch.Tensor, trace: dict | None = None, taps: list | None = None):
         x = vit.embed_image(self.visual, pixels, self.positions)
         if trace is not None:
             trace["ln_pre_out"] = x
@@ -107,6 +107,8 @@ class AACLIPVision(torch.nn.Module):
         det = self.project(tapped[-1], self.det_proj).mean(dim=1)
         if trace is not None:
             trace.update(seg_tokens=seg, det_token=det)
+        if taps is not None:
+            taps.extend(seg)
         return seg, det
 
 
@@ -120,6 +122,7 @@ def build(clip, spec, ckpt: AACLIPCheckpoint, classes, image_size: int, tokenize
     """(vision, head, anchors [K, 2, E], details for the manifest)."""
     anchors = text_anchors(clip, ckpt, classes.prompt_names, tokenize)
     vision = AACLIPVision(clip, spec, ckpt, image_size)
-    head = AACLIPHead(anchors, spec.grid(image_size), image_size, BLUR_BY_DOMAIN[classes.domain])
+    head = AACLIPHead(anchors, spec.grid(image_size), image_size, BLUR_BY_DOMAIN[classes.domain],
+                      len(spec.tap_layers))
     details = {"checkpoint_epoch": ckpt.epoch, "relu": ckpt.relu, "blur": list(BLUR_BY_DOMAIN[classes.domain])}
     return vision, head, anchors, details

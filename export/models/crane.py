@@ -75,7 +75,7 @@ class CraneVision(torch.nn.Module):
             clip.visual.positional_embedding.detach(), spec.grid(image_size), "bilinear"))
         self.first_eattn = spec.layers - eattn_layers(spec.layers) + 1  # 1-indexed; 6 for ViT-L
 
-    def forward(self, pixels: torch.Tensor, trace: dict | None = None):
+    def forward(self, pixels: torch.Tensor, trace: dict | None = None, taps: list | None = None):
         h = vit.embed_image(self.visual, pixels, self.positions)
         if trace is not None:
             trace["ln_pre_out"] = h
@@ -98,7 +98,10 @@ class CraneVision(torch.nn.Module):
         patch_raw = visual.ln_post(z[:, 1:]) @ visual.proj
         if trace is not None:
             trace.update(image_feature_raw=image_raw, patch_feature_raw=patch_raw)
-        return vit.l2_normalize(patch_raw), vit.l2_normalize(image_raw)
+        patch_unit = vit.l2_normalize(patch_raw)
+        if taps is not None:
+            taps.append(patch_unit)
+        return patch_unit, vit.l2_normalize(image_raw)
 
 
 def read_checkpoint(path: str, epoch: int | None, spec) -> CraneCheckpoint:

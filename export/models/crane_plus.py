@@ -64,7 +64,7 @@ class CranePlusVision(CraneVision):
         self.register_buffer("clip_mean", torch.tensor(OPENAI_MEAN, dtype=torch.float32))
         self.register_buffer("clip_std", torch.tensor(OPENAI_STD, dtype=torch.float32))
 
-    def forward(self, pixels: torch.Tensor, trace: dict | None = None):
+    def forward(self, pixels: torch.Tensor, trace: dict | None = None, taps: list | None = None):
         features = self.dino(self.dino.prepare_input(pixels, self.clip_mean, self.clip_std), trace)
         weights = self.dattn_weights(features, trace)
         h = vit.embed_image(self.visual, pixels, self.positions)
@@ -96,7 +96,10 @@ class CranePlusVision(CraneVision):
         if trace is not None:
             trace.update(dino_features=features, dattn_ln1=u, dattn_out=dattn, H24=h, Z24=z,
                          dattn_feature_raw=d_raw, eattn_feature_raw=e_raw, image_feature_raw=image_raw)
-        return vit.l2_normalize(d_raw), vit.l2_normalize(e_raw), vit.l2_normalize(image_raw)
+        d_unit, e_unit = vit.l2_normalize(d_raw), vit.l2_normalize(e_raw)
+        if taps is not None:
+            taps.extend([d_unit, e_unit, vit.l2_normalize(features)])   # D-Attn, E-Attn, DINOv2 (AnomalyDINO)
+        return d_unit, e_unit, vit.l2_normalize(image_raw)
 
 
 def build(clip, spec, ckpt: CraneCheckpoint, classes, image_size: int, tokenize, sources: dict):

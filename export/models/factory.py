@@ -34,21 +34,35 @@ class AnomalyDetector(torch.nn.Module):
         super().__init__()
         self.kind, self.vision, self.head = kind, vision, head
 
-    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None):
-        return self.head(*self.vision(pixels, trace), trace)
+    def forward_pixels(self, pixels: torch.Tensor, trace: dict | None = None, taps: list | None = None):
+        """``taps``, when a list, receives the unit patch features [B, P, C_t] a few-shot memory compares."""
+        return self.head(*self.vision(pixels, trace, taps), trace)
+
+
+def stack_taps(taps: list[torch.Tensor]) -> torch.Tensor:
+    """[B, P, C_t] per tap → [B, T, P, C], narrower taps zero-padded to the widest (cosines are unchanged: the
+    padding is zero in the memory too)."""
+    width = max(t.shape[-1] for t in taps)
+    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in taps], dim=1)
 
 
 class ExportableDetector(torch.nn.Module):
-    """uint8 NHWC RGB → (anomaly_map [B, K, S, S], image_score [B, K]); normalisation happens in the graph."""
+    """uint8 NHWC RGB → (anomaly_map [B, K, S, S], image_score [B, K]); normalisation happens in the graph. With
+    ``memory_features`` also patch_features [B, T, P, C]: the unit patch tokens a few-shot memory compares."""
 
-    def __init__(self, core: torch.nn.Module, image_size: int):
+    def __init__(self, core: torch.nn.Module, image_size: int, memory_features: bool = False):
         super().__init__()
-        self.core, self.image_size = core, image_size
+        self.core, self.image_size, self.memory_features = core, image_size, memory_features
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(OPENAI_STD, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor):
-        return self.core.forward_pixels(vit.normalize_pixels(images, self.mean, self.std))
+        pixels = vit.normalize_pixels(images, self.mean, self.std)
+        if not self.memory_features:
+            return self.core.forward_pixels(pixels)
+        taps: list[torch.Tensor] = []
+        anomaly_map, image_score = self.core.forward_pixels(pixels, None, taps)
+        return anomaly_map, image_score, stack_taps(taps)
 
 
 @dataclass
@@ -109,7 +123,8 @@ def _resolve_classes(kind: ModelKind, class_names, dataset, domain) -> ClassSetu
 def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 518, clip_weights: str | None = None,
                    random_init: bool = False, seed: int = 0, ckpt: str | None = None, epoch: int | None = None,
                    class_names: list[str] | None = None, dataset: str | None = None, domain: str | None = None,
-                   quick_gelu: bool | None = None, dino_weights: str | None = None) -> BuiltDetector:
+                   quick_gelu: bool | None = None, dino_weights: str | None = None,
+                   memory_features: bool = False) -> BuiltDetector:
     model_kind = get_kind(kind)
     if model_kind.needs_checkpoint and not ckpt:
         raise ClipadError(f"--ckpt is required for --model {kind}")
@@ -139,7 +154,7 @@ def build_detector(kind: str, *, arch: str = "ViT-L-14-336", image_size: int = 5
     info = {"weights_format": fmt, "seed": seed if random_init else None,
             "activation": "quick_gelu" if act_quick else "gelu", **details}
     core = AnomalyDetector(kind, vision, head)
-    exportable = ExportableDetector(core, image_size).eval().requires_grad_(False)
+    exportable = ExportableDetector(core, image_size, memory_features).eval().requires_grad_(False)
     return BuiltDetector(module=exportable, kind=kind, arch=arch, image_size=image_size,
                          class_names=classes.class_names, prompt_names=classes.prompt_names, domain=classes.domain,
                          anchors=anchors.detach().clone(), random_init=bool(random_init), info=info,

@@ -78,11 +78,20 @@ class AACLIPHead(torch.nn.Module):
     """AA-CLIP test path: Σ_taps (100·S·T)[abn] + 1 − (…)[nrm]) / 2 → kornia blur (reflect) → bilinear (corners) ;
     image score (d·t_a + 1)/2. Blur and upsample are linear, so the taps are summed first (one blur, one resize)."""
 
-    def __init__(self, anchors: torch.Tensor, grid: int, image_size: int, blur: tuple[int, float]):
+    def __init__(self, anchors: torch.Tensor, grid: int, image_size: int, blur: tuple[int, float], taps: int = 4):
         super().__init__()
         self.register_buffer("anchors", anchors.clone())  # [K, 2, D]: normal, abnormal
-        self.grid, self.image_size = grid, image_size
+        self.grid, self.image_size, self.taps = grid, image_size, taps
         self.blur = SeparableBlur(kornia_gaussian_taps(*blur), grid, "reflect")
+
+    def to_image(self, grid_maps: torch.Tensor) -> torch.Tensor:
+        """[B, K, g, g] per-patch values → [B, K, S, S] as this head does it: blur on the grid, then resize."""
+        return upsample(self.blur(grid_maps), self.image_size, align_corners=True)
+
+    def map_probability(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """The map as an anomaly probability: each tap adds (100·Δ + 1)/2 with Δ = cos(abnormal) − cos(normal), so
+        (2·map − T)/T is the taps' mean logit difference and its sigmoid the 2-way softmax of the mean logits."""
+        return torch.sigmoid((2.0 * anomaly_map - self.taps) / self.taps)
 
     def level_maps(self, seg_tokens: list[torch.Tensor]) -> torch.Tensor:
         """Per tap, [T, B, K, g, g]: the input of the official blur."""
@@ -94,8 +103,7 @@ class AACLIPHead(torch.nn.Module):
 
     def forward(self, seg_tokens: list[torch.Tensor], det_token: torch.Tensor, trace: dict | None = None):
         level = self.level_maps(seg_tokens)
-        summed = level.sum(dim=0)
-        anomaly_map = upsample(self.blur(summed), self.image_size, align_corners=True)
+        anomaly_map = self.to_image(level.sum(dim=0))
         image_score = (det_token @ self.anchors[:, 1].T + 1.0) / 2.0
         if trace is not None:
             trace["level_maps_preblur"] = level
@@ -114,6 +122,13 @@ class TwoMapPairSoftmaxHead(torch.nn.Module):
         self.register_buffer("anchors", anchors.clone())  # [K, 2, D]
         self.scale, self.grid, self.image_size, self.pooling_weight = float(scale), grid, image_size, pooling_weight
         self.smooth = SeparableBlur(scipy_gaussian_taps(sigma), image_size, "symmetric")
+
+    def to_image(self, grid_maps: torch.Tensor) -> torch.Tensor:
+        """[B, K, g, g] → [B, K, S, S] as this head does it: bilinear (half-pixel), then the Gaussian."""
+        return self.smooth(upsample(grid_maps, self.image_size, align_corners=False))
+
+    def map_probability(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        return anomaly_map   # already a (smoothed) probability
 
     def map_from_logits(self, mean_logits: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """[B, P, K, 2] averaged logits → [B, K, S, S] map."""
@@ -151,6 +166,14 @@ class PairSoftmaxHead(torch.nn.Module):
         self.scale, self.grid, self.image_size = float(scale), grid, image_size
         self.pooling_weight = pooling_weight
         self.smooth = SeparableBlur(scipy_gaussian_taps(sigma), image_size, "symmetric") if sigma else None
+
+    def to_image(self, grid_maps: torch.Tensor) -> torch.Tensor:
+        """[B, K, g, g] → [B, K, S, S] as this head does it: bilinear (half-pixel), then the Gaussian if any."""
+        image = upsample(grid_maps, self.image_size, align_corners=False)
+        return self.smooth(image) if self.smooth is not None else image
+
+    def map_probability(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        return anomaly_map   # already a (smoothed) probability
 
     def forward(self, patch_unit: torch.Tensor, global_unit: torch.Tensor, trace: dict | None = None):
         logits = pair_similarity(patch_unit, self.anchors) * self.scale              # [B, P, K, 2]

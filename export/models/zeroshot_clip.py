@@ -35,12 +35,15 @@ class ZeroShotVision(torch.nn.Module):
         self.register_buffer("positions", vit.resize_positions(
             clip.visual.positional_embedding.detach(), spec.grid(image_size), "bicubic-antialias"))
 
-    def forward(self, pixels: torch.Tensor, trace: dict | None = None):
+    def forward(self, pixels: torch.Tensor, trace: dict | None = None, taps: list | None = None):
         h = vit.embed_image(self.visual, pixels, self.positions)
         for block in self.visual.transformer.resblocks:
             h = vit.standard_block(block, h, self.heads)
         tokens = self.visual.ln_post(h) @ self.visual.proj
-        return vit.l2_normalize(tokens[:, 1:]), vit.l2_normalize(tokens[:, 0])
+        patch_unit = vit.l2_normalize(tokens[:, 1:])
+        if taps is not None:
+            taps.append(patch_unit)
+        return patch_unit, vit.l2_normalize(tokens[:, 0])
 
 
 def read_checkpoint(path: str, epoch: int | None, spec):

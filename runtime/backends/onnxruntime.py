@@ -32,7 +32,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str, *, image_size: int, batch_range: tuple[int, int], precision: str,
-                 input_name: str, output_names: list[str], classes: int | None = None,
+                 input_name: str, output_names: list[str] | None, classes: int | None = None,
                  providers: list[str] | None = None, threads: int | None = None, device: int | None = None,
                  profile_prefix: str | None = None):
         ort = _ort()
@@ -62,6 +62,10 @@ class OnnxRuntimeBackend(Backend):
             # runs on the CPU: say it loudly.
             log.warning("ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries or no GPU); "
                         "running on %s", ", ".join(self.fell_back), ", ".join(self.providers))
+        if output_names is None:   # a file without a manifest (the exporter's gates): its own, the two first
+            output_names = [o.name for o in self.session.get_outputs()]
+            if output_names[:2] != ["anomaly_map", "image_score"]:
+                raise ClipadError(f"{path}: outputs {output_names} do not start with anomaly_map, image_score")
         self._check_io(input_name, output_names, classes)
         self.input_name, self.output_names = input_name, list(output_names)
         dim = self.session.get_inputs()[0].shape[0]
@@ -115,7 +119,7 @@ class OnnxRuntimeBackend(Backend):
         if names != list(output_names) or any(o.type != "tensor(float)" for o in outputs):
             raise ClipadError(f"{self.path}: outputs {names} differ from the manifest's {list(output_names)} "
                               f"float32; re-export")
-        channels = {o.shape[1] for o in outputs if len(o.shape) > 1 and isinstance(o.shape[1], int)}
+        channels = {o.shape[1] for o in outputs[:2] if len(o.shape) > 1 and isinstance(o.shape[1], int)}
         if classes is not None and channels and channels != {classes}:
             raise ClipadError(f"{self.path}: the model has {sorted(channels)[0]} output channel(s) but the manifest "
                               f"names {classes} class(es); the manifest does not belong to this file (re-export)")
@@ -128,9 +132,9 @@ class OnnxRuntimeBackend(Backend):
     def batch_range(self) -> tuple[int, int]:
         return self._range
 
-    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run(self.output_names, {self.input_name: batch_u8})
-        return maps, scores
+    def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(anomaly_map, image_score[, patch_features]) as the manifest lists them."""
+        return tuple(self.session.run(self.output_names, {self.input_name: batch_u8}))
 
     def end_profiling(self) -> str:
         """The profile file of a backend opened with ``profile_prefix``."""

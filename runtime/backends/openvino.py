@@ -98,8 +98,7 @@ class OpenVINOBackend(Backend):
 
     def _infer(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         results = self.request.infer({self.input_name: batch_u8})
-        maps, scores = (np.array(results[port], np.float32, copy=True) for port in self.outputs)
-        return maps, scores
+        return tuple(np.array(results[port], np.float32, copy=True) for port in self.outputs)
 
     def _release(self) -> None:
         self.request = self.compiled = None

@@ -320,8 +320,7 @@ class TensorRTBackend(Backend):
         else:
             self._enqueue(shapes)
         self.stream.synchronize()
-        maps, scores = (self._flat(o, shapes[o]).reshape(shapes[o]).copy() for o in self.output_names)
-        return maps, scores
+        return tuple(self._flat(o, shapes[o]).reshape(shapes[o]).copy() for o in self.output_names)
 
     def _run_graph(self, shapes: dict) -> None:
         key = tuple(sorted(shapes.items()))

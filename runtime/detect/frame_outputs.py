@@ -51,6 +51,7 @@ def record(frame, class_name: str, pred=None, error: str | None = None, post_ms:
     return {"time": _now(), "run": run, "camera": camera, "seq": seq, "source": frame.source, "frame": frame.frame,
             "class_name": class_name, "score": value("score"), "decision_score": value("decision_score"),
             "normalized_score": value("normalized_score"), "p_value": value("p_value"), "map_max": value("map_max"),
+            "fewshot_max": value("fewshot_max"),
             "label": None if pred is None else pred.label, "pixel_label": pixel_label, "regions": regions,
             "calibration": None if pred is None else pred.calibration, "latency_ms": lat,
             "error": error if error is not None or pred is None else pred.error}
@@ -76,6 +77,9 @@ class FrameOutputs:
             if opts.save_maps:
                 render.save_npy_atomic(os.path.join(opts.folder(opts.save_maps, camera), frame.stem + ".npy"),
                                        pred.anomaly_map)
+                if pred.fewshot_map is not None:   # the few-shot part of the fused map beside it
+                    render.save_npy_atomic(os.path.join(opts.folder(opts.save_maps, camera),
+                                                        frame.stem + ".fewshot.npy"), pred.fewshot_map)
             if pred.pixel_threshold is not None and pred.error is None:
                 height, width = frame.image.shape[:2]
                 pixel_label = "NG" if pred.map_max >= pred.pixel_threshold else "OK"

@@ -1,0 +1,223 @@
+"""Few-shot memories (issue 22): patch features from every model kind, the few-shot graph against its numpy reference,
+edge-calibrate --memory, and what edge-detect does with the memory."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from tiny_fixtures import TINY, export_tiny, manifest_json
+
+from clipad.calibration import cli as calibrate_cli
+from clipad.calibration.samples import write_samples
+from clipad.runtime.detect.cli import main as edge_detect
+from clipad.runtime.detector import Detector
+from clipad.runtime.fewshot import as_loaded
+from clipad.runtime.fewshot_reference import fewshot_outputs
+
+TAPS = {"aaclip": 4, "crane": 1, "clip": 1, "crane_plus": 3}
+
+
+def export_with_features(tiny_files, out, kind, dino=None):
+    if kind == "crane_plus":
+        from clipad.export import cli as export_cli
+
+        return export_cli.main(["--model", "crane_plus", "--arch", TINY, "--image-size", "56", "--ckpt",
+                                str(tiny_files["crane"]), "--clip-weights", str(tiny_files["state_dict"]),
+                                "--dino-weights", str(dino), "--output", str(out), "-q", "--no-engine",
+                                "--memory-features"])
+    return export_tiny(tiny_files, out, kind, ["--no-engine", "--memory-features"], classes=("tile",))
+
+
+@pytest.fixture(scope="module")
+def dino_file(tmp_path_factory):
+    from clipad.export.models import dinov2
+
+    path = tmp_path_factory.mktemp("dino") / "dinov2_tiny_reg4.pth"
+    torch.save(dinov2.random_dino(TINY, 4, seed=2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fs_normals")
+    write_samples(str(folder), count=14, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def aaclip(tiny_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fs") / "aa"
+    assert export_with_features(tiny_files, out, "aaclip") == 0
+    return out
+
+
+def graph_outputs(model_dir, features, memory, amap, score):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_dir / "fewshot.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"patch_features": features, "memory": memory, "anomaly_map": amap,
+                              "image_score": score})
+
+
+@pytest.mark.parametrize("kind", ["aaclip", "crane", "clip", "crane_plus"])
+def test_every_kind_gives_unit_patch_features_and_a_graph_that_matches_numpy(kind, tiny_files, dino_file, normals,
+                                                                           tmp_path):
+    out = tmp_path / kind
+    assert export_with_features(tiny_files, out, kind, dino_file) == 0
+    m = manifest_json(out)
+    spec = next(o for o in m["outputs"] if o["name"] == "patch_features")
+    assert spec["shape"][1:3] == [TAPS[kind], 16] and "fewshot.onnx" in m["files"]
+    images = sorted(str(p) for p in normals.iterdir())[:3]
+    with Detector.open(str(out), backend="onnxruntime") as det:
+        from clipad.runtime.preprocess import prepare
+
+        batch = np.stack([prepare(p, 56) for p in images])
+        maps, scores, features = det.run_raw(batch)
+    norms = np.linalg.norm(features, axis=-1)
+    assert np.allclose(norms, 1, atol=1e-4)          # unit per tap (Crane+'s DINOv2 tap zero-padded to the width)
+    memory = features[:2].transpose(1, 0, 2, 3).reshape(TAPS[kind], -1, features.shape[-1])
+    memory = as_loaded(memory)        # stored FP16, loaded renormalised
+    got = graph_outputs(out, features, memory, maps[:, 0], scores[:, 0])
+    want = fewshot_outputs(features, memory, maps[:, 0], scores[:, 0], m["model"]["details"]["fewshot"])
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-5
+    assert np.abs(got[0][:2]).max() <= 1e-4          # the two images in the memory: few-shot map 0
+    assert got[0][2].max() > 1e-3                     # the third is not in it
+
+
+def test_the_reference_catches_a_wrong_graph(aaclip):
+    """The numpy reference is independent: a head with another resize would differ (guards the test above)."""
+    recipe = manifest_json(aaclip)["model"]["details"]["fewshot"]
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((1, 4, 16, 32)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    memory = features[0, :, :8].copy()
+    args = (features, memory, np.zeros((1, 56, 56), np.float32), np.zeros(1, np.float32))
+    good = fewshot_outputs(*args, recipe)[0]
+    wrong = fewshot_outputs(*args, {**recipe, "align_corners": False})[0]
+    assert np.abs(graph_outputs(aaclip, *args)[0] - good).max() <= 1e-5 < np.abs(good - wrong).max()
+
+
+def test_fp16_and_int8_files_keep_the_features(aaclip, tiny_files, tmp_path):
+    import shutil
+
+    from clipad.export import cli as export_cli
+
+    copy = tmp_path / "aa"
+    shutil.copytree(aaclip, copy)
+    assert export_cli.main(["--from-onnx", str(copy), "--precision", "fp16", "--no-engine", "-q"]) == 0
+    assert export_cli.main(["--from-onnx", str(copy), "--precision", "int8-cpu", "--no-engine", "-q"]) == 0
+    import onnxruntime as ort
+
+    for name in ("model.fp16.onnx", "model.int8-cpu.onnx"):
+        session = ort.InferenceSession(str(copy / name), providers=["CPUExecutionProvider"])
+        outputs = {o.name: o.type for o in session.get_outputs()}
+        assert outputs == {"anomaly_map": "tensor(float)", "image_score": "tensor(float)",
+                           "patch_features": "tensor(float)"}, name
+
+
+def calibrate(*argv):
+    return calibrate_cli.main(list(map(str, argv)))
+
+
+def test_memory_calibration_excludes_memory_images_and_edge_detect_fuses(aaclip, normals, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(aaclip, model)
+    assert calibrate("--model", model, "--normal", normals, "--memory", 4, "--holdout", 0, "--target-fpr", 0.2,
+                     "-q") == 0
+    m = manifest_json(model)
+    assert m["schema_version"] == 6
+    cal = m["calibrations"][0]["classes"]["tile"]
+    record = cal["memory"]
+    assert cal["decision"]["rule"] == "fused" and cal["images"] == 14 - 4 and record["images"] == 4
+    assert record["rows"] == 4 * 16 and record["taps"] == 4 and record["coreset"] is None
+    assert (model / record["file"]).is_file() and record["model_sha256"] == m["files"]["model.onnx"]["sha256"]
+    bank = np.load(model / record["file"], allow_pickle=False)
+    assert bank.dtype == np.float16 and bank.shape == (4, 64, 32)
+
+    jsonl, maps = tmp_path / "r.jsonl", tmp_path / "maps"
+    assert edge_detect(["--model", str(model), "--source", str(normals), "--jsonl", str(jsonl), "--save-maps",
+                        str(maps), "-q"]) == 0
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    from clipad.calibration.memory import file_sha256
+
+    in_memory = set(record["image_sha256s"])
+    for row in rows:
+        stem = os.path.splitext(os.path.basename(row["source"]))[0]
+        fused, fewshot = np.load(maps / f"{stem}.npy"), np.load(maps / f"{stem}.fewshot.npy")
+        assert row["label"] in ("OK", "NG") and row["fewshot_max"] == pytest.approx(float(fewshot.max()), abs=1e-6)
+        assert row["map_max"] == pytest.approx(float(fused.max()), abs=1e-6)
+        if file_sha256(row["source"]) in in_memory:
+            assert row["fewshot_max"] <= 1e-4
+        else:
+            assert row["fewshot_max"] > 1e-3
+    assert sum(file_sha256(r["source"]) in in_memory for r in rows) == 4
+
+    # a new calibration without a memory replaces it, and its file goes
+    assert calibrate("--model", model, "--normal", normals, "--holdout", 0, "--target-fpr", 0.2, "-q") == 0
+    assert not (model / record["file"]).exists()
+    assert manifest_json(model)["calibrations"][0]["classes"]["tile"].get("memory") is None
+
+
+def test_coreset_keeps_the_share_and_covers_every_cluster():
+    from clipad.calibration.memory import greedy_coreset, make_bank
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((5, 32)) * 10
+    points = np.concatenate([c + rng.standard_normal((200, 32)) * 0.1 for c in centres]).astype(np.float32)
+    chosen = greedy_coreset(points, 5, seed=1)
+    assert sorted(set(chosen // 200)) == [0, 1, 2, 3, 4]          # one per cluster: the farthest-point rule
+    features = rng.standard_normal((3, 2, 16, 8)).astype(np.float32)
+    assert make_bank(features, 0.1, 0, True).shape == (2, 5, 8)   # ceil(0.1 · 48)
+    assert make_bank(features, None, 0, True).shape == (2, 48, 8)
+
+
+def test_stale_or_tampered_memory_is_refused_in_one_line(aaclip, normals, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(aaclip, model)
+    assert calibrate("--model", model, "--normal", normals, "--memory", 3, "--coreset", 0.5, "--holdout", 0,
+                     "--target-fpr", 0.2, "-q") == 0
+    data = json.loads((model / "manifest.json").read_text())
+    record = data["calibrations"][0]["classes"]["tile"]["memory"]
+    assert record["rows"] == 24 and record["coreset"] == 0.5
+    stale = json.loads(json.dumps(data))
+    stale["calibrations"][0]["classes"]["tile"]["memory"]["model_sha256"] = "0" * 64
+    (model / "manifest.json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    assert edge_detect(["--model", str(model), "--source", str(normals), "-q"]) == 2
+    assert "few-shot memory is stale" in capsys.readouterr().err
+    (model / "manifest.json").write_text(json.dumps(data))
+    with open(model / record["file"], "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\0\0\0\0")
+    assert edge_detect(["--model", str(model), "--source", str(normals), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "sha256 does not match" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--memory", "3", "--memory-from", "X"], "give one"),
+    (["--memory", "0"], "must be at least 1"),
+    (["--memory", "99"], "only 14 normal image(s)"),
+    (["--memory", "3", "--coreset", "1.5"], "a share in (0, 1]"),
+    (["--coreset", "0.1"], "give --memory K"),
+])
+def test_memory_options_fail_in_one_line_before_any_image_runs(aaclip, normals, argv, message, capsys):
+    assert calibrate("--model", aaclip, "--normal", normals, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not [f for f in os.listdir(aaclip) if f.startswith("memory-")]
+
+
+def test_memory_needs_an_export_with_features(tiny_files, normals, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert export_tiny(tiny_files, out, "clip", ["--no-engine"], classes=("tile",)) == 0
+    assert calibrate("--model", out, "--normal", normals, "--memory", 2) == 2
+    assert "re-export with export-engine … --memory-features" in capsys.readouterr().err
