@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny_fixtures import TINY, export_tiny, manifest_json
 
 from clipad.calibration import cli as calibrate_cli
 from clipad.calibration.samples import write_samples
@@ -16,6 +15,7 @@ from clipad.runtime.detect.cli import main as edge_detect
 from clipad.runtime.detector import Detector
 from clipad.runtime.fewshot import as_loaded
 from clipad.runtime.fewshot_reference import fewshot_outputs
+from tiny_fixtures import TINY, export_tiny, manifest_json
 
 TAPS = {"aaclip": 4, "crane": 1, "clip": 1, "crane_plus": 3}
 
