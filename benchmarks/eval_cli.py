@@ -16,6 +16,7 @@ examples:
   edge-eval --model crane_l14 --data mvtec_ad --json crane.json --markdown crane.md --plots plots/
   edge-eval --model aa_tile --data ../shared/data --classes magnetic_tile --compare int8
   edge-eval --model aa_line3 --data line3_test --class-map parts=screw --backend tensorrt --precision fp16
+  edge-eval --model crane_feat --data ../shared/data --fewshot 4      (an export made with --memory-features)
 
 data: ROOT/<class>/test/<defect>/<stem>.<ext>, masks ROOT/<class>/ground_truth/<defect>/<stem>_mask.png
 (0/255 masks: defect where > 127; 0/1 masks, whose maximum is 1, are read as such and counted), train/ ignored. Each data class runs as the model class of the same name, or the model's only
@@ -26,7 +27,9 @@ for AA-CLIP without calibration the official per-class min-max over the test set
 AUPRO up to FPR 0.3 as the MVTec AD evaluation defines it, at the model's SxS (masks thresholded, then resized with
 nearest neighbour), streamed so memory does not grow with the images; with calibration the OK/NG false-alarm and miss
 rates. --compare runs every image through a second precision or backend too: metric deltas, per-image map Pearson,
-score Spearman and the OK/NG agreement at each side's calibrated thresholds.
+score Spearman and the OK/NG agreement at each side's calibrated thresholds. --fewshot K adds a memory of K
+images from each class's train/good (seeded; a train image whose content is also a test image is left out) and
+reports zero-shot, few-shot (decided on its map maximum) and fused (docs/few-shot.md) side by side from one pass.
 """
 
 log = logging.getLogger("clipad")
@@ -46,6 +49,11 @@ def parse_args(argv):
     ap.add_argument("--compare", metavar="PRECISION_OR_BACKEND",
                     help=f"also run another precision ({', '.join(precisions.NAMES)}) on the same backend, or the same "
                          f"precision on another backend ({', '.join(COMPARE_BACKENDS)})")
+    ap.add_argument("--fewshot", type=int, metavar="K", help="also a few-shot memory of K train/good images per "
+                                                             "class: zero-shot, few-shot and fused side by side")
+    ap.add_argument("--coreset", type=float, metavar="SHARE", help="--fewshot: keep this share of the memory's "
+                                                                   "patches (PatchCore's greedy coreset)")
+    ap.add_argument("--seed", type=int, default=0, help="--fewshot: seed of the memory draw (default 0)")
     ap.add_argument("--json", metavar="FILE", help="full report (per class, mean, every image)")
     ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
@@ -94,6 +102,23 @@ def _second(args, detector):
     return Detector.open(args.model, backend=backend, **options)
 
 
+def fewshot_options(args):
+    """The --fewshot options, checked before anything runs; None without --fewshot."""
+    from .fewshot_eval import FewShotEval
+
+    if args.fewshot is None:
+        if args.coreset is not None:
+            raise ClipadError("--coreset thins a few-shot memory: give --fewshot K too")
+        return None
+    if args.fewshot < 1:
+        raise ClipadError(f"--fewshot {args.fewshot}: must be at least 1 image")
+    if args.compare is not None:
+        raise ClipadError("--fewshot and --compare: give one (each compares side by side)")
+    if args.coreset is not None and not 0 < args.coreset <= 1:
+        raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+    return FewShotEval(args.fewshot, args.coreset, args.seed, args.data, quiet=args.quiet)
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -107,6 +132,7 @@ def run(args) -> int:
 
     if args.compare is not None and args.compare not in COMPARE_CHOICES:
         raise ClipadError(f"--compare {args.compare}: give a precision or a backend ({', '.join(COMPARE_CHOICES)})")
+    fewshot = fewshot_options(args)
     testset = scan(args.data, args.classes)
     reports_given = {"--json": args.json, "--csv": args.csv, "--markdown": args.markdown}
     refuse_reports_over(reports_given, args.model,
@@ -119,9 +145,11 @@ def run(args) -> int:
             probe_folder(folder, flag)
     if args.plots:
         reports.check_plotting()
-    detector = open_detector(args)
+    detector = open_detector(args, memory=fewshot is None)
     other = None
     try:
+        if fewshot is not None:
+            fewshot.open(detector)
         mapping = class_map(testset, detector.class_names, args.class_map)
         other = _second(args, detector) if args.compare else None
         total = sum(len(v) for v in testset.classes.values())
@@ -132,7 +160,7 @@ def run(args) -> int:
             log.info("evaluating %s on %s: %d image(s) in %d class(es)%s", args.model, detector.backend.description,
                      total, len(testset.classes), f"; compared with {other.backend.description}" if other else "")
         with tqdm(total=total, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-            result = evaluate(detector, testset, mapping, other, args.save_maps, bar.update)
+            result = evaluate(detector, testset, mapping, other, args.save_maps, bar.update, fewshot)
         result.update(model=args.model, backend=detector.backend.description, precision=detector.backend.precision,
                       random_weights=bool(detector.manifest.model.random_init), class_map=mapping)
         if result["random_weights"]:

@@ -84,18 +84,20 @@ def _metrics(detector, run: Run, class_name: str) -> dict:
 
 
 def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, save_maps: str | None = None,
-             progress=None) -> dict:
-    """The report (see ``edge-eval --help``); ``other`` is a second Detector to compare with."""
+             progress=None, fewshot=None) -> dict:
+    """The report (see ``edge-eval --help``); ``other`` is a second Detector to compare with; ``fewshot`` a
+    ``fewshot_eval.FewShotEval`` (zero-shot, few-shot and fused side by side)."""
     from clipad.runtime.inputs import load_image, original_size
     from clipad.runtime.render import save_npy_atomic
 
     size = detector.image_size
     report = {"schema_version": SCHEMA_VERSION, "classes": {}, "images": [], "warnings": list(testset.warnings),
               "unreadable": [], "masks_01": []}
-    comparison = {}
+    comparison, fewshot_classes = {}, {}
     for cls, samples in testset.classes.items():
         model_class = class_map[cls]
-        runs = [Run()] + ([Run()] if other is not None else [])
+        runs = [Run()] + ([Run()] if other is not None else []) + ([Run(), Run()] if fewshot is not None else [])
+        memory = fewshot.memory_for(detector, cls, [s.path for s in samples], True) if fewshot is not None else None
         pearson = []
         for sample in samples:
             base = {"class": cls, "defect": sample.defect, "path": sample.path,
@@ -118,7 +120,10 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
                             report["masks_01"].append(sample.mask_path)
                     except ClipadError as exc:
                         report["warnings"].append(f"{cls}: {exc}; left out of the pixel metrics")
-            outputs = [_predict(d, image, model_class) for d in ([detector] + ([other] if other else []))]
+            if fewshot is not None:
+                outputs = fewshot.predict(detector, image, model_class, memory)
+            else:
+                outputs = [_predict(d, image, model_class) for d in ([detector] + ([other] if other else []))]
             for run, out in zip(runs, outputs):
                 if out["error"] is not None:
                     report["warnings"].append(f"{sample.path}: {out['error']}")
@@ -137,16 +142,29 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
             report["warnings"].append(f"{cls}: no readable test image; class left out")
             continue
         report["classes"][cls] = _metrics(detector, runs[0], model_class)
+        if fewshot is not None:   # each image's few-shot and fused decision scores beside its zero-shot record
+            for r, few, fused in zip(*(run.records for run in runs)):
+                r["fewshot_max"], r["fused_score"] = few["decision_score"], fused["decision_score"]
         report["images"] += [{k: v for k, v in r.items() if k != "map_min"} for r in runs[0].records]
         if other is not None:
             theirs = _metrics(other, runs[1], model_class)
             comparison[cls] = _compared(report["classes"][cls], theirs, runs[0], runs[1], pearson)
+        if fewshot is not None:
+            fewshot_classes[cls] = {"zero_shot": report["classes"][cls], "memory_images": fewshot.sources[cls],
+                                    **{view: _metrics(fewshot.view(detector, view), run, model_class)
+                                       for view, run in zip(("few_shot", "fused"), runs[1:])}}
     if report["masks_01"]:
         report["warnings"].append(f"{len(report['masks_01'])} mask(s) hold only 0 and 1: read as 0/1 masks (defect "
                                   f"where 1), not as 0/255 masks (listed in masks_01)")
     report["mean"] = _mean(report["classes"])
     if other is not None:
         report["compare"] = {"classes": comparison, "mean": _mean(comparison)}
+    if fewshot is not None:
+        from .fewshot_eval import VIEWS
+
+        report["fewshot"] = {"k": fewshot.k, "coreset": fewshot.coreset, "seed": fewshot.seed,
+                             "memory_from": "<class>/train/good", "classes": fewshot_classes,
+                             "mean": {v: _mean({c: per[v] for c, per in fewshot_classes.items()}) for v in VIEWS}}
     return report
 
 

@@ -31,6 +31,16 @@ def rows(report: dict) -> list[list[str]]:
     return out
 
 
+def fewshot_rows(report: dict) -> list[list[str]]:
+    fs = report["fewshot"]
+    out = []
+    for name, per in list(fs["classes"].items()) + [("mean", fs["mean"])]:
+        for view in ("zero_shot", "few_shot", "fused"):
+            c = per[view]
+            out.append([name, view.replace("_", "-")] + [_pct(c.get(g, {}).get(k)) for g, k in COLUMNS])
+    return out
+
+
 def compare_rows(report: dict) -> list[list[str]]:
     out = []
     comp = report["compare"]
@@ -56,6 +66,12 @@ def markdown(report: dict) -> str:
                                                                    "OK/NG agreement"], compare_rows(report)))
         notes = {c.get("ok_ng_note") for c in report["compare"]["classes"].values()} - {None}
         text += [f"- OK/NG: {note}" for note in sorted(notes)]
+    if "fewshot" in report:
+        fs = report["fewshot"]
+        coreset = f", coreset {fs['coreset']:g}" if fs.get("coreset") else ""
+        text.append(f"Few-shot: a memory of {fs['k']} image(s) per class from {fs['memory_from']} (seed "
+                    f"{fs['seed']}{coreset}); zero-shot, few-shot and fused:")
+        text.append(table(["class", "view"] + HEADER[3:10], fewshot_rows(report)))
     for warning in report["warnings"][:20]:
         text.append(f"- warning: {warning}")
     if len(report["warnings"]) > 20:

@@ -117,9 +117,9 @@ def model_options(args: argparse.Namespace, **extra) -> tuple[str | None, str, d
                                       **extra}
 
 
-def open_detector(args: argparse.Namespace, **extra):
-    """The Detector the options above ask for."""
+def open_detector(args: argparse.Namespace, memory: bool = True, **extra):
+    """The Detector the options above ask for (``memory`` False: without the calibration's few-shot memory)."""
     from .detector import Detector
 
     model_dir, backend, options = model_options(args, **extra)
-    return Detector.open(model_dir, backend=backend, **options)
+    return Detector.open(model_dir, backend=backend, memory=memory, **options)

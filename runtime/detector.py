@@ -47,7 +47,7 @@ class Detector:
         self.kind = manifest.model.kind
         self.class_names: list[str] = list(manifest.class_names)
         self.image_size: int = manifest.image_size
-        self.policy = DecisionPolicy(manifest, backend.precision, backend.name)
+        self.policy = DecisionPolicy(manifest, backend.precision, backend.name, memory=memory)
         self.fewshot: FewShot | None = None
         if memory:
             try:

@@ -25,8 +25,11 @@ class Decision:
 
 
 class DecisionPolicy:
-    def __init__(self, manifest: Manifest, precision: str, backend: str, threshold: float | None = None):
-        self.manifest = manifest
+    def __init__(self, manifest: Manifest, precision: str, backend: str, threshold: float | None = None,
+                 memory: bool = True):
+        """``memory`` False: the model runs without few-shot memories, so thresholds fitted with one do not apply
+        (those classes count as uncalibrated)."""
+        self.manifest, self.memory = manifest, memory
         self.rule = manifest.model.decision_score
         self.override = check_threshold(threshold)
         self.calibration: Calibration | None
@@ -43,7 +46,8 @@ class DecisionPolicy:
         return cal.decision["rule"] if cal is not None and cal.memory is not None else self.rule
 
     def class_calibration(self, class_name: str) -> ClassCalibration | None:
-        return self.calibration.classes.get(class_name) if self.calibration else None
+        cal = self.calibration.classes.get(class_name) if self.calibration else None
+        return None if cal is not None and cal.memory is not None and not self.memory else cal
 
     def provenance(self, class_name: str) -> dict | None:
         cal = self.class_calibration(class_name)

@@ -221,3 +221,42 @@ def test_memory_needs_an_export_with_features(tiny_files, normals, tmp_path, cap
     assert export_tiny(tiny_files, out, "clip", ["--no-engine"], classes=("tile",)) == 0
     assert calibrate("--model", out, "--normal", normals, "--memory", 2) == 2
     assert "re-export with export-engine … --memory-features" in capsys.readouterr().err
+
+
+def test_edge_eval_reports_zero_shot_few_shot_and_fused_side_by_side(aaclip, tmp_path):
+    import shutil
+
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+    from test_eval import make_dataset
+
+    from clipad.benchmarks.eval_cli import main as edge_eval
+
+    data = make_dataset(tmp_path / "data")
+    train = data / "part" / "train" / "good"
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(np.clip(rng.normal(120, 12, (70, 90, 3)), 0, 255).astype(np.uint8)).save(train / f"t{i}.png")
+    leaked = data / "part" / "test" / "good" / "000.png"
+    shutil.copy(leaked, train / "copy_of_a_test_image.png")   # never goes into the memory
+
+    def run(*extra):
+        out = tmp_path / "r.json"
+        rc = edge_eval(["--model", str(aaclip), "--data", str(data), "--json", str(out), "-q", *extra])
+        return rc, (json.loads(out.read_text()) if rc == 0 else None)
+
+    assert run("--fewshot", "4")[0] == 2            # only 3 train images are not test images
+    rc, report = run("--fewshot", "3")
+    assert rc == 0
+    fs = report["fewshot"]
+    part = fs["classes"]["part"]
+    assert fs["k"] == 3 and part["memory_images"] == 3 and part["zero_shot"] == report["classes"]["part"]
+    rows = report["images"]
+    labels = [r["label"] == "defect" for r in rows]
+    assert part["fused"]["image"]["auroc"] == pytest.approx(roc_auc_score(labels, [r["fused_score"] for r in rows]))
+    assert part["few_shot"]["image"]["auroc"] == pytest.approx(
+        roc_auc_score(labels, [r["fewshot_max"] for r in rows]))
+    assert part["fused"]["decision"]["score"] == "fused" and part["few_shot"]["decision"]["score"] == "map_max"
+    copied = next(r for r in rows if r["path"] == str(leaked))
+    assert copied["fewshot_max"] > 1e-3             # its copy in train/good was left out of the memory
+    assert run("--fewshot", "2", "--compare", "int8")[0] == 2
