@@ -60,6 +60,10 @@ def parse_args(argv):
     ap.add_argument("--clip-weights", help="torch row: the base weights, when the recorded file moved")
     ap.add_argument("--ckpt", help="torch row: the checkpoint, when the recorded file moved")
     ap.add_argument("--dino-weights", help="torch row (Crane+): the DINOv2 weights, when the recorded file moved")
+    ap.add_argument("--fewshot", type=int, metavar="K",
+                    help="also time the few-shot step (fewshot.onnx, an export made with --memory-features) with a "
+                         "memory of K images' patches (seeded values; the time does not depend on them)")
+    ap.add_argument("--coreset", type=float, metavar="SHARE", help="--fewshot: the memory thinned to this share")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--markdown", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
@@ -138,6 +142,7 @@ def markdown(report: dict) -> str:
              f"CPU flags: {', '.join(env.get('cpu_flags') or []) or 'n/a'}", "",
              "| backend | precision | batch | status | p50 ms/img | p90 | p99 | img/s | pre / infer / post ms | "
              "peak RSS MB | map Pearson | max Δscore | gate | check | GFLOP/s | of ceiling |", "|" + "---|" * 16]
+    fewshot_lines: list[str] = []
     chip = report.get("chip")
     if chip:
         rates = ", ".join(f"{k} {v:g}" for k, v in chip["ceilings_gflops"].items()) or "none measured"
@@ -149,6 +154,10 @@ def markdown(report: dict) -> str:
                          + " |" * 12)
             continue
         st = r["stages_ms"]
+        if "fewshot" in st:
+            fewshot_lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['fewshot_rows']} | "
+                                 f"{st['infer']:.1f} | {st['fewshot']:.2f} | {st['fewshot'] / st['infer']:.1%} | "
+                                 f"{r['fewshot_rss_mb']:.0f} |")
         lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | ok ({r['device']}) | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['throughput_ips']:.3g} | {st['pre']:.1f} / "
                      f"{st['infer']:.1f} / {st['post']:.1f} | {r['peak_rss_mb']:.0f} | "
@@ -156,6 +165,11 @@ def markdown(report: dict) -> str:
                      f"{'–' if r['score_max_abs'] is None else format(r['score_max_abs'], '.2e')} | "
                      f"{r['gate'] or '–'} | {r['check'] or '–'} | {_num(r.get('gflops'), '.1f')} | "
                      f"{_num(r.get('of_ceiling'), '.0%')} |")
+    if fewshot_lines:
+        lines += ["", "few-shot step (fewshot.onnx after the model; p50 ms per image):", "",
+                  "| backend | precision | batch | memory rows per tap | infer ms | few-shot ms | of infer | "
+                  "added RSS MB |",
+                  "|" + "---|" * 8] + fewshot_lines
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +252,18 @@ def run(args) -> int:
     if args.max_images < 1:
         raise ClipadError("--max-images must be >= 1")
     check_threads(args.threads)
+    fewshot = None
+    if args.fewshot is not None:
+        from clipad.runtime.fewshot import require_features
+
+        if args.fewshot < 1:
+            raise ClipadError(f"--fewshot {args.fewshot}: must be at least 1 image")
+        if args.coreset is not None and not 0 < args.coreset <= 1:
+            raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+        require_features(manifest, args.model)
+        fewshot = (args.fewshot, args.coreset)
+    elif args.coreset is not None:
+        raise ClipadError("--coreset sizes the few-shot memory: give --fewshot K too")
     reports = {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}
     for flag, path in reports.items():
         probe_file(path, flag)
@@ -259,7 +285,7 @@ def run(args) -> int:
             else:
                 row, out = measure_in_child(RowSpec(backend, precision, batch, args.model, images, args.warmup,
                                                     args.iters, args.threads, args.clip_weights, args.ckpt,
-                                                    args.dino_weights))
+                                                    args.dino_weights, fewshot))
             rows.append(row)
             outputs.append(out)
     _accuracy(rows, outputs, manifest)

@@ -30,10 +30,10 @@ class FewShotEval:
     sources: dict = field(default_factory=dict)    # data class → how many train/good images went in
 
     def open(self, detector) -> None:
-        from clipad.runtime.fewshot import FewShotGraph, require_features
+        from clipad.runtime.fewshot import open_graph, require_features
 
         require_features(detector.manifest, detector.model_dir)
-        self.graph = FewShotGraph(detector.model_dir, detector.manifest)
+        self.graph = open_graph(detector.model_dir, detector.manifest, detector.backend.name)
 
     def memory_for(self, detector, cls: str, test_paths: list[str], quiet: bool) -> np.ndarray:
         from clipad.calibration import memory

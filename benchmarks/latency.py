@@ -31,6 +31,7 @@ class RowSpec:
     clip_weights: str | None = None   # torch row: when the recorded source files moved
     ckpt: str | None = None
     dino_weights: str | None = None
+    fewshot: tuple[int, float | None] | None = None   # (K images, coreset share): also time the few-shot graph
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Row:
     peak_rss_mb: float | None = None
     map_pearson: float | None = None
     score_max_abs: float | None = None
+    fewshot_rows: int | None = None     # memory rows per tap of the timed few-shot step (stage "fewshot")
+    fewshot_rss_mb: float | None = None  # resident memory the few-shot step added (memory + graph + first run)
     gate: str | None = None      # the export's recorded gate for the file that ran: passed / failed / accepted
     check: str | None = None     # this run's outputs held to the precision's gate limits on these images
 
@@ -111,15 +114,23 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
         return row, None
     pictures = [load_image(p) for p in spec.images]
     frame = np.ascontiguousarray(np.asarray(pictures[0].resize(FRAME))[:, :, ::-1])
-    outputs = run(np.stack([resize_for_model(p, size) for p in pictures]))[:2]  # also the first warm-up
-    timings = {"pre": [], "infer": [], "post": []}
+    first = run(np.stack([resize_for_model(p, size) for p in pictures]))  # also the first warm-up
+    outputs = first[:2]
+    step = _fewshot_step(spec, policy.manifest, first, row) if spec.fewshot else None
+    timings = {"pre": [], "infer": [], "post": []} | ({"fewshot": []} if step else {})
     batches = []
     for i in range(spec.warmup + spec.iters):
         chosen = [pictures[(i * spec.batch + j) % len(pictures)] for j in range(spec.batch)]
         t0 = time.perf_counter()
         batch = np.stack([resize_for_model(p, size) for p in chosen])
         t1 = time.perf_counter()
-        maps, scores = run(batch)[:2]
+        maps, scores, *features = run(batch)
+        if step is not None:
+            t_few = time.perf_counter()
+            maps, scores = maps.copy(), scores.copy()
+            _, maps[:, 0], scores[:, 0] = step(features[0], maps[:, 0], scores[:, 0])
+            if i >= spec.warmup:
+                timings["fewshot"].append(1e3 * (time.perf_counter() - t_few) / spec.batch)
         t2 = time.perf_counter()
         for m, s in zip(maps[:, 0], scores[:, 0]):
             policy.decide(names[0], m, float(s))
@@ -138,6 +149,35 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
     row.stages_ms = {k: float(np.median(v)) for k, v in timings.items()}
     row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row, outputs
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _fewshot_step(spec: RowSpec, manifest, first: tuple, row: Row):
+    """A run(features, map, score) of the few-shot graph with a seeded memory of the size ``spec.fewshot`` asks
+    for (K images' patches, thinned to the coreset share; timing does not depend on the values), or None when this
+    file has no patch_features (the row says why)."""
+    import math
+
+    from clipad.runtime.fewshot import features_spec, open_graph
+
+    spec_out = features_spec(manifest)
+    if spec_out is None or len(first) < 3:
+        row.reason = "no few-shot step: exported without --memory-features"
+        return None
+    k, share = spec.fewshot
+    _, taps, patches, channels = spec_out.shape
+    rows = max(1, math.ceil((share or 1.0) * k * patches))
+    before = _rss_mb()
+    memory = np.random.default_rng(0).standard_normal((taps, rows, channels)).astype(np.float32)
+    memory /= np.linalg.norm(memory, axis=-1, keepdims=True)
+    graph = open_graph(spec.model_dir, manifest, spec.backend, spec.threads)
+    graph.run(first[2][:1], memory, first[0][:1, 0], first[1][:1, 0])
+    row.fewshot_rows, row.fewshot_rss_mb = rows, round(_rss_mb() - before, 1)
+    return lambda features, maps, scores: graph.run(features, memory, maps, scores)
 
 
 def measure_in_child(spec: RowSpec) -> tuple[Row, tuple | None]:

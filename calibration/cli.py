@@ -129,7 +129,7 @@ def memory_images(args, normal_files: list[str]) -> list[str]:
 
 def attach_memory(args, detector, files: list[str], class_names: list[str]) -> dict:
     """Build, store and attach the memory the thresholds will be fitted with; its manifest record."""
-    from clipad.runtime.fewshot import FewShot, FewShotGraph, as_loaded, model_file_of, save_memory
+    from clipad.runtime.fewshot import FewShot, as_loaded, model_file_of, open_graph, save_memory
 
     features, hashes = memory.features_of(detector, files, args.quiet)
     bank = memory.make_bank(features, args.coreset, args.seed, args.quiet)
@@ -139,7 +139,8 @@ def attach_memory(args, detector, files: list[str], class_names: list[str]) -> d
     source = os.path.abspath(args.memory_from) if args.memory_from else \
         f"{args.memory} of {os.path.abspath(args.normal)}"
     stored = as_loaded(bank)   # exactly what edge-detect will load
-    detector.fewshot = FewShot(FewShotGraph(args.model, detector.manifest), {n: stored for n in class_names})
+    graph = open_graph(args.model, detector.manifest, detector.backend.name)
+    detector.fewshot = FewShot(graph, {n: stored for n in class_names})
     if not args.quiet:
         log.info("few-shot memory %s: %d image(s), %d patch(es) × %d tap(s), %.1f MB", name, len(hashes),
                  bank.shape[1], bank.shape[0], bank.astype(np.float16).nbytes / 1e6)

@@ -20,6 +20,7 @@ import shutil
 from clipad.runtime import precisions
 from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
+from clipad.runtime.fewshot import GRAPH_FILE as FEWSHOT_GRAPH
 from clipad.runtime.manifest import Manifest
 from clipad.runtime.serving.triton_models import (
     BACKEND_PARAMETER,
@@ -195,7 +196,7 @@ def served_files(manifest: Manifest, precision: str) -> set[str]:
     """The files the python flavor ships: the FP32 reference, the precision's file and, when the export has it, the
     precision's CPU substitute (that flavor runs ONNX Runtime on the CPU, which then picks it)."""
     wanted = precisions.get(precision)
-    names = {precisions.REFERENCE.file, wanted.file}
+    names = {precisions.REFERENCE.file, wanted.file, FEWSHOT_GRAPH}
     if wanted.cpu_substitute:
         names.add(precisions.get(wanted.cpu_substitute).file)
     return {n for n in names if n in manifest.files}
@@ -208,6 +209,15 @@ def served_manifest(manifest: Manifest, flavor: str, precision: str) -> Manifest
     data["files"] = {k: v for k, v in data["files"].items() if k in keep}
     if flavor != "tensorrt":
         data["engines"] = []
+    if flavor != "python":   # only the python flavor runs the few-shot graph: memory-fitted thresholds would be
+        for calibration in data.get("calibrations") or []:   # applied to zero-shot outputs
+            dropped = [n for n, c in calibration["classes"].items() if c.get("memory")]
+            for name in dropped:
+                del calibration["classes"][name]
+                log.warning("WARNING: class %r of the %s calibration has a few-shot memory, which only the python "
+                            "flavor serves; the %s model carries no thresholds for it", name,
+                            calibration["precision"], flavor)
+        data["calibrations"] = [c for c in data.get("calibrations") or [] if c["classes"]]
     return Manifest.from_dict(data, "served manifest")
 
 
@@ -217,6 +227,8 @@ def _write_model(model_dir, manifest, served, target, folder, flavor, precision,
     if flavor == "python":
         for file in served.files:
             shutil.copyfile(manifest.verify_file(model_dir, file), os.path.join(version, file))
+        for file in served.memory_files():   # checked against their sha256 when the served model loads them
+            shutil.copyfile(os.path.join(model_dir, file), os.path.join(version, file))
         served.write(version)
         _write_shim(target, "OnnxModel")
         head = f'name: {pbtxt_string(folder)}\nbackend: "python"\n'

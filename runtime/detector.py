@@ -51,7 +51,8 @@ class Detector:
         self.fewshot: FewShot | None = None
         if memory:
             try:
-                self.fewshot = FewShot.open(model_dir, manifest, self.policy.calibration, backend.precision)
+                self.fewshot = FewShot.open(model_dir, manifest, self.policy.calibration, backend.precision,
+                                            backend.name)
             except BaseException:
                 backend.close()
                 raise

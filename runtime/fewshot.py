@@ -98,6 +98,42 @@ def load_memory(model_dir: str, manifest: Manifest, record: dict, precision: str
     return as_loaded(bank)
 
 
+def open_graph(model_dir: str, manifest: Manifest, backend: str, threads: int | None = None):
+    """The few-shot graph beside the backend that runs the model: OpenVINO next to OpenVINO, else ONNX Runtime
+    (CUDA when the installed ONNX Runtime has it, else the CPU; no TensorRT engine of the graph yet)."""
+    if backend == "openvino":
+        return OpenVINOFewShotGraph(model_dir, manifest, threads)
+    return FewShotGraph(model_dir, manifest, threads)
+
+
+class OpenVINOFewShotGraph:
+    """``fewshot.onnx`` compiled by OpenVINO for the CPU in FP32 (its BF16 default on BF16 CPUs would round the
+    cosines)."""
+
+    def __init__(self, model_dir: str, manifest: Manifest, threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ClipadError("OpenVINO is not installed (pip install 'clipad-edge[openvino]')") from None
+        path = manifest.verify_file(model_dir, GRAPH_FILE)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = ov.Core().compile_model(path, "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
+            raise ClipadError(f"{path}: OpenVINO cannot compile the few-shot graph "
+                              f"({str(exc).strip().splitlines()[0][:200]})") from None
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, features: np.ndarray, memory: np.ndarray, anomaly_map: np.ndarray, image_score: np.ndarray):
+        feed = dict(zip(GRAPH_INPUTS, (np.ascontiguousarray(features, np.float32), memory,
+                                       np.ascontiguousarray(anomaly_map, np.float32),
+                                       np.ascontiguousarray(image_score, np.float32))))
+        results = self.request.infer(feed)
+        return tuple(np.array(results[self.compiled.output(name)], np.float32, copy=True) for name in GRAPH_OUTPUTS)
+
+
 class FewShotGraph:
     """``fewshot.onnx`` on ONNX Runtime (CPU, or CUDA when the installed ONNX Runtime has it)."""
 
@@ -136,16 +172,13 @@ class FewShot:
         self.graph, self.memories = graph, memories
 
     @classmethod
-    def open(cls, model_dir: str | None, manifest: Manifest, calibration, precision: str,
+    def open(cls, model_dir: str | None, manifest: Manifest, calibration, precision: str, backend: str = "onnxruntime",
              threads: int | None = None) -> "FewShot | None":
         """None when no class of ``calibration`` has a memory."""
         records = {name: cal.memory for name, cal in (calibration.classes.items() if calibration else [])
                    if cal.memory is not None}
-        if not records:
+        if not records or model_dir is None:   # remote (Triton): its python flavor fuses on the server
             return None
-        if model_dir is None:
-            raise ClipadError("this calibration uses a few-shot memory, which needs a local export (not a remote "
-                              "backend)")
         require_features(manifest, model_dir)
         if calibration.precision != precision:
             raise ClipadError(f"{model_dir}: the {calibration.precision} calibration has a few-shot memory, which "
@@ -153,7 +186,7 @@ class FewShot:
                               f"--precision {precision}")
         memories = {name: load_memory(model_dir, manifest, record, precision, f"{model_dir} class {name!r}")
                     for name, record in records.items()}
-        return cls(FewShotGraph(model_dir, manifest, threads), memories)
+        return cls(open_graph(model_dir, manifest, backend, threads), memories)
 
     def apply(self, class_names: list[str], maps: np.ndarray, scores: np.ndarray, features: np.ndarray):
         """Fuse in place for every class with a memory; returns {class index: fewshot_map [N, S, S]}."""

@@ -13,7 +13,7 @@ from tiny_fixtures import export_tiny
 
 KEYS = {"backend", "precision", "batch", "status", "reason", "device", "runs", "p50_ms", "p90_ms", "p99_ms",
         "batch_p50_ms", "throughput_ips", "stages_ms", "peak_rss_mb", "map_pearson", "score_max_abs", "gate", "check",
-        "gflops", "of_ceiling"}
+        "gflops", "of_ceiling", "fewshot_rows", "fewshot_rss_mb"}
 
 
 @pytest.fixture(scope="module")

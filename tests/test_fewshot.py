@@ -228,9 +228,9 @@ def test_edge_eval_reports_zero_shot_few_shot_and_fused_side_by_side(aaclip, tmp
 
     from PIL import Image
     from sklearn.metrics import roc_auc_score
-    from test_eval import make_dataset
 
     from clipad.benchmarks.eval_cli import main as edge_eval
+    from test_eval import make_dataset
 
     data = make_dataset(tmp_path / "data")
     train = data / "part" / "train" / "good"
@@ -260,3 +260,90 @@ def test_edge_eval_reports_zero_shot_few_shot_and_fused_side_by_side(aaclip, tmp
     copied = next(r for r in rows if r["path"] == str(leaked))
     assert copied["fewshot_max"] > 1e-3             # its copy in train/good was left out of the memory
     assert run("--fewshot", "2", "--compare", "int8")[0] == 2
+
+
+def test_fewshot_graph_runs_on_openvino_and_builds_in_tensorrt_rtx(aaclip):
+    from clipad.runtime.fewshot import OpenVINOFewShotGraph
+    from clipad.runtime.manifest import Manifest
+
+    manifest = Manifest.read(str(aaclip))
+    recipe = manifest.model.details["fewshot"]
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((2, 4, 16, 32)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    memory = as_loaded(features[1].copy())
+    args = (features, memory, rng.uniform(0, 1, (2, 56, 56)).astype(np.float32), np.array([0.3, 0.6], np.float32))
+    got = OpenVINOFewShotGraph(str(aaclip), manifest).run(*args)
+    for g, w in zip(got, fewshot_outputs(*args, recipe)):
+        assert np.abs(g - w).max() <= 1e-5
+    assert got[0][1].max() <= 1e-4
+
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(aaclip / "fewshot.onnx"))
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, low, high in (("patch_features", (1, 4, 16, 32), (4, 4, 16, 32)), ("memory", (4, 1, 32), (4, 4096, 32)),
+                            ("anomaly_map", (1, 56, 56), (4, 56, 56)), ("image_score", (1,), (4,))):
+        profile.set_shape(name, low, low, high)
+    config.add_optimization_profile(profile)
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM86, 0)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 0
+
+
+def test_triton_python_flavor_carries_the_memory_and_the_others_drop_its_thresholds(aaclip, normals, tmp_path):
+    import shutil
+
+    from clipad.export import cli as export_cli
+    from clipad.runtime.manifest import Manifest
+    from clipad.runtime.preprocess import prepare
+    from clipad.runtime.serving.triton_models import OnnxModel
+
+    model = tmp_path / "m"
+    shutil.copytree(aaclip, model)
+    assert calibrate("--model", model, "--normal", normals, "--memory", 3, "--holdout", 0, "--target-fpr", 0.2,
+                     "-q") == 0
+    repo = tmp_path / "repo"
+    for flavor in ("python", "onnxruntime"):
+        assert export_cli.main(["--from-onnx", str(model), "--triton-repo", str(repo), "--triton-name", flavor,
+                                "--triton-backend", flavor, "-q"]) == 0
+    python_version = repo / "python" / "1"
+    memory_file = manifest_json(model)["calibrations"][0]["classes"]["tile"]["memory"]["file"]
+    assert {"fewshot.onnx", memory_file} <= set(os.listdir(python_version))
+    served = OnnxModel()
+    served.initialize({"model_repository": str(repo / "python"), "model_version": "1", "model_config": "{}"})
+    images = np.stack([prepare(str(p), 56) for p in sorted(normals.iterdir())[:4]])
+    try:
+        got = served.compute(images)
+    finally:
+        served.finalize()
+    with Detector.open(str(model), backend="onnxruntime") as local:
+        maps, scores = local.run(images)
+    assert np.allclose(got["anomaly_map"], maps, atol=1e-6) and np.allclose(got["image_score"], scores, atol=1e-6)
+    # the onnxruntime flavor serves the plain model: no fused thresholds to misapply in its post model
+    from clipad.export.triton_repo import served_manifest
+
+    full = Manifest.read(str(model))
+    assert full.calibrations[0].classes["tile"].memory is not None
+    assert served_manifest(full, "python", "fp32").calibrations[0].classes["tile"].memory is not None
+    assert served_manifest(full, "onnxruntime", "fp32").calibrations == []
+
+
+def test_edge_bench_times_the_fewshot_step(aaclip, tmp_path, capsys):
+    from clipad.benchmarks.bench_cli import main as edge_bench
+
+    out = tmp_path / "b.json"
+    assert edge_bench(["--model", str(aaclip), "--backends", "onnxruntime,openvino", "--precisions", "fp32",
+                       "--fewshot", "4", "--coreset", "0.5", "--iters", "2", "--no-ceiling", "--json", str(out),
+                       "-q"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        assert r["fewshot_rows"] == 32 and r["stages_ms"]["fewshot"] > 0 and r["fewshot_rss_mb"] is not None
+    assert "few-shot step" in capsys.readouterr().out
+    assert edge_bench(["--model", str(aaclip), "--coreset", "0.1", "-q"]) == 2
