@@ -167,7 +167,7 @@ def markdown(report: dict) -> str:
                      f"{_num(r.get('of_ceiling'), '.0%')} |")
     if fewshot_lines:
         lines += ["", "few-shot step (fewshot.onnx after the model; p50 ms per image):", "",
-                  "| backend | precision | batch | memory rows per tap | infer ms | few-shot ms | of infer | "
+                  "| backend | precision | batch | memory rows per tap | model infer ms | few-shot ms | of infer | "
                   "added RSS MB |",
                   "|" + "---|" * 8] + fewshot_lines
     return "\n".join(lines) + "\n"

@@ -125,20 +125,20 @@ def measure(spec: RowSpec) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
         batch = np.stack([resize_for_model(p, size) for p in chosen])
         t1 = time.perf_counter()
         maps, scores, *features = run(batch)
-        if step is not None:
-            t_few = time.perf_counter()
+        t2 = post_start = time.perf_counter()
+        if step is not None:   # its own stage: infer stays the model's, the batch time includes both
             maps, scores = maps.copy(), scores.copy()
             _, maps[:, 0], scores[:, 0] = step(features[0], maps[:, 0], scores[:, 0])
+            post_start = time.perf_counter()
             if i >= spec.warmup:
-                timings["fewshot"].append(1e3 * (time.perf_counter() - t_few) / spec.batch)
-        t2 = time.perf_counter()
+                timings["fewshot"].append(1e3 * (post_start - t2) / spec.batch)
         for m, s in zip(maps[:, 0], scores[:, 0]):
             policy.decide(names[0], m, float(s))
             low, high = policy.display_range(names[0], m)
             overlay(frame, m, low, high, text_lines=[f"score {float(s):.4f}"])
         t3 = time.perf_counter()
         if i >= spec.warmup:
-            for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
+            for key, seconds in zip(("pre", "infer", "post"), (t1 - t0, t2 - t1, t3 - post_start)):
                 timings[key].append(1e3 * seconds / spec.batch)
             batches.append(1e3 * (t3 - t0))
     backend.close()
