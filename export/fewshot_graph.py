@@ -37,8 +37,11 @@ class FewShotFusion(torch.nn.Module):
 
     def forward(self, patch_features: torch.Tensor, memory: torch.Tensor, anomaly_map: torch.Tensor,
                 image_score: torch.Tensor):
-        similarity = patch_features @ memory.transpose(1, 2)                      # [B, T, P, M]
-        distance = (1.0 - similarity.amax(dim=-1)).mean(dim=1)                    # [B, P]
+        # one tap at a time (T is fixed at export): the [B, P, M] similarities of one tap are the largest tensor, a
+        # quarter of all taps' at once for AA-CLIP (ONNX Runtime and OpenVINO keep such intermediates whole)
+        taps = patch_features.shape[1]
+        nearest = [(patch_features[:, t] @ memory[t].transpose(0, 1)).amax(dim=-1) for t in range(taps)]
+        distance = 1.0 - torch.stack(nearest, dim=1).mean(dim=1)                 # [B, P]
         fewshot = self.head.to_image(grid_to_square(distance.unsqueeze(-1), self.grid))[:, 0]   # [B, S, S]
         fused_map = 0.5 * (self.head.map_probability(anomaly_map) + 0.5 * fewshot)
         fused_score = 0.5 * (image_score + 0.5 * fewshot.flatten(1).amax(dim=1))

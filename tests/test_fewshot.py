@@ -117,6 +117,11 @@ def test_fp16_and_int8_files_keep_the_features(aaclip, tiny_files, tmp_path):
         outputs = {o.name: o.type for o in session.get_outputs()}
         assert outputs == {"anomaly_map": "tensor(float)", "image_score": "tensor(float)",
                            "patch_features": "tensor(float)"}, name
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    assert export_cli.main(["--from-onnx", str(copy), "--precision", "fp16", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 0   # the engine has the output too
+    plan = (copy / manifest_json(copy)["engines"][0]["file"]).read_bytes()
+    assert b"patch_features" in plan   # its I/O names are in the plan (reading it back needs a GPU)
 
 
 def calibrate(*argv):
@@ -347,3 +352,27 @@ def test_edge_bench_times_the_fewshot_step(aaclip, tmp_path, capsys):
         assert r["fewshot_rows"] == 32 and r["stages_ms"]["fewshot"] > 0 and r["fewshot_rss_mb"] is not None
     assert "few-shot step" in capsys.readouterr().out
     assert edge_bench(["--model", str(aaclip), "--coreset", "0.1", "-q"]) == 2
+
+
+def test_a_station_reload_brings_the_new_memory_with_its_thresholds(aaclip, normals, tmp_path):
+    """edge-calibrate --memory on a running station: the reload swaps in the memory with the fused thresholds (never
+    fused thresholds over zero-shot outputs)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from clipad.runtime.preprocess import prepare
+    from clipad.runtime.station.station import Station
+
+    model = tmp_path / "m"
+    shutil.copytree(aaclip, model)
+    image = prepare(str(sorted(normals.iterdir())[0]), 56)[None]
+    with Detector.open(str(model), backend="onnxruntime") as detector:
+        assert detector.fewshot is None and detector.predict_prepared(image, "tile")[0].fewshot_max is None
+        assert calibrate("--model", model, "--normal", normals, "--memory", 3, "--holdout", 0, "--target-fpr", 0.2,
+                         "-q") == 0
+        station = SimpleNamespace(model_dir=str(model), detector=detector, _model_sha=None, _manifest_seen=None,
+                                  _manifest_stamp=lambda: "changed", state=SimpleNamespace(notes={}, cameras={}))
+        Station._reload_if_changed(station)
+        assert station.state.notes == {} and detector.fewshot is not None
+        pred = detector.predict_prepared(image, "tile")[0]
+        assert pred.fewshot_max is not None and detector.policy.rule_for("tile") == "fused"

@@ -205,6 +205,7 @@ class Station:
         if stamp is None or stamp == self._manifest_seen:
             return
         self._manifest_seen = stamp
+        from ..fewshot import FewShot
         from ..manifest import Manifest, lock
         from ..policy import DecisionPolicy
 
@@ -225,6 +226,14 @@ class Station:
                 return
         policy = DecisionPolicy(manifest, self.detector.backend.precision, self.detector.backend.name)
         policy.take_warning()
+        try:   # thresholds fitted with a few-shot memory come with it (edge-calibrate --memory on the box)
+            fewshot = FewShot.open(self.model_dir, manifest, policy.calibration, self.detector.backend.precision,
+                                   self.detector.backend.name)
+        except ClipadError as exc:
+            self.state.notes["manifest_reload"] = f"not applied: {exc}; the previous thresholds stay"
+            log.warning("WARNING: manifest changed but %s", self.state.notes["manifest_reload"])
+            return
+        self.detector.fewshot = fewshot
         self.detector.manifest, self.detector.policy, self.state.policy = manifest, policy, policy
         self.state.notes.pop("manifest_reload", None)
         log.info("manifest changed: thresholds reloaded (%s)", ", ".join(
