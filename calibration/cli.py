@@ -113,7 +113,9 @@ def check_memory_options(args, manifest) -> None:
     if args.coreset is not None and args.memory is None and args.memory_from is None:
         raise ClipadError("--coreset thins a few-shot memory: give --memory K or --memory-from DIR too")
     if args.memory is not None or args.memory_from is not None:
-        require_features(manifest, args.model)
+        taps, patches, channels = require_features(manifest, args.model)
+        if args.memory is not None:
+            memory.check_size(args.memory, taps, patches, channels, args.coreset)
 
 
 def memory_images(args, normal_files: list[str]) -> list[str]:
@@ -203,6 +205,10 @@ def run(args) -> int:
         log.warning("WARNING: --normal %s: %s", args.normal, listing.skipped_note())
     files = listing.paths
     memory_files = memory_images(args, files) if wants_memory else []
+    if args.memory_from is not None:
+        from clipad.runtime.fewshot import require_features
+
+        memory.check_size(len(memory_files), *require_features(manifest, args.model), args.coreset)
     if memory_files:
         in_memory = {memory.file_sha256(f) for f in memory_files}
         files = [f for f in files if memory.file_sha256(f) not in in_memory]

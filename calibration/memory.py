@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import logging
 import math
+import os
 import sys
 
 import numpy as np
@@ -30,6 +31,21 @@ def pick(files: list[str], count: int, seed: int) -> list[str]:
         raise ClipadError(f"--memory {count}: only {len(files)} normal image(s) listed")
     chosen = np.random.default_rng(seed).choice(len(files), size=count, replace=False)
     return [files[i] for i in sorted(chosen)]
+
+
+def check_size(images: int, taps: int, patches: int, channels: int, coreset: float | None) -> None:
+    """Refuse a memory whose features would not fit in RAM while it is built (all K images' features are held before
+    the coreset thins them); warn when the memory makes each image's comparison large."""
+    need = images * taps * patches * channels * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total // 4:
+        raise ClipadError(f"--memory {images}: the features of {images} images take {need / 1e9:.1f} GB while the "
+                          f"memory is built, over a quarter of this machine's {total / 1e9:.0f} GB; use fewer images")
+    rows = math.ceil((coreset or 1.0) * images * patches)
+    per_image = patches * rows * 4
+    if per_image > 256e6:
+        log.warning("WARNING: a memory of %d rows per tap makes every image compare %.0f MB of similarities per tap; "
+                    "--coreset 0.1 keeps a tenth (PatchCore's usual share)", rows, per_image / 1e6)
 
 
 def features_of(detector, files: list[str], quiet: bool) -> tuple[np.ndarray, list[str]]:

@@ -376,3 +376,9 @@ def test_a_station_reload_brings_the_new_memory_with_its_thresholds(aaclip, norm
         assert station.state.notes == {} and detector.fewshot is not None
         pred = detector.predict_prepared(image, "tile")[0]
         assert pred.fewshot_max is not None and detector.policy.rule_for("tile") == "fused"
+
+
+def test_a_memory_too_big_for_this_machine_is_refused_before_it_runs(aaclip, normals, capsys):
+    assert calibrate("--model", aaclip, "--normal", normals, "--memory", 10 ** 9) == 2
+    err = capsys.readouterr().err
+    assert "over a quarter of this machine" in err and "Traceback" not in err
