@@ -37,8 +37,10 @@ height=1080,framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx'     # Jetson C
 outputs: --save writes overlays (<input stem>.jpg, <video stem>_<frame>.jpg for videos/cameras); --save-maps
 writes the raw SxS float32 map of the selected class as .npy; --save-masks writes binary defect masks (PNG, 255 =
 defect) at the input's size; --jsonl writes one JSON line per input or frame:
-{"time","source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","label",
- "pixel_label","regions","calibration","latency_ms":{"pre","infer","post"},"error"} (time: UTC, when written).
+{"time","source","frame","class_name","score","decision_score","normalized_score","p_value","map_max","fewshot_max",
+ "label","pixel_label","regions","calibration","latency_ms":{"pre","infer","post"},"error"} (time: UTC, when written).
+With a few-shot memory (edge-calibrate --memory) score, map, map_max, regions and masks are the fused values,
+fewshot_max is the few-shot map's maximum and --save-maps also writes it as <stem>.fewshot.npy (docs/few-shot.md).
 OK/NG: with a calibration in the manifest (edge-calibrate) for the precision that runs, NG when the decision score
 reaches the calibrated threshold; pixel_label is the pixel rule (NG when the map reaches the calibrated pixel
 threshold) and regions lists the defect regions (bbox [x, y, w, h], area in pixels of the input, max, kind "defect";
