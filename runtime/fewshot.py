@@ -99,11 +99,12 @@ def load_memory(model_dir: str, manifest: Manifest, record: dict, precision: str
 
 
 def open_graph(model_dir: str, manifest: Manifest, backend: str, threads: int | None = None):
-    """The few-shot graph beside the backend that runs the model: OpenVINO next to OpenVINO, else ONNX Runtime
-    (CUDA when the installed ONNX Runtime has it, else the CPU; no TensorRT engine of the graph yet)."""
-    if backend == "openvino":
-        return OpenVINOFewShotGraph(model_dir, manifest, threads)
-    return FewShotGraph(model_dir, manifest, threads)
+    """The few-shot graph beside the backend that runs the model, as its registry record says (OpenVINO next to
+    OpenVINO; ONNX Runtime, with CUDA when the installed one has it, next to the others: no TensorRT engine of the
+    graph yet)."""
+    from .backends.registry import get
+
+    return GRAPH_RUNNERS[get(backend).fewshot](model_dir, manifest, threads)
 
 
 class OpenVINOFewShotGraph:
@@ -197,3 +198,6 @@ class FewShot:
                 continue
             fewshot[k], maps[:, k], scores[:, k] = self.graph.run(features, memory, maps[:, k], scores[:, k])
         return fewshot
+
+
+GRAPH_RUNNERS = {"onnxruntime": FewShotGraph, "openvino": OpenVINOFewShotGraph}

@@ -29,6 +29,7 @@ class BackendSpec:
     install: str                   # what to install when its library is missing
     edge: bool = True              # offered by the edge commands' --backend (torch is the workstation's reference)
     remote: bool = False           # the model runs elsewhere; the manifest comes from there
+    fewshot: str = "onnxruntime"   # what runs fewshot.onnx beside it (clipad.runtime.fewshot.GRAPH_RUNNERS)
 
     def load(self) -> type[Backend]:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -46,7 +47,8 @@ BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
                 "TensorRT from JetPack / NVIDIA (tensorrt-cu12, tensorrt-cu13, tensorrt-rtx-cu13) and "
                 "pip install 'clipad-edge[tensorrt-cu12]' (CUDA 12, JetPack 6) or '[tensorrt-cu13]'"),
     BackendSpec("openvino", "clipad.runtime.backends.openvino", "OpenVINOBackend", ("precision", "threads"),
-                "OpenVINO on the CPU (Intel CPUs; BF16 where the CPU has it)", "pip install 'clipad-edge[openvino]'"),
+                "OpenVINO on the CPU (Intel CPUs; BF16 where the CPU has it)", "pip install 'clipad-edge[openvino]'",
+                fewshot="openvino"),
     BackendSpec("triton", "clipad.runtime.backends.triton", "TritonBackend", ("triton_url", "triton_model", "grpc"),
                 "a model served by Triton Inference Server (pre/post-processing stay local)",
                 "pip install 'clipad-edge[client]'", remote=True),
