@@ -19,8 +19,9 @@ examples:
   edge-eval --model crane_feat --data ../shared/data --fewshot 4      (an export made with --memory-features)
 
 data: ROOT/<class>/test/<defect>/<stem>.<ext>, masks ROOT/<class>/ground_truth/<defect>/<stem>_mask.png
-(0/255 masks: defect where > 127; 0/1 masks, whose maximum is 1, are read as such and counted), train/ ignored. Each data class runs as the model class of the same name, or the model's only
-class, or as --class-map DATA=MODEL says.
+(0/255 masks: defect where > 127; 0/1 masks, whose maximum is 1, are read as such and counted); train/ is read
+only by --fewshot. Each data class runs as the model class of the same name, or the model's only class, or as
+--class-map DATA=MODEL says.
 
 metrics, per class and their unweighted mean: image AUROC, AP, F1-max on the decision score (the calibrated one, or
 for AA-CLIP without calibration the official per-class min-max over the test set); pixel AUROC, AP, F1-max and
@@ -150,6 +151,7 @@ def run(args) -> int:
     try:
         if fewshot is not None:
             fewshot.open(detector)
+            fewshot.choose(testset)
         mapping = class_map(testset, detector.class_names, args.class_map)
         other = _second(args, detector) if args.compare else None
         total = sum(len(v) for v in testset.classes.values())

@@ -61,8 +61,9 @@ def _metrics(detector, run: Run, class_name: str) -> dict:
            "n_defect": int(sum(r["label"] == "defect" for r in run.records)),
            "image": image_metrics(labels, np.array([r["decision_score"] for r in rows])),
            "pixel": run.pixels.result()}
-    decision = {"score": detector.rule, "constants_from": source, "precision": detector.backend.precision,
-                "backend": detector.backend.name}
+    rule_for = getattr(detector.policy, "rule_for", None)
+    decision = {"score": rule_for(class_name) if rule_for else detector.rule, "constants_from": source,
+                "precision": detector.backend.precision, "backend": detector.backend.name}
     cal = detector.policy.class_calibration(class_name)
     if cal is not None:
         judged = [r for r in run.records if r["pred"] is not None]
@@ -97,7 +98,7 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
     for cls, samples in testset.classes.items():
         model_class = class_map[cls]
         runs = [Run()] + ([Run()] if other is not None else []) + ([Run(), Run()] if fewshot is not None else [])
-        memory = fewshot.memory_for(detector, cls, [s.path for s in samples], True) if fewshot is not None else None
+        memory = fewshot.memory_for(detector, cls, True) if fewshot is not None else None
         pearson = []
         for sample in samples:
             base = {"class": cls, "defect": sample.defect, "path": sample.path,

@@ -26,32 +26,43 @@ class FewShotEval:
     root: str
     quiet: bool = False
     graph: object = None
+    files: dict = field(default_factory=dict)      # data class → the train/good images of its memory
     memories: dict = field(default_factory=dict)   # data class → float32 [T, M, C]
     sources: dict = field(default_factory=dict)    # data class → how many train/good images went in
 
     def open(self, detector) -> None:
+        from clipad.runtime.detector import graph_settings
         from clipad.runtime.fewshot import open_graph, require_features
 
         require_features(detector.manifest, detector.model_dir)
-        self.graph = open_graph(detector.model_dir, detector.manifest, detector.backend.name)
+        self.graph = open_graph(detector.model_dir, detector.manifest, detector.backend.name,
+                                **graph_settings(detector.backend))
 
-    def memory_for(self, detector, cls: str, test_paths: list[str], quiet: bool) -> np.ndarray:
+    def choose(self, testset) -> None:
+        """Every class's memory images, chosen (and a missing or short train/good refused) before any image runs."""
+        from clipad.calibration import memory
+        from clipad.runtime.inputs import list_images
+
+        for cls, samples in testset.classes.items():
+            folder = os.path.join(self.root, cls, "train", "good")
+            if not os.path.isdir(folder):
+                raise ClipadError(f"--fewshot {self.k}: {folder} does not exist (the memory comes from each class's "
+                                  f"train/good, never from its test images)")
+            test_hashes = {memory.file_sha256(s.path) for s in samples}
+            listed = [p for p in list_images(folder, "--fewshot", single_file=False).paths
+                      if memory.file_sha256(p) not in test_hashes]
+            if len(listed) < self.k:
+                raise ClipadError(f"--fewshot {self.k}: {folder} has only {len(listed)} image(s) that are not test "
+                                  f"images")
+            self.files[cls] = memory.pick(listed, self.k, self.seed)
+
+    def memory_for(self, detector, cls: str, quiet: bool) -> np.ndarray:
         from clipad.calibration import memory
         from clipad.runtime.fewshot import as_loaded
-        from clipad.runtime.inputs import list_images
 
         if cls in self.memories:
             return self.memories[cls]
-        folder = os.path.join(self.root, cls, "train", "good")
-        if not os.path.isdir(folder):
-            raise ClipadError(f"--fewshot {self.k}: {folder} does not exist (the memory comes from each class's "
-                              f"train/good, never from its test images)")
-        test_hashes = {memory.file_sha256(p) for p in test_paths}
-        listed = [p for p in list_images(folder, "--fewshot", single_file=False).paths
-                  if memory.file_sha256(p) not in test_hashes]
-        if len(listed) < self.k:
-            raise ClipadError(f"--fewshot {self.k}: {folder} has only {len(listed)} image(s) that are not test images")
-        files = memory.pick(listed, self.k, self.seed)
+        files = self.files[cls]
         features, _ = memory.features_of(detector, files, quiet or self.quiet)
         self.memories[cls] = as_loaded(memory.make_bank(features, self.coreset, self.seed, quiet or self.quiet))
         self.sources[cls] = len(files)

@@ -129,28 +129,39 @@ def memory_images(args, normal_files: list[str]) -> list[str]:
     return listing.paths
 
 
-def attach_memory(args, detector, files: list[str], class_names: list[str]) -> dict:
-    """Build, store and attach the memory the thresholds will be fitted with; its manifest record."""
-    from clipad.runtime.fewshot import FewShot, as_loaded, model_file_of, open_graph, save_memory
+def memory_graph(args, detector):
+    """The few-shot graph and the model file the memory will belong to, checked before any image runs."""
+    from clipad.runtime.detector import graph_settings
+    from clipad.runtime.fewshot import model_file_of, open_graph
+
+    model_file = model_file_of(detector.backend.precision)
+    if model_file not in detector.manifest.files:
+        raise ClipadError(f"{args.model}: no {model_file} in the manifest for a {detector.backend.precision} memory")
+    graph = open_graph(args.model, detector.manifest, detector.backend.name, **graph_settings(detector.backend))
+    return graph, model_file, detector.manifest.files[model_file].sha256
+
+
+def attach_memory(args, detector, graph, model_file: str, model_sha256: str, files: list[str],
+                  class_names: list[str]) -> dict:
+    """Build and attach the memory the thresholds will be fitted with, then store it (last, so nothing before can
+    leave a file behind); its manifest record."""
+    from clipad.runtime.fewshot import FewShot, as_loaded, save_memory
 
     features, hashes = memory.features_of(detector, files, args.quiet)
     bank = memory.make_bank(features, args.coreset, args.seed, args.quiet)
-    name, digest = save_memory(args.model, bank)
-    model_file = model_file_of(detector.backend.precision)
-    entry = detector.manifest.files[model_file]
+    detector.fewshot = FewShot(graph, {n: as_loaded(bank) for n in class_names})   # what edge-detect will load
     source = os.path.abspath(args.memory_from) if args.memory_from else \
         f"{args.memory} of {os.path.abspath(args.normal)}"
-    stored = as_loaded(bank)   # exactly what edge-detect will load
-    graph = open_graph(args.model, detector.manifest, detector.backend.name)
-    detector.fewshot = FewShot(graph, {n: stored for n in class_names})
+    name, digest = save_memory(args.model, bank)
     if not args.quiet:
         log.info("few-shot memory %s: %d image(s), %d patch(es) × %d tap(s), %.1f MB", name, len(hashes),
                  bank.shape[1], bank.shape[0], bank.astype(np.float16).nbytes / 1e6)
-    return memory.record(name, digest, bank, model_file, entry.sha256, hashes, args.coreset, args.seed, source)
+    return memory.record(name, digest, bank, model_file, model_sha256, hashes, args.coreset, args.seed, source)
 
 
 def discard_unreferenced(model_dir: str, record: dict | None) -> None:
-    """A memory file this run wrote but never recorded (interrupted, failed) goes again."""
+    """The memory file this run wrote, when the manifest does not name it (interrupted, failed): it goes again. The
+    file is this run's own (``save_memory`` names it per run), so no other calibration can be using it."""
     from clipad.runtime.manifest import Manifest
 
     if record is None:
@@ -159,8 +170,20 @@ def discard_unreferenced(model_dir: str, record: dict | None) -> None:
         if record["file"] in Manifest.read(model_dir).memory_files():
             return
     except ClipadError:
-        return
+        pass
     remove_quietly(os.path.join(model_dir, record["file"]))
+
+
+def remove_replaced(model_dir: str, names: set[str]) -> None:
+    """Memory files this calibration replaced, removed under the export's lock unless something still names them."""
+    from clipad.runtime.manifest import Manifest, lock
+
+    if not names:
+        return
+    with lock(model_dir):
+        used = set(Manifest.read(model_dir).memory_files())
+        for name in names - used:
+            remove_quietly(os.path.join(model_dir, name))
 
 
 def remove_quietly(path: str) -> None:
@@ -218,15 +241,17 @@ def run(args) -> int:
     check_counts(len(files), args.holdout, args.method, args.target_fpr)
     model_dir, backend_name, options = model_options(args)
     new_memory = None
-    with Detector.open(model_dir, backend=backend_name, memory=not wants_memory, **options) as detector:
+    # never with the current memory: thresholds are fitted on this run's outputs only (a new memory, or none)
+    with Detector.open(model_dir, backend=backend_name, memory=False, **options) as detector:
         names = args.class_name or detector.class_names
         classes = [detector.class_index(n) for n in names]
         if not args.quiet:
             log.info("calibrating %s (%s) on %s: %d normal file(s), %s, target false-alarm rate %g", args.model,
                      ", ".join(names), detector.backend.description, len(files), args.method, args.target_fpr)
+        graph = memory_graph(args, detector) if wants_memory else None
         try:
             if wants_memory:
-                new_memory = attach_memory(args, detector, memory_files, names)
+                new_memory = attach_memory(args, detector, *graph, memory_files, names)
             stats, hashes, unreadable = collect(detector, files, classes, args.quiet)
         except BaseException:
             discard_unreferenced(args.model, new_memory)
@@ -263,8 +288,7 @@ def run(args) -> int:
     except BaseException:
         discard_unreferenced(args.model, new_memory)
         raise
-    for name in replaced:   # memories this calibration replaced and nothing else uses
-        remove_quietly(os.path.join(args.model, name))
+    remove_replaced(args.model, replaced)
     if not args.quiet:
         for name, cal in per_class.items():
             fpr = cal.holdout_fpr

@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -206,7 +207,8 @@ def check_output(out: str) -> None:
         raise ClipadError(f"--output {out}: its manifest.json is unreadable, so what it owns is unknown; refusing "
                           f"to replace it") from None
     owned = set(previous.owned_files())
-    foreign = sorted(f for f in os.listdir(out) if f not in owned)
+    # a few-shot memory whose calibration was dropped (INT8 redone) is still edge-calibrate's, not the user's
+    foreign = sorted(f for f in os.listdir(out) if f not in owned and not re.fullmatch(r"memory-[0-9a-f-]+\.npy", f))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ClipadError(f"--output {out}: holds files export-engine did not write ({shown}); move them or choose "

@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 
-from clipad.runtime import precisions
+from clipad.runtime import precisions, schema
 from clipad.runtime.atomic import make_temp_dir_beside, remove_stale_temp_dirs, replace_dir
 from clipad.runtime.errors import ClipadError
 from clipad.runtime.fewshot import GRAPH_FILE as FEWSHOT_GRAPH
+from clipad.runtime.fewshot import features_spec
 from clipad.runtime.manifest import Manifest
 from clipad.runtime.serving.triton_models import (
     BACKEND_PARAMETER,
@@ -218,7 +219,26 @@ def served_manifest(manifest: Manifest, flavor: str, precision: str) -> Manifest
                             "flavor serves; the %s model carries no thresholds for it", name,
                             calibration["precision"], flavor)
         data["calibrations"] = [c for c in data.get("calibrations") or [] if c["classes"]]
+    elif manifest.memory_files():
+        data["calibrations"] = _served_calibration(manifest, precision)
     return Manifest.from_dict(data, "served manifest")
+
+
+def _served_calibration(manifest: Manifest, precision: str) -> list[dict]:
+    """With few-shot memories, the python flavor carries only the calibration its server picks (ONNX Runtime on
+    the CPU, the precision's CPU file when there is one), so the client decides fused outputs with fused thresholds
+    and zero-shot outputs with zero-shot ones; memory classes of another precision's calibration are left out (the
+    server runs them without the memory)."""
+    wanted = precisions.get(precision)
+    running = wanted.cpu_substitute if wanted.cpu_substitute and \
+        precisions.get(wanted.cpu_substitute).file in manifest.files else wanted.name
+    cal, _ = manifest.calibration(running, "onnxruntime")
+    if cal is None:
+        return []
+    data = schema.dump(cal)
+    if cal.precision != running:
+        data["classes"] = {n: c for n, c in data["classes"].items() if not c.get("memory")}
+    return [data] if data["classes"] else []
 
 
 def _write_model(model_dir, manifest, served, target, folder, flavor, precision, engine, model_batch, instances,
@@ -247,10 +267,13 @@ def _write_model(model_dir, manifest, served, target, folder, flavor, precision,
         head = f'name: {pbtxt_string(folder)}\nplatform: "tensorrt_plan"\n'
         group = f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]\n"
     s, k = manifest.image_size, len(manifest.class_names)
+    outputs = [tensor("anomaly_map", "TYPE_FP32", [k, s, s]), tensor("image_score", "TYPE_FP32", [k])]
+    features = features_spec(manifest)
+    if features is not None and flavor != "python":   # the file or engine has it, and Triton wants every output
+        outputs.append(tensor(features.name, "TYPE_FP32", [int(d) for d in features.shape[1:]]))
     return (head + f"max_batch_size: {model_batch}\n"
             + tensors("input", [tensor(manifest.input.name, "TYPE_UINT8", [s, s, 3])])
-            + tensors("output", [tensor("anomaly_map", "TYPE_FP32", [k, s, s]),
-                                 tensor("image_score", "TYPE_FP32", [k])])
+            + tensors("output", outputs)
             + f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n" + group + parameters(common))
 
 

@@ -47,15 +47,28 @@ class Detector:
         self.kind = manifest.model.kind
         self.class_names: list[str] = list(manifest.class_names)
         self.image_size: int = manifest.image_size
-        self.policy = DecisionPolicy(manifest, backend.precision, backend.name, memory=memory)
-        self.fewshot: FewShot | None = None
-        if memory:
-            try:
-                self.fewshot = FewShot.open(model_dir, manifest, self.policy.calibration, backend.precision,
-                                            backend.name)
-            except BaseException:
-                backend.close()
-                raise
+        try:
+            self.swap(*decision_setup(model_dir, manifest, backend, memory))
+        except BaseException:
+            backend.close()
+            raise
+
+    # The policy and the memories its thresholds were fitted with change together (a station reloads both): one
+    # tuple, replaced in one assignment, read once per batch.
+    def swap(self, policy: DecisionPolicy, fewshot: FewShot | None) -> None:
+        self._decider = (policy, fewshot)
+
+    @property
+    def policy(self) -> DecisionPolicy:
+        return self._decider[0]
+
+    @property
+    def fewshot(self) -> FewShot | None:
+        return self._decider[1]
+
+    @fewshot.setter
+    def fewshot(self, value: FewShot | None) -> None:
+        self._decider = (self._decider[0], value)
 
     @classmethod
     def open(cls, model_dir: str | None, backend: str = "auto", memory: bool = True, **options) -> "Detector":
@@ -127,13 +140,14 @@ class Detector:
         if len(names) != len(batch_u8):
             raise ClipadError(f"predict_prepared: {len(names)} class names for {len(batch_u8)} images")
         ks = [self.class_index(n) for n in names]
+        policy, memories = self._decider
         t1 = time.perf_counter()
-        maps, scores, fewshot = self.run_all(batch_u8)
+        maps, scores, fewshot = self._run_with(memories, batch_u8, set(ks))
         infer_ms = 1e3 * (time.perf_counter() - t1) / len(batch_u8)
         out = []
         for i, (name, k) in enumerate(zip(names, ks)):
             t = time.perf_counter()
-            pred = self.decide(name, maps[i, k], float(scores[i, k]), threshold)
+            pred = self.decide(name, maps[i, k], float(scores[i, k]), threshold, policy)
             if k in fewshot:
                 pred.fewshot_map = fewshot[k][i]
                 pred.fewshot_max = float(np.max(pred.fewshot_map))
@@ -141,12 +155,14 @@ class Detector:
             out.append(pred)
         return out
 
-    def decide(self, class_name: str, amap: np.ndarray, score: float, threshold: float | None = None) -> Prediction:
+    def decide(self, class_name: str, amap: np.ndarray, score: float, threshold: float | None = None,
+               policy: DecisionPolicy | None = None) -> Prediction:
         """One class's outputs → Prediction with the decision (calibrated, or ``threshold`` on the raw score)."""
-        warning = self.policy.take_warning()
+        policy = policy or self.policy
+        warning = policy.take_warning()
         if warning:
             log.warning("WARNING: %s", warning)
-        d = self.policy.decide(class_name, amap, score, threshold)
+        d = policy.decide(class_name, amap, score, threshold)
         return Prediction(class_name, amap, score, float(np.max(amap)), d.label, d.error, d.decision_score,
                           d.normalized_score, d.p_value, d.pixel_threshold, d.calibration)
 
@@ -157,16 +173,21 @@ class Detector:
         return maps, scores
 
     def run_all(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(anomaly_map, image_score, {class index: fewshot_map}) of any number of images."""
+        """(anomaly_map, image_score, {class index: fewshot_map}) of any number of images, every class with a
+        memory fused."""
+        return self._run_with(self.fewshot, batch_u8, None)
+
+    def _run_with(self, memories: FewShot | None, batch_u8: np.ndarray, classes: set[int] | None):
         outputs = self.run_raw(batch_u8)
         maps, scores = outputs[0], outputs[1]
-        if self.fewshot is None:
+        if memories is None:
             return maps, scores, {}
         if len(outputs) < 3:
             raise ClipadError(f"the {self.backend.name} backend gives no patch_features, which the few-shot memory "
                               f"needs")
         maps, scores = np.array(maps, np.float32), np.array(scores, np.float32)
-        return maps, scores, self.fewshot.apply(self.class_names, maps, scores, outputs[2])
+        chunk = max(1, self.backend.batch_range[1])
+        return maps, scores, memories.apply(self.class_names, maps, scores, outputs[2], classes, chunk)
 
     def run_raw(self, batch_u8: np.ndarray) -> tuple[np.ndarray, ...]:
         """The model's own outputs (anomaly_map, image_score[, patch_features]), without any memory."""
@@ -187,3 +208,30 @@ class Detector:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def decision_setup(model_dir: str | None, manifest: Manifest, backend: Backend, memory: bool = True
+                   ) -> tuple[DecisionPolicy, FewShot | None]:
+    """The policy of this precision and backend and the few-shot memories its thresholds were fitted with. Thresholds
+    fitted with a memory are used only with it: without ``memory``, or when the calibration is another precision's
+    (its memory holds that precision's features), those classes count as uncalibrated (said once)."""
+    policy = DecisionPolicy(manifest, backend.precision, backend.name, memory=memory)
+    cal = policy.calibration
+    with_memory = [n for n, c in (cal.classes.items() if cal else []) if c.memory is not None]
+    if memory and with_memory and cal.precision != backend.precision:
+        policy = DecisionPolicy(manifest, backend.precision, backend.name, memory=False)
+        log.warning("WARNING: the %s calibration of %s was fitted with a few-shot memory of %s features; %s runs "
+                    "uncalibrated (run edge-calibrate --memory … --precision %s)", cal.precision,
+                    ", ".join(with_memory), cal.precision, backend.precision, backend.precision)
+        return policy, None
+    if not memory:
+        return policy, None
+    return policy, FewShot.open(model_dir, manifest, cal, backend.precision, backend.name,
+                                **graph_settings(backend))
+
+
+def graph_settings(backend: Backend) -> dict:
+    """The few-shot graph runs as the model does: its threads, and the CPU when the model's providers are CPU only."""
+    providers = getattr(backend, "providers", None)
+    return {"threads": getattr(backend, "threads", None),
+            "cpu_only": providers is not None and list(providers) == ["CPUExecutionProvider"]}

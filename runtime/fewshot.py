@@ -2,9 +2,10 @@
 the few-shot graph (``fewshot.onnx``, see ``clipad.export.fewshot_graph``) that compares an image's patch features
 with them and fuses the result with the zero-shot outputs.
 
-A memory is FP16 ``memory-<sha256 prefix>.npy`` [T, M, C] (taps, rows, channels), named by its content so two
-calibrations never overwrite each other's file, loaded with ``allow_pickle=False`` after its sha256 is checked. It
-belongs to one precision's model file: a re-export changes that file's sha256, and the memory is refused as stale.
+A memory is FP16 ``memory-<sha256 prefix>-<run>.npy`` [T, M, C] (taps, rows, channels), one file per calibration
+run (so no two runs share, overwrite or delete each other's file), loaded with ``allow_pickle=False`` after its
+sha256 is checked. It belongs to one precision's model file: a re-export changes that file's sha256, and the memory
+is refused as stale.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import secrets
 
 import numpy as np
 
@@ -62,7 +64,7 @@ def save_memory(model_dir: str, bank: np.ndarray) -> tuple[str, str]:
     np.save(buffer, np.ascontiguousarray(bank, dtype=np.float16), allow_pickle=False)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    name = f"memory-{digest[:16]}.npy"
+    name = f"memory-{digest[:16]}-{secrets.token_hex(4)}.npy"   # one file per calibration run: nothing shares it
     write_atomic(os.path.join(model_dir, name), lambda fh: fh.write(data), durable=True)
     return name, digest
 
@@ -98,13 +100,15 @@ def load_memory(model_dir: str, manifest: Manifest, record: dict, precision: str
     return as_loaded(bank)
 
 
-def open_graph(model_dir: str, manifest: Manifest, backend: str, threads: int | None = None):
+def open_graph(model_dir: str, manifest: Manifest, backend: str, threads: int | None = None, cpu_only: bool = False):
     """The few-shot graph beside the backend that runs the model, as its registry record says (OpenVINO next to
     OpenVINO; ONNX Runtime, with CUDA when the installed one has it, next to the others: no TensorRT engine of the
     graph yet)."""
     from .backends.registry import get
 
-    return GRAPH_RUNNERS[get(backend).fewshot](model_dir, manifest, threads)
+    runner = GRAPH_RUNNERS[get(backend).fewshot]
+    return runner(model_dir, manifest, threads, cpu_only) if runner is FewShotGraph else runner(model_dir, manifest,
+                                                                                                 threads)
 
 
 class OpenVINOFewShotGraph:
@@ -138,7 +142,7 @@ class OpenVINOFewShotGraph:
 class FewShotGraph:
     """``fewshot.onnx`` on ONNX Runtime (CPU, or CUDA when the installed ONNX Runtime has it)."""
 
-    def __init__(self, model_dir: str, manifest: Manifest, threads: int | None = None):
+    def __init__(self, model_dir: str, manifest: Manifest, threads: int | None = None, cpu_only: bool = False):
         from .backends.onnxruntime import _ort
 
         ort = _ort()
@@ -147,7 +151,8 @@ class FewShotGraph:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        wanted = ("CPUExecutionProvider",) if cpu_only else ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -174,7 +179,7 @@ class FewShot:
 
     @classmethod
     def open(cls, model_dir: str | None, manifest: Manifest, calibration, precision: str, backend: str = "onnxruntime",
-             threads: int | None = None) -> "FewShot | None":
+             threads: int | None = None, cpu_only: bool = False) -> "FewShot | None":
         """None when no class of ``calibration`` has a memory."""
         records = {name: cal.memory for name, cal in (calibration.classes.items() if calibration else [])
                    if cal.memory is not None}
@@ -185,18 +190,29 @@ class FewShot:
             raise ClipadError(f"{model_dir}: the {calibration.precision} calibration has a few-shot memory, which "
                               f"fits {calibration.precision} features only; run edge-calibrate --memory … "
                               f"--precision {precision}")
-        memories = {name: load_memory(model_dir, manifest, record, precision, f"{model_dir} class {name!r}")
-                    for name, record in records.items()}
-        return cls(open_graph(model_dir, manifest, backend, threads), memories)
+        loaded: dict[str, np.ndarray] = {}   # classes calibrated in one run share one memory file: loaded once
+        memories = {}
+        for name, record in records.items():
+            if record["sha256"] not in loaded:
+                loaded[record["sha256"]] = load_memory(model_dir, manifest, record, precision,
+                                                       f"{model_dir} class {name!r}")
+            memories[name] = loaded[record["sha256"]]
+        return cls(open_graph(model_dir, manifest, backend, threads, cpu_only), memories)
 
-    def apply(self, class_names: list[str], maps: np.ndarray, scores: np.ndarray, features: np.ndarray):
-        """Fuse in place for every class with a memory; returns {class index: fewshot_map [N, S, S]}."""
+    def apply(self, class_names: list[str], maps: np.ndarray, scores: np.ndarray, features: np.ndarray,
+              classes: set[int] | None = None, chunk: int = 4):
+        """Fuse in place for the classes with a memory (of ``classes`` when given), ``chunk`` images per graph run
+        (its similarities grow with the batch); returns {class index: fewshot_map [N, S, S]}."""
         fewshot = {}
         for k, name in enumerate(class_names):
             memory = self.memories.get(name)
-            if memory is None:
+            if memory is None or (classes is not None and k not in classes):
                 continue
-            fewshot[k], maps[:, k], scores[:, k] = self.graph.run(features, memory, maps[:, k], scores[:, k])
+            parts = [self.graph.run(features[i:i + chunk], memory, maps[i:i + chunk, k], scores[i:i + chunk, k])
+                     for i in range(0, len(features), chunk)]
+            fewshot[k] = np.concatenate([p[0] for p in parts])
+            maps[:, k] = np.concatenate([p[1] for p in parts])
+            scores[:, k] = np.concatenate([p[2] for p in parts])
         return fewshot
 
 

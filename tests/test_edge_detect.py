@@ -216,7 +216,7 @@ def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypa
     for i in range(4):
         Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     calls = {"n": 0}
-    original = Detector.run_all
+    original = Detector.run_raw
 
     def interrupted(self, *a, **k):
         calls["n"] += 1
@@ -224,7 +224,7 @@ def test_ctrl_c_stops_cleanly_with_outputs_flushed(model_dir, tmp_path, monkeypa
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(Detector, "run_all", interrupted)
+    monkeypatch.setattr(Detector, "run_raw", interrupted)
     jsonl = tmp_path / "r.jsonl"
     rc = edge_detect(["--model", str(model_dir), "--source", str(folder), "--jsonl", str(jsonl),
                       "--save-maps", str(tmp_path / "maps"), "-q"])

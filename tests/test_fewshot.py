@@ -163,10 +163,17 @@ def test_memory_calibration_excludes_memory_images_and_edge_detect_fuses(aaclip,
             assert row["fewshot_max"] > 1e-3
     assert sum(file_sha256(r["source"]) in in_memory for r in rows) == 4
 
-    # a new calibration without a memory replaces it, and its file goes
+    # a new calibration without a memory replaces it, and its file goes; its thresholds are the zero-shot ones, the
+    # same as on a copy that never had a memory (never fitted on fused outputs)
     assert calibrate("--model", model, "--normal", normals, "--holdout", 0, "--target-fpr", 0.2, "-q") == 0
     assert not (model / record["file"]).exists()
-    assert manifest_json(model)["calibrations"][0]["classes"]["tile"].get("memory") is None
+    plain = manifest_json(model)["calibrations"][0]["classes"]["tile"]
+    fresh = tmp_path / "fresh"
+    shutil.copytree(aaclip, fresh)
+    assert calibrate("--model", fresh, "--normal", normals, "--holdout", 0, "--target-fpr", 0.2, "-q") == 0
+    never = manifest_json(fresh)["calibrations"][0]["classes"]["tile"]
+    assert plain.get("memory") is None and plain["decision"] == never["decision"]
+    assert plain["image_threshold"] == never["image_threshold"] and plain["normal_scores"] == never["normal_scores"]
 
 
 def test_coreset_keeps_the_share_and_covers_every_cluster():
@@ -335,7 +342,8 @@ def test_triton_python_flavor_carries_the_memory_and_the_others_drop_its_thresho
 
     full = Manifest.read(str(model))
     assert full.calibrations[0].classes["tile"].memory is not None
-    assert served_manifest(full, "python", "fp32").calibrations[0].classes["tile"].memory is not None
+    served = served_manifest(full, "python", "fp32").calibrations
+    assert len(served) == 1 and served[0].backend == "onnxruntime" and served[0].classes["tile"].memory is not None
     assert served_manifest(full, "onnxruntime", "fp32").calibrations == []
 
 
@@ -382,3 +390,47 @@ def test_a_memory_too_big_for_this_machine_is_refused_before_it_runs(aaclip, nor
     assert calibrate("--model", aaclip, "--normal", normals, "--memory", 10 ** 9) == 2
     err = capsys.readouterr().err
     assert "over a quarter of this machine" in err and "Traceback" not in err
+
+
+def test_another_precisions_memory_thresholds_are_not_borrowed(aaclip, normals, tmp_path, caplog):
+    import shutil
+
+    from clipad.export import cli as export_cli
+
+    model = tmp_path / "m"
+    shutil.copytree(aaclip, model)
+    assert export_cli.main(["--from-onnx", str(model), "--precision", "fp16", "--no-engine", "-q"]) == 0
+    assert calibrate("--model", model, "--normal", normals, "--memory", 3, "--holdout", 0, "--target-fpr", 0.2,
+                     "-q") == 0
+    with Detector.open(str(model), backend="onnxruntime", precision="fp16") as det:
+        assert det.fewshot is None and det.policy.class_calibration("tile") is None
+    assert "fitted with a few-shot memory of fp32 features" in caplog.text
+
+
+def test_fewshot_runs_in_chunks_and_only_for_the_classes_asked(aaclip):
+    from clipad.runtime.fewshot import FewShot, FewShotGraph
+    from clipad.runtime.manifest import Manifest
+
+    rng = np.random.default_rng(2)
+    features = rng.standard_normal((5, 4, 16, 32)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    few = FewShot(FewShotGraph(str(aaclip), Manifest.read(str(aaclip))), {"tile": as_loaded(features[0])})
+    maps, scores = rng.uniform(0, 1, (5, 1, 56, 56)).astype(np.float32), rng.uniform(0, 1, (5, 1)).astype(np.float32)
+    whole = [maps.copy(), scores.copy()]
+    one = few.apply(["tile"], whole[0], whole[1], features, None, chunk=5)
+    parts = [maps.copy(), scores.copy()]
+    two = few.apply(["tile"], parts[0], parts[1], features, {0}, chunk=2)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(whole[0], parts[0]) and np.array_equal(whole[1], parts[1])
+    untouched = [maps.copy(), scores.copy()]
+    assert few.apply(["tile"], untouched[0], untouched[1], features, set(), chunk=2) == {}
+    assert np.array_equal(untouched[0], maps)
+
+
+def test_triton_configs_declare_the_features_output(aaclip, tmp_path):
+    from clipad.export import cli as export_cli
+
+    repo = tmp_path / "repo"
+    assert export_cli.main(["--from-onnx", str(aaclip), "--triton-repo", str(repo), "--triton-name", "aa",
+                            "--triton-backend", "onnxruntime", "-q"]) == 0
+    config = (repo / "aa" / "config.pbtxt").read_text()
+    assert 'name: "patch_features"' in config and "dims: [ 4, 16, 32 ]" in config.replace(",  ", ", ")

@@ -42,6 +42,7 @@ class OnnxRuntimeBackend(Backend):
             raise ClipadError(f"none of the providers {providers} is available (have: {', '.join(available)})")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        self.threads = threads
         if threads:
             opts.intra_op_num_threads = threads
         if profile_prefix:

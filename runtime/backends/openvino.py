@@ -85,7 +85,7 @@ class OpenVINOBackend(Backend):
             raise ClipadError(f"{path}: OpenVINO cannot compile the model ({str(exc).strip().splitlines()[0][:200]})") \
                 from None
         self.request = self.compiled.create_infer_request()
-        self.precision, self.device = wanted.name, ov_device
+        self.precision, self.device, self.threads = wanted.name, ov_device, threads
         self.version = ov.__version__
 
     @property

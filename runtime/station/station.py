@@ -205,9 +205,8 @@ class Station:
         if stamp is None or stamp == self._manifest_seen:
             return
         self._manifest_seen = stamp
-        from ..fewshot import FewShot
+        from ..detector import decision_setup
         from ..manifest import Manifest, lock
-        from ..policy import DecisionPolicy
 
         try:
             with lock(self.model_dir, timeout=10, shared=True):
@@ -224,17 +223,16 @@ class Station:
                                                        "the one running (re-exported?); restart to use it")
                 log.warning("WARNING: manifest changed but %s", self.state.notes["manifest_reload"])
                 return
-        policy = DecisionPolicy(manifest, self.detector.backend.precision, self.detector.backend.name)
-        policy.take_warning()
         try:   # thresholds fitted with a few-shot memory come with it (edge-calibrate --memory on the box)
-            fewshot = FewShot.open(self.model_dir, manifest, policy.calibration, self.detector.backend.precision,
-                                   self.detector.backend.name)
+            policy, fewshot = decision_setup(self.model_dir, manifest, self.detector.backend)
         except ClipadError as exc:
             self.state.notes["manifest_reload"] = f"not applied: {exc}; the previous thresholds stay"
             log.warning("WARNING: manifest changed but %s", self.state.notes["manifest_reload"])
             return
-        self.detector.fewshot = fewshot
-        self.detector.manifest, self.detector.policy, self.state.policy = manifest, policy, policy
+        policy.take_warning()
+        self.detector.manifest = manifest
+        self.detector.swap(policy, fewshot)   # thresholds and memory together, in one assignment
+        self.state.policy = policy
         self.state.notes.pop("manifest_reload", None)
         log.info("manifest changed: thresholds reloaded (%s)", ", ".join(
             f"{name}: {policy.describe(c.class_name)}" for name, c in self.state.cameras.items()))
