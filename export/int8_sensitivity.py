@@ -103,16 +103,14 @@ def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
     onnx.save(model, dst)
 
 
-def measure(fp32_file: str, candidates: list[str], images: np.ndarray, batch_min: int, rule: str,
+def measure(fp32_file: str, groups: list[Group], images: np.ndarray, batch_min: int, rule: str,
             normals_count: int, progress=None) -> list[Group]:
-    """Each group's effect on the decision score (see the module), worst first. ``images``: the first
-    ``normals_count`` are normal images (their reference spread is the scale), the rest verify images."""
-    import onnx
+    """Each group's (``make_groups``) effect on the decision score (see the module), worst first. ``images``: the
+    first ``normals_count`` are normal images (their reference spread is the scale), the rest verify images."""
     import onnxruntime as ort
 
     from clipad.runtime.decision_check import decision_scores
 
-    groups = make_groups(onnx.load(fp32_file, load_external_data=False), candidates)
     if not groups:
         raise ClipadError("internal error: no linear layer to measure")
     with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=os.path.dirname(os.path.abspath(fp32_file))) as tmp:
@@ -144,7 +142,7 @@ def measure(fp32_file: str, candidates: list[str], images: np.ndarray, batch_min
             group.effect = float((np.abs(decision(on) - reference) / spread).max())
             if progress:
                 progress(1)
-        del session
+        session = None   # released before the folder holding its file goes
     return sorted(groups, key=lambda grp: -grp.effect)
 
 

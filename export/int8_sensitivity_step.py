@@ -26,11 +26,12 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
 
     graph = onnx.load(fp32_file, load_external_data=False)
     already = set(conversion.get("kept_float_nodes") or [])
-    linears = set(linear_nodes(graph))
-    candidates = [n for n in linear_nodes(graph) if n not in already]
+    ordered = linear_nodes(graph)
+    linears = set(ordered)
     clip = {n.name for n in graph.graph.node if n.name in linears and sensitivity.DINO_SCOPE not in _scopes(n)}
     clip_layers, clip_already = len(clip), len(clip & already)
-    groups_total = len(sensitivity.make_groups(graph, candidates))
+    groups = sensitivity.make_groups(graph, [n for n in ordered if n not in already])
+    groups_total = len(groups)
     del graph
     if not groups_total:
         log.info("      no quantized MatMul layer left to measure; the gate's verdict stands")
@@ -42,7 +43,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
              len(images))
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
-        groups = sensitivity.measure(fp32_file, candidates, images, batch_min, rule, normals_used, bar.update)
+        groups = sensitivity.measure(fp32_file, groups, images, batch_min, rule, normals_used, bar.update)
     for g in groups[:5]:
         log.info("      %-48s effect %.3f", g.name[:48], g.effect)
     rounds, report, kept = [], first_report, []
