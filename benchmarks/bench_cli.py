@@ -254,12 +254,11 @@ def run(args) -> int:
     check_threads(args.threads)
     fewshot = None
     if args.fewshot is not None:
+        from clipad.calibration.memory import check_coreset, check_images
         from clipad.runtime.fewshot import require_features
 
-        if args.fewshot < 1:
-            raise ClipadError(f"--fewshot {args.fewshot}: must be at least 1 image")
-        if args.coreset is not None and not 0 < args.coreset <= 1:
-            raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+        check_images(args.fewshot, "--fewshot")
+        check_coreset(args.coreset)
         require_features(manifest, args.model)
         fewshot = (args.fewshot, args.coreset)
     elif args.coreset is not None:

@@ -105,18 +105,18 @@ def _second(args, detector):
 
 def fewshot_options(args):
     """The --fewshot options, checked before anything runs; None without --fewshot."""
+    from clipad.calibration.memory import check_coreset, check_images
+
     from .fewshot_eval import FewShotEval
 
     if args.fewshot is None:
         if args.coreset is not None:
             raise ClipadError("--coreset thins a few-shot memory: give --fewshot K too")
         return None
-    if args.fewshot < 1:
-        raise ClipadError(f"--fewshot {args.fewshot}: must be at least 1 image")
+    check_images(args.fewshot, "--fewshot")
     if args.compare is not None:
         raise ClipadError("--fewshot and --compare: give one (each compares side by side)")
-    if args.coreset is not None and not 0 < args.coreset <= 1:
-        raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+    check_coreset(args.coreset)
     return FewShotEval(args.fewshot, args.coreset, args.seed, args.data, quiet=args.quiet)
 
 

@@ -108,8 +108,7 @@ def check_memory_options(args, manifest) -> None:
 
     if args.memory is not None and args.memory_from is not None:
         raise ClipadError("--memory K and --memory-from DIR: give one (K of the --normal images, or exactly DIR)")
-    if args.coreset is not None and (not 0 < args.coreset <= 1 or args.coreset != args.coreset):
-        raise ClipadError(f"--coreset {args.coreset}: a share in (0, 1], e.g. 0.1")
+    memory.check_coreset(args.coreset)
     if args.coreset is not None and args.memory is None and args.memory_from is None:
         raise ClipadError("--coreset thins a few-shot memory: give --memory K or --memory-from DIR too")
     if args.memory is not None or args.memory_from is not None:

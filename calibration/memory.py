@@ -23,10 +23,20 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+def check_images(count: int, flag: str = "--memory") -> None:
+    if count < 1:
+        raise ClipadError(f"{flag} {count}: must be at least 1 image")
+
+
+def check_coreset(share: float | None) -> None:
+    """--coreset, wherever a memory is built: a share in (0, 1] (NaN fails the comparison too)."""
+    if share is not None and not 0 < share <= 1:
+        raise ClipadError(f"--coreset {share}: a share in (0, 1], e.g. 0.1")
+
+
 def pick(files: list[str], count: int, seed: int) -> list[str]:
     """``count`` of ``files``, a seeded draw (in listing order)."""
-    if count < 1:
-        raise ClipadError(f"--memory {count}: must be at least 1 image")
+    check_images(count)
     if count > len(files):
         raise ClipadError(f"--memory {count}: only {len(files)} normal image(s) listed")
     chosen = np.random.default_rng(seed).choice(len(files), size=count, replace=False)
