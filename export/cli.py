@@ -12,6 +12,7 @@ from clipad.runtime.errors import ClipadError
 
 from .models.registry import KINDS
 from .options import (
+    QUANTIZERS,
     CalibrationOptions,
     EngineOptions,
     ExportOptions,
@@ -112,11 +113,12 @@ def parse_args(argv):
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
                       help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
                            "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
-    prec.add_argument("--int8-quantizer", choices=["onnxruntime", "nncf"], default="onnxruntime",
+    prec.add_argument("--int8-quantizer", choices=list(QUANTIZERS), default=QUANTIZERS[0],
                       help="INT8 (the Q/DQ file): who places and calibrates the linear layers' Q/DQ: onnxruntime's "
-                           "quantize_static with our bounded-memory range collector (default), or NNCF (OpenVINO's "
-                           "quantizer; fast bias correction). The manifest records which, and whether the file "
-                           "suits TensorRT")
+                           "quantize_static with our bounded-memory range collector (default), NNCF (OpenVINO's "
+                           "quantizer; fast bias correction) or NVIDIA ModelOpt (TensorRT's quantizer; runs in its "
+                           "own environment, named by $CLIPAD_MODELOPT_PYTHON; minmax or entropy). The manifest "
+                           "records which, and whether the file suits TensorRT")
     prec.add_argument("--no-int8-sensitivity", dest="int8_sensitivity", action="store_false",
                       help="INT8: when the gate fails, stop there. By default a failed INT8 gate (with --calib-data) "
                            "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "

@@ -29,7 +29,6 @@ FP32_SCOPES = (HEAD_SCOPE, "core.vision.dattn_weights")   # + Crane+'s D-Attn si
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-QUANTIZERS = ("onnxruntime", "nncf")   # who places and calibrates the static Q/DQ (--int8-quantizer)
 INT8_FP16_OPSET = 19
 
 
@@ -202,13 +201,14 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
     fp16 still applies) or fp32. A strongly typed TensorRT build runs exactly these types, so an FP32 remainder makes
     attention, GELU and the residual stream FP32 on the GPU. ``quantizer`` "nncf": NNCF places and calibrates the
-    same layers' Q/DQ instead (``quantize_nncf``)."""
+    same layers' Q/DQ instead (``quantize_nncf``); "modelopt": NVIDIA ModelOpt does, in its own environment
+    (``quantize_modelopt``)."""
     import inspect
 
     import onnx
     from onnxruntime.quantization import quantize_static
 
-    from . import quantize_nncf
+    from . import quantize_modelopt, quantize_nncf
 
     if method not in CALIB_METHODS:
         raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
@@ -219,9 +219,12 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
 
         raise ClipadError(f"INT8 export needs ONNX Runtime >= 1.32 (installed {onnxruntime.__version__}): "
                           f"{onnxruntime_upgrade_hint('1.32')}")
-    if quantizer == "nncf":
-        if quantize_nncf.available():
-            raise ClipadError(quantize_nncf.available())
+    if quantizer in ("nncf", "modelopt"):
+        module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
+        if quantizer == "modelopt":
+            quantize_modelopt.method_for(method)
+        if module.available():
+            raise ClipadError(module.available())
         graph = onnx.load(src, load_external_data=False)
         nodes, tensors, ranges = linear_nodes(graph), None, None
         del graph
@@ -235,23 +238,29 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     kept |= (head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
     del graph
     nodes = [n for n in nodes if n not in kept]
+    version = None
     if quantizer == "nncf":
         model = quantize_nncf.quantize(src, calib, batch, nodes)
+    elif quantizer == "modelopt":
+        model, version = quantize_modelopt.quantize(src, calib, nodes, method,
+                                                    os.path.dirname(os.path.abspath(dst)))
     else:
         model = _quantize_static(src, dst, nodes, ranges)
     restored = keep_float_consumers(model, set(nodes))
-    trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer == "nncf" else (True, "")
+    trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer != "onnxruntime" else (True, "")
     half = high_precision == HALF_REMAINDER
     if half:
         # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
         model, _ = _half(model, opset=INT8_FP16_OPSET)
     onnx.save(model, dst)
-    tool = ("nncf.quantize(ONNX, PERFORMANCE preset, transformer, fast bias correction, SmoothQuant off)"
-            if quantizer == "nncf" else
-            "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, per-channel)")
+    tool = {"nncf": "nncf.quantize(ONNX, PERFORMANCE preset, transformer, fast bias correction, SmoothQuant off)",
+            "modelopt": f"modelopt.onnx.quantization.quantize(int8, {quantize_modelopt.METHODS.get(method)}, CPU "
+                        f"calibration, attention Q/DQ off; nvidia-modelopt {version}, own environment)",
+            }.get(quantizer, "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
+                             "per-channel)")
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors) if tensors else None,
             "float_consumers_restored": restored, "quantizer": quantizer,
-            "calibration_images": int(len(calib)), "method": method if quantizer != "nncf" else "nncf",
+            "calibration_images": int(len(calib)), "method": "nncf" if quantizer == "nncf" else method,
             "high_precision": high_precision, "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
             "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
             "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),

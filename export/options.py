@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from clipad.runtime import precisions
 from clipad.runtime.errors import ClipadError
 
+# Who places and calibrates the static Q/DQ of the INT8 file (--int8-quantizer); the first is the default.
+QUANTIZERS = ("onnxruntime", "nncf", "modelopt")
+
 
 @dataclass
 class CalibrationOptions:
@@ -14,7 +17,7 @@ class CalibrationOptions:
     method: str = "minmax"
     high_precision: str = precisions.INT8_REMAINDERS[0]   # type of everything that is not a quantized linear layer
     keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
-    quantizer: str = "onnxruntime"     # static Q/DQ by onnxruntime's quantize_static or NNCF (convert.QUANTIZERS)
+    quantizer: str = QUANTIZERS[0]
     sensitivity: bool = True           # a failed INT8 gate: keep the most decision-sensitive layers float, try again
 
 

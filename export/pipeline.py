@@ -265,6 +265,13 @@ def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -
         raise ClipadError(f"--int8-quantizer {opts.calibration.quantizer}: applies to the Q/DQ INT8 file (--precision "
                           f"{next(p.name for p in precisions.PRECISIONS.values() if p.conversion == 'static-qdq')}), "
                           f"not to --precision {wanted.name}")
+    if opts.calibration.quantizer == "modelopt":   # its own environment: checked before minutes of export
+        from . import quantize_modelopt
+
+        quantize_modelopt.method_for(opts.calibration.method)
+        why = quantize_modelopt.available()
+        if why:
+            raise ClipadError(why)
     if not wanted.needs_calibration_data or opts.calibration.data:
         return
     if manifest is not None and wanted.file in manifest.files:

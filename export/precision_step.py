@@ -54,7 +54,9 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
         calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
         if verify is None:
             calib, calib_names, gate_data, gate_names = split_holdout(calib, calib_names)
-        how = "NNCF" if calibration.quantizer == "nncf" and wanted.conversion == "static-qdq" else calibration.method
+        how = calibration.method
+        if wanted.conversion == "static-qdq":
+            how = {"nncf": "NNCF", "modelopt": f"ModelOpt, {how}"}.get(calibration.quantizer, how)
         log.info("[3b] %s calibration (%s) on %d image(s) …", precision.upper(), how, len(calib))
     else:
         calib = None

@@ -38,3 +38,14 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   .venv-serve/bin/python -m pip install -q --upgrade pip setuptools wheel
   .venv-serve/bin/python -m pip install -q -e ".[serve,cpu]"
 fi
+# ./.venv-modelopt: NVIDIA ModelOpt's own environment for `export-engine --int8-quantizer modelopt` (it pins
+# onnxruntime-gpu and needs torch, neither of which may meet the user's ONNX Runtime); export-engine runs it as a
+# child process named by CLIPAD_MODELOPT_PYTHON (the tests point it here). Its CUDA wheels exist for Linux x86-64:
+# there a failed install fails the setup, elsewhere the ModelOpt tests skip and say why.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  if [ ! -x .venv-modelopt/bin/python ]; then
+    "$PY" -m venv .venv-modelopt
+  fi
+  .venv-modelopt/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv-modelopt/bin/python -m pip install -q "nvidia-modelopt[onnx]==0.47.0"
+fi

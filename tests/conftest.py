@@ -14,6 +14,9 @@ GOLDEN = SHARED / "golden"
 DATA = SHARED / "data" / "magnetic_tile"
 CRANE_FIXTURES = SHARED / "fixtures" / "crane"
 CACHE = Path(os.environ.get("CLIPAD_CACHE", REPO / ".cache"))
+# NVIDIA ModelOpt's own environment (scripts/setup_env.sh makes it on Linux x86-64): export-engine finds it here.
+if (REPO / ".venv-modelopt" / "bin" / "python").exists():
+    os.environ.setdefault("CLIPAD_MODELOPT_PYTHON", str(REPO / ".venv-modelopt" / "bin" / "python"))
 
 
 def need_shared(path: Path) -> Path:

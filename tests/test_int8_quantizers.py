@@ -1,15 +1,18 @@
-"""INT8 quantizers side by side (export/quantize_nncf.py): the same calibration images through onnxruntime's
-quantize_static and NNCF, the same policy (only the linear layers quantized, the projections into the head float),
-the same gate; NNCF's file is checked to suit TensorRT and runs on OpenVINO."""
+"""INT8 quantizers side by side (export/quantize_nncf.py, export/quantize_modelopt.py): the same calibration images
+through onnxruntime's quantize_static, NNCF and NVIDIA ModelOpt (in its own environment), the same policy (only the
+linear layers quantized, the projections into the head float), the same gate; NNCF's and ModelOpt's files are checked
+to suit TensorRT, run on OpenVINO and build in TensorRT-RTX."""
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import onnx
 import pytest
 
-from clipad.export import convert, quantize_nncf
+from clipad.export import convert, quantize_modelopt, quantize_nncf
+from clipad.export.options import QUANTIZERS
 from tiny_fixtures import export_tiny, images
 
 pytest.importorskip("nncf", reason="NNCF comes with the export extra")
@@ -24,10 +27,18 @@ def normals(tmp_path_factory):
     return folder
 
 
+def modelopt_missing() -> str | None:
+    """Why ModelOpt's environment is absent; on Linux x86-64 scripts/setup_env.sh makes it, so there it must exist."""
+    why = quantize_modelopt.available()
+    if why and (platform.system(), platform.machine()) == ("Linux", "x86_64"):
+        pytest.fail(f"{why} (scripts/setup_env.sh makes .venv-modelopt on Linux x86-64)")
+    return why
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_files, normals, tmp_path_factory):
     out = {}
-    for quantizer in convert.QUANTIZERS:
+    for quantizer in [q for q in QUANTIZERS if q != "modelopt" or not modelopt_missing()]:
         folder = tmp_path_factory.mktemp(quantizer) / "m"
         assert export_tiny(tiny_files, folder, "clip", ["--precision", "int8", "--int8-quantizer", quantizer,
                                                         "--calib-data", str(normals), "--accept-accuracy-loss",
@@ -65,6 +76,11 @@ def test_both_quantizers_follow_one_policy_and_one_gate(exports):
     assert muls["nncf"] == muls["onnxruntime"]             # no SmoothQuant Mul in front of the FP32 head
     nncf_conversion = json.loads((exports["nncf"] / "manifest.json").read_text())["precisions"]["int8"]["conversion"]
     assert "nncf.quantize" in nncf_conversion["tool"] and nncf_conversion["quantized_nodes"] == len(linears - head_side)
+    if "modelopt" in exports:
+        conversion = json.loads((exports["modelopt"] / "manifest.json").read_text())["precisions"]["int8"][
+            "conversion"]
+        assert "modelopt.onnx.quantization" in conversion["tool"] and "0.47.0" in conversion["tool"]
+        assert conversion["quantized_nodes"] == len(linears - head_side) and muls["modelopt"] == muls["onnxruntime"]
 
 
 def test_tensorrt_compatibility_is_checked():
@@ -88,10 +104,13 @@ def test_tensorrt_compatibility_is_checked():
     assert not ok and "no zero point" in why
 
 
-def test_nncf_file_runs_on_openvino_and_builds_in_tensorrt_rtx(exports):
+@pytest.mark.parametrize("quantizer", ["nncf", "modelopt"])
+def test_file_runs_on_openvino_and_builds_in_tensorrt_rtx(exports, quantizer):
     from clipad.runtime.backends.openvino import OpenVINOBackend
 
-    folder = exports["nncf"]
+    if quantizer not in exports:
+        pytest.skip(modelopt_missing())
+    folder = exports[quantizer]
     backend = OpenVINOBackend.for_file(str(folder / "model.int8.onnx"), "int8", 56, (1, 1), "images",
                                        ["anomaly_map", "image_score"])
     try:
@@ -114,3 +133,39 @@ def test_quantizer_choice_for_another_precision_is_a_usage_error(tiny_files, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--int8-quantizer nncf: applies to the Q/DQ INT8 file (--precision int8)" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_modelopt_needs_its_environment_and_says_so_before_exporting(tiny_files, tmp_path, capsys, monkeypatch):
+    base = ["--precision", "int8", "--int8-quantizer", "modelopt", "--calib-data", str(tmp_path)]
+    monkeypatch.delenv(quantize_modelopt.ENV, raising=False)
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "environment of its own" in err and quantize_modelopt.ENV in err and "pip install" in err
+    monkeypatch.setenv(quantize_modelopt.ENV, str(tmp_path / "nowhere" / "python"))
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
+    assert "no such executable" in capsys.readouterr().err.strip().splitlines()[-1]
+    monkeypatch.setenv(quantize_modelopt.ENV, "/usr/bin/python3")   # a Python without ModelOpt
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
+    assert "nvidia-modelopt is not installed there" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "m").exists()
+
+
+def test_modelopt_refuses_a_calibration_method_it_does_not_have(tiny_files, tmp_path, capsys):
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", ["--precision", "int8", "--int8-quantizer", "modelopt",
+                                                             "--calib-method", "percentile", "--calib-data",
+                                                             str(tmp_path)], classes=("tile",)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--calib-method percentile: ModelOpt calibrates INT8 with minmax or entropy only" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_failing_modelopt_run_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The child's own error (here: a model file that is not ONNX) comes back as one line; the job folder goes."""
+    if modelopt_missing():
+        pytest.skip(modelopt_missing())
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(Exception) as info:
+        quantize_modelopt.quantize(str(bad), np.zeros((2, 8, 8, 3), np.uint8), ["x"], "minmax", str(tmp_path))
+    assert type(info.value).__name__ == "ClipadError" and "ModelOpt quantization failed" in str(info.value)
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

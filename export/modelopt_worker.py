@@ -1,0 +1,30 @@
+"""Runs inside NVIDIA ModelOpt's own environment (``python -I modelopt_worker.py JOB.json``), never imported by
+clipad: ModelOpt pins its own onnx and onnxruntime-gpu, which must not meet the user's ONNX Runtime. It reads the job
+written by ``quantize_modelopt``, calibrates on the CPU and writes the Q/DQ file; it imports only ModelOpt and numpy.
+"""
+import json
+import sys
+
+
+def main(job_file: str) -> int:
+    import numpy as np
+
+    with open(job_file) as f:
+        job = json.load(f)
+    from modelopt.onnx.quantization import quantize
+
+    calib = np.load(job["calibration"], allow_pickle=False)
+    quantize(job["source"], quantize_mode="int8", calibration_data={job["input"]: calib},
+             calibration_method=job["method"], calibration_eps=["cpu"], nodes_to_quantize=job["nodes"],
+             op_types_to_quantize=["MatMul", "Gemm", "Conv"], high_precision_dtype="fp32",
+             disable_mha_qdq=True, calibrate_per_node=job["per_node"], output_path=job["output"],
+             log_level="WARNING")
+    from importlib.metadata import version
+
+    with open(job["result"], "w") as f:
+        json.dump({"modelopt": version("nvidia-modelopt")}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

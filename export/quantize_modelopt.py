@@ -1,0 +1,97 @@
+"""The INT8 Q/DQ file placed and calibrated by NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization``, the
+quantizer NVIDIA ships for TensorRT): ``export-engine --precision int8 --int8-quantizer modelopt``.
+
+ModelOpt pins its own onnx and onnxruntime-gpu (and needs torch), so it never shares the user's environment: it runs
+in a Python of its own, named by ``CLIPAD_MODELOPT_PYTHON`` (``scripts/setup_env.sh`` makes ``.venv-modelopt``), as a
+child process that reads a job file and writes the Q/DQ file (``modelopt_worker.py``). Same policy as the other
+quantizers: only our linear layers (``nodes_to_quantize``), calibrated on the CPU provider, the remainder FP32 in
+ModelOpt and then FP16 with our keep-list here; its attention Q/DQ is off (our attention products are not linear
+layers)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from clipad.runtime.errors import ClipadError
+
+ENV = "CLIPAD_MODELOPT_PYTHON"
+PIN = "nvidia-modelopt[onnx]==0.47.0"
+METHODS = {"minmax": "max", "entropy": "entropy"}   # our --calib-method → ModelOpt's INT8 calibration_method
+_INSTALL = (f"python3 -m venv ~/.clipad-modelopt && ~/.clipad-modelopt/bin/pip install '{PIN}', then "
+            f"{ENV}=~/.clipad-modelopt/bin/python")
+
+
+def python() -> str:
+    """The interpreter of ModelOpt's environment (``$CLIPAD_MODELOPT_PYTHON``), or a one-line ClipadError."""
+    path = os.environ.get(ENV, "").strip()
+    if not path:
+        raise ClipadError(f"--int8-quantizer modelopt runs NVIDIA ModelOpt in an environment of its own (it pins "
+                          f"onnxruntime-gpu and torch); set {ENV} to its python: {_INSTALL}")
+    path = os.path.expanduser(path)
+    found = shutil.which(path)
+    if not found:
+        raise ClipadError(f"{ENV}={path}: no such executable ({_INSTALL})")
+    return found
+
+
+def available() -> str | None:
+    """None when ModelOpt's environment answers, else the one-line reason."""
+    try:
+        py = python()
+    except ClipadError as exc:
+        return str(exc)
+    probe = subprocess.run([py, "-I", "-c", "from importlib.metadata import version; print(version("
+                            "'nvidia-modelopt'))"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        return f"{ENV}={py}: nvidia-modelopt is not installed there (pip install '{PIN}')"
+    return None
+
+
+def method_for(method: str) -> str:
+    if method not in METHODS:
+        raise ClipadError(f"--calib-method {method}: ModelOpt calibrates INT8 with {' or '.join(METHODS)} only")
+    return METHODS[method]
+
+
+def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_dir: str) -> tuple[object, str]:
+    """ModelOpt's Q/DQ of ``nodes`` (and nothing else) in FP32 → (ModelProto, ModelOpt's version). The job's
+    files live in a temporary folder in ``work_dir`` (beside the output, so a full disk fails there and nothing
+    half-written is left)."""
+    import onnx
+
+    from .onnx_graph import INPUT_NAME
+
+    py, how = python(), method_for(method)
+    why = available()
+    if why:
+        raise ClipadError(why)
+    with tempfile.TemporaryDirectory(prefix=".modelopt-", dir=work_dir) as tmp:
+        job = {"source": os.path.abspath(src), "calibration": os.path.join(tmp, "calibration.npy"),
+               "input": INPUT_NAME, "nodes": list(nodes), "method": how, "per_node": False,
+               "output": os.path.join(tmp, "qdq.onnx"), "result": os.path.join(tmp, "result.json")}
+        np.save(job["calibration"], np.ascontiguousarray(calib), allow_pickle=False)
+        with open(os.path.join(tmp, "job.json"), "w") as f:
+            json.dump(job, f)
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modelopt_worker.py")
+        log_file = os.path.join(tmp, "modelopt.log")
+        with open(log_file, "w") as log:
+            # -I: the worker's folder (this package) stays off sys.path, so nothing of clipad shadows ModelOpt's.
+            code = subprocess.call([py, "-I", worker, os.path.join(tmp, "job.json")], stdout=log, stderr=log)
+        if code != 0 or not os.path.isfile(job["result"]):
+            raise ClipadError(f"ModelOpt quantization failed (exit {code}): {_last_error(log_file)}")
+        with open(job["result"]) as f:
+            version = json.load(f)["modelopt"]
+        return onnx.load(job["output"]), version
+
+
+def _last_error(log_file: str) -> str:
+    with open(log_file, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return ((errors or lines or ["no output"])[-1])[:300]
+
