@@ -137,6 +137,9 @@ def evaluate(detector, testset: TestSet, class_map: dict[str, str], other=None, 
                 folder = os.path.join(save_maps, cls, sample.defect)
                 os.makedirs(folder, exist_ok=True)
                 save_npy_atomic(os.path.join(folder, sample.stem + ".npy"), outputs[0]["_map"])
+                for view, out in zip(("fewshot", "fused"), outputs[1:] if fewshot is not None else ()):
+                    if out["error"] is None:
+                        save_npy_atomic(os.path.join(folder, f"{sample.stem}.{view}.npy"), out["_map"])
             if progress:
                 progress(1)
         if not runs[0].records:

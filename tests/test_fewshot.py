@@ -258,7 +258,7 @@ def test_edge_eval_reports_zero_shot_few_shot_and_fused_side_by_side(aaclip, tmp
         return rc, (json.loads(out.read_text()) if rc == 0 else None)
 
     assert run("--fewshot", "4")[0] == 2            # only 3 train images are not test images
-    rc, report = run("--fewshot", "3")
+    rc, report = run("--fewshot", "3", "--save-maps", str(tmp_path / "maps"))
     assert rc == 0
     fs = report["fewshot"]
     part = fs["classes"]["part"]
@@ -271,6 +271,10 @@ def test_edge_eval_reports_zero_shot_few_shot_and_fused_side_by_side(aaclip, tmp
     assert part["fused"]["decision"]["score"] == "fused" and part["few_shot"]["decision"]["score"] == "map_max"
     copied = next(r for r in rows if r["path"] == str(leaked))
     assert copied["fewshot_max"] > 1e-3             # its copy in train/good was left out of the memory
+    saved = tmp_path / "maps" / "part" / "good"
+    assert float(np.load(saved / "000.fewshot.npy").max()) == pytest.approx(copied["fewshot_max"], rel=1e-5)
+    fused, zero_shot = np.load(saved / "000.fused.npy"), np.load(saved / "000.npy")
+    assert fused.shape == zero_shot.shape and not np.allclose(fused, zero_shot)
     assert run("--fewshot", "2", "--compare", "int8")[0] == 2
 
 
