@@ -59,8 +59,8 @@ def parse_args(argv):
     ap.add_argument("--csv", metavar="FILE", help="the per-class table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="the tables as markdown (also printed)")
     ap.add_argument("--plots", metavar="DIR", help="ROC/PR curves, score histograms and worst cases as PNG")
-    ap.add_argument("--save-maps", metavar="DIR", help="raw maps as DIR/<class>/<defect>/<stem>.npy (with --fewshot also "
-                    "<stem>.fewshot.npy and <stem>.fused.npy)")
+    ap.add_argument("--save-maps", metavar="DIR", help="raw maps as DIR/<class>/<defect>/<stem>.npy (with --fewshot "
+                    "also <stem>.fewshot.npy and <stem>.fused.npy)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only the table")
     return ap.parse_args(argv)
 
