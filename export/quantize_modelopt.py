@@ -82,6 +82,12 @@ def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_di
         with open(log_file, "w") as log:
             # -I: the worker's folder (this package) stays off sys.path, so nothing of clipad shadows ModelOpt's.
             code = subprocess.call([py, "-I", worker, os.path.join(tmp, "job.json")], stdout=log, stderr=log)
+        if code < 0:
+            import signal
+
+            name = signal.Signals(-code).name
+            raise ClipadError(f"ModelOpt quantization was killed by {name}" + (
+                " (out of memory? it held 16 GB at ViT-L@518)" if name == "SIGKILL" else ""))
         if code != 0 or not os.path.isfile(job["result"]):
             raise ClipadError(f"ModelOpt quantization failed (exit {code}): {_last_error(log_file)}")
         with open(job["result"]) as f:

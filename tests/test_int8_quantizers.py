@@ -169,3 +169,18 @@ def test_a_failing_modelopt_run_is_one_line_and_leaves_nothing(tmp_path, monkeyp
         quantize_modelopt.quantize(str(bad), np.zeros((2, 8, 8, 3), np.uint8), ["x"], "minmax", str(tmp_path))
     assert type(info.value).__name__ == "ClipadError" and "ModelOpt quantization failed" in str(info.value)
     assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_modelopt_child_killed_for_memory_is_named(tmp_path, monkeypatch):
+    """A stand-in interpreter (a shell script, not ModelOpt) answers the version probe, then dies by SIGKILL as the
+    kernel's OOM killer would end it: the error names the signal and the likely cause, and the job folder goes."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$2" = "-c" ] && { echo 0.47.0; exit 0; }\nkill -9 $$\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv(quantize_modelopt.ENV, str(fake))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    with pytest.raises(Exception) as info:
+        quantize_modelopt.quantize(str(model), np.zeros((2, 8, 8, 3), np.uint8), ["x"], "minmax", str(tmp_path))
+    assert "killed by SIGKILL (out of memory?" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "python"]
