@@ -14,7 +14,8 @@ def main(job_file: str) -> int:
     from modelopt.onnx.quantization import quantize
 
     calib = np.load(job["calibration"], allow_pickle=False)
-    quantize(job["source"], quantize_mode="int8", calibration_data={job["input"]: calib},
+    # quantize_mode is left at ModelOpt's default, INT8 (per-channel weights, per-tensor activations, symmetric).
+    quantize(job["source"], calibration_data={job["input"]: calib},
              calibration_method=job["method"], calibration_eps=["cpu"], nodes_to_quantize=job["nodes"],
              op_types_to_quantize=["MatMul", "Gemm", "Conv"], high_precision_dtype="fp32",
              disable_mha_qdq=True, calibrate_per_node=job["per_node"], output_path=job["output"],

@@ -40,9 +40,10 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
 fi
 # ./.venv-modelopt: NVIDIA ModelOpt's own environment for `export-engine --int8-quantizer modelopt` (it pins
 # onnxruntime-gpu and needs torch, neither of which may meet the user's ONNX Runtime); export-engine runs it as a
-# child process named by CLIPAD_MODELOPT_PYTHON (the tests point it here). Its CUDA wheels exist for Linux x86-64:
-# there a failed install fails the setup, elsewhere the ModelOpt tests skip and say why.
-if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+# child process named by CLIPAD_MODELOPT_PYTHON (the tests point it here). Made for the tests only (--test; 6.5 GB,
+# the demo does not need it). Its CUDA wheels exist for Linux x86-64: there a failed install fails the setup,
+# elsewhere the ModelOpt tests skip and say why.
+if [ "${1:-}" = "--test" ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   if [ ! -x .venv-modelopt/bin/python ]; then
     "$PY" -m venv .venv-modelopt
   fi
