@@ -45,8 +45,11 @@ def available() -> str | None:
         py = python()
     except ClipadError as exc:
         return str(exc)
-    probe = subprocess.run([py, "-I", "-c", "from importlib.metadata import version; print(version("
-                            "'nvidia-modelopt'))"], capture_output=True, text=True, timeout=120)
+    try:
+        probe = subprocess.run([py, "-I", "-c", "from importlib.metadata import version; print(version("
+                                "'nvidia-modelopt'))"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{ENV}={py}: does not run ({exc})"
     if probe.returncode != 0:
         return f"{ENV}={py}: nvidia-modelopt is not installed there (pip install '{PIN}')"
     return None

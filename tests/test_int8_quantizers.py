@@ -144,6 +144,12 @@ def test_modelopt_needs_its_environment_and_says_so_before_exporting(tiny_files,
     monkeypatch.setenv(quantize_modelopt.ENV, str(tmp_path / "nowhere" / "python"))
     assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
     assert "no such executable" in capsys.readouterr().err.strip().splitlines()[-1]
+    not_python = tmp_path / "not-python"
+    not_python.write_bytes(b"\x7fELF garbage")
+    not_python.chmod(0o755)
+    monkeypatch.setenv(quantize_modelopt.ENV, str(not_python))
+    assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
+    assert "does not run" in capsys.readouterr().err.strip().splitlines()[-1]
     monkeypatch.setenv(quantize_modelopt.ENV, "/usr/bin/python3")   # a Python without ModelOpt
     assert export_tiny(tiny_files, tmp_path / "m", "clip", base, classes=("tile",)) == 2
     assert "nvidia-modelopt is not installed there" in capsys.readouterr().err.strip().splitlines()[-1]
