@@ -223,8 +223,9 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":
             quantize_modelopt.method_for(method)
-        if module.available():
-            raise ClipadError(module.available())
+        why = module.available()   # ModelOpt's answers from a child process: asked once
+        if why:
+            raise ClipadError(why)
         graph = onnx.load(src, load_external_data=False)
         nodes, tensors, ranges = linear_nodes(graph), None, None
         del graph

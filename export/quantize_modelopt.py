@@ -64,15 +64,12 @@ def method_for(method: str) -> str:
 def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_dir: str) -> tuple[object, str]:
     """ModelOpt's Q/DQ of ``nodes`` (and nothing else) in FP32 → (ModelProto, ModelOpt's version). The job's
     files live in a temporary folder in ``work_dir`` (beside the output, so a full disk fails there and nothing
-    half-written is left)."""
+    half-written is left). The caller has checked ``available()``."""
     import onnx
 
     from .onnx_graph import INPUT_NAME
 
     py, how = python(), method_for(method)
-    why = available()
-    if why:
-        raise ClipadError(why)
     with tempfile.TemporaryDirectory(prefix=".modelopt-", dir=work_dir) as tmp:
         job = {"source": os.path.abspath(src), "calibration": os.path.join(tmp, "calibration.npy"),
                "input": INPUT_NAME, "nodes": list(nodes), "method": how, "per_node": False,
