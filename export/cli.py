@@ -111,8 +111,10 @@ def parse_args(argv):
                            "residual adds; LayerNorm, softmax and the head stay FP32 either way). Default fp16, "
                            "as ModelOpt does: a strongly typed engine runs exactly these types")
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
-                      help="INT8: leave linear layers whose module path contains SCOPE unquantized, e.g. "
-                           "mlp.c_proj (the post-GELU MLP projections) or resblocks.23.")
+                      help="INT8 (both files): leave linear layers whose module path contains SCOPE unquantized, "
+                           "e.g. mlp.c_proj (the post-GELU MLP projections) or resblocks.23., or name them as a "
+                           "manifest's kept_float_nodes lists them (node_MatMul_171 …): reuses what an earlier "
+                           "sensitivity pass kept")
     prec.add_argument("--int8-quantizer", choices=list(QUANTIZERS), default=QUANTIZERS[0],
                       help="INT8 (the Q/DQ file): who places and calibrates the linear layers' Q/DQ: onnxruntime's "
                            "quantize_static with our bounded-memory range collector (default), NNCF (OpenVINO's "

@@ -118,15 +118,34 @@ def head_feeding_linears(model) -> set[str]:
     return found
 
 
+def _kept_by(node, keep: str) -> bool:
+    return keep == node.name or keep in _scopes(node)
+
+
 def linear_nodes(model, keep_float: tuple[str, ...] = ()) -> list[str]:
     """MatMul/Gemm/Conv nodes with a constant weight input, outside the head and outside any module whose scope
-    contains one of ``keep_float`` (e.g. "mlp.c_proj")."""
+    contains one of ``keep_float`` (e.g. "mlp.c_proj"); an entry that is a node's name (as a manifest's
+    ``kept_float_nodes`` lists them) keeps that node."""
     from clipad.calibration.ranges import constant_names
 
     consts = constant_names(model)
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
             and any(i in consts for i in n.input) and not any(scope in _scopes(n) for scope in FP32_SCOPES)
-            and not any(k in _scopes(n) for k in keep_float)]
+            and not any(_kept_by(n, k) for k in keep_float)]
+
+
+def kept_by_keep_float(model, keep_float: tuple[str, ...]) -> set[str]:
+    """The linear layers ``keep_float`` leaves float; an entry that matches none is refused, so a mistyped scope or
+    a node name from another model's manifest is not silently ignored."""
+    everything = linear_nodes(model)
+    names = set(everything)
+    linears = [n for n in model.graph.node if n.name in names]
+    unmatched = [k for k in keep_float if not any(_kept_by(n, k) for n in linears)]
+    if unmatched:
+        raise ClipadError(f"--int8-keep-float {' '.join(unmatched)}: matches no linear layer of this model (give a "
+                          "module scope such as mlp.c_proj or resblocks.23., or node names from this export's "
+                          "manifest, kept_float_nodes)")
+    return set(everything) - set(linear_nodes(model, keep_float))
 
 
 class _DropPreprocessAdvice(logging.Filter):
@@ -219,6 +238,10 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
 
         raise ClipadError(f"INT8 export needs ONNX Runtime >= 1.32 (installed {onnxruntime.__version__}): "
                           f"{onnxruntime_upgrade_hint('1.32')}")
+    graph = onnx.load(src, load_external_data=False)
+    user_kept = kept_by_keep_float(graph, keep_float)   # before calibration: a typo costs a second, not half an hour
+    everything = linear_nodes(graph)
+    del graph
     if quantizer in ("nncf", "modelopt"):
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":
@@ -226,17 +249,12 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
         why = module.available()   # ModelOpt's answers from a child process: asked once
         if why:
             raise ClipadError(why)
-        graph = onnx.load(src, load_external_data=False)
-        nodes, tensors, ranges = linear_nodes(graph), None, None
-        del graph
+        nodes, tensors, ranges = everything, None, None
     else:
         nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
     # Loaded again rather than held through calibration: at ViT-L the proto is 1.3 GB next to the session.
     graph = onnx.load(src, load_external_data=False)
-    kept = set(nodes) - set(linear_nodes(graph, keep_float))
-    if keep_float and not kept:
-        raise ClipadError(f"--int8-keep-float {' '.join(keep_float)}: matches no linear layer")
-    kept |= (head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
+    kept = (user_kept | head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
     del graph
     nodes = [n for n in nodes if n not in kept]
     version = None
@@ -289,7 +307,7 @@ def _quantize_static(src: str, dst: str, nodes: list[str], ranges):
         return onnx.load(quantized)
 
 
-def to_int8_dynamic(src: str, dst: str, keep_nodes: tuple[str, ...] = ()) -> dict:
+def to_int8_dynamic(src: str, dst: str, keep_nodes: tuple[str, ...] = (), keep_float: tuple[str, ...] = ()) -> dict:
     """The INT8 model for CPU runtimes: onnxruntime's dynamic quantization of the linear layers' MatMuls (INT8
     weights per output channel, activations quantized per tensor at run time, so no calibration data), which ONNX
     Runtime runs as integer MatMuls (VNNI where the CPU has it); everything else stays FP32. The head and the
@@ -298,14 +316,14 @@ def to_int8_dynamic(src: str, dst: str, keep_nodes: tuple[str, ...] = ()) -> dic
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(src, load_external_data=False)
-    kept = head_feeding_linears(graph) | set(keep_nodes)
+    kept = head_feeding_linears(graph) | set(keep_nodes) | kept_by_keep_float(graph, keep_float)
     matmuls = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
     nodes = [n for n in linear_nodes(graph) if n in matmuls and n not in kept]
     del graph
     with _quiet_preprocess_advice():
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
                          op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
-    return {"quantized_nodes": len(nodes), "kept_float_nodes": sorted(kept),
+    return {"quantized_nodes": len(nodes), "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
             "high_precision": precisions.REFERENCE.name,
             "tool": "onnxruntime.quantization.quantize_dynamic(MatMul, QInt8 weights per channel)"}
 
@@ -352,7 +370,7 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
         kept = {"ref": [], "cand": []}
 
         def keep(*outputs):
-            for side, (maps, scores, *_) in zip(("ref", "cand"), outputs):   # patch_features not compared
+            for side, (maps, scores, *_) in zip(("ref", "cand"), outputs):   # the comparator has the features
                 kept[side].append((maps.reshape(len(maps), maps.shape[1], -1).max(axis=2).astype(np.float64),
                                    np.asarray(scores, np.float64).reshape(len(scores), -1)))
 

@@ -74,7 +74,8 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
             made["calibration_data"] = os.path.abspath(calibration.data)
             return made
         if wanted.conversion == "dynamic-int8":
-            return convert.to_int8_dynamic(fp32_file, dst, keep_nodes=keep_nodes)
+            return convert.to_int8_dynamic(fp32_file, dst, keep_nodes=keep_nodes,
+                                           keep_float=tuple(calibration.keep_float))
         if wanted.conversion == "bfloat16":
             from .convert_bf16 import to_bf16
 
@@ -101,11 +102,12 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
         report, conversion = keep_sensitive_float(precision, fp32_file, conversion, convert_file, run_gate,
                                                   report, normals, gate_data, batch[0], decision_rule)
     c, d = report.comparison, report.decision
-    log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e",
+    log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e%s",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
              "n/a" if c.score_spearman is None else f"{c.score_spearman:.4f}",
              f" (95% CI {d.spearman_ci95[0]:.3f}–{d.spearman_ci95[1]:.3f})" if d and d.spearman_ci95 else "",
-             c.image_score.max_abs)
+             c.image_score.max_abs,
+             f", patch_features cosine min {c.patch_features.cosine_min:.5f} (few-shot)" if c.patch_features else "")
     if d is not None:
         log.info("      OK/NG at α %s: flips on %d held-back normal images %s, on %d verify images %s; score error "
                  "/ margin %s", "/".join(f"{a:g}" for a in d.alphas), d.held_back_images, d.held_back_flips,

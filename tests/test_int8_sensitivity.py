@@ -150,3 +150,23 @@ def test_a_kept_failure_records_what_its_file_keeps_float(tiny_files, tmp_path, 
     graph = onnx.load(str(out / "model.int8-cpu.onnx"))
     assert set(s["kept_layers"]) <= {n.name for n in graph.graph.node if n.op_type == "MatMul"}
     assert entry["gate"]["accepted_despite_failure"]
+
+
+def test_keep_float_takes_a_manifests_node_names_and_refuses_what_matches_nothing(fp32, tmp_path):
+    """What a sensitivity pass kept (the manifest's kept_float_nodes) can be handed to the next INT8 file with
+    --int8-keep-float, so the other file of the pair need not measure again; scopes still work, typos are refused."""
+    from clipad.runtime.errors import ClipadError
+
+    model = onnx.load(str(fp32), load_external_data=False)
+    linears = convert.linear_nodes(model)
+    picked = (linears[0], linears[-1])
+    assert convert.kept_by_keep_float(model, picked) == set(picked)
+    by_scope = convert.kept_by_keep_float(model, ("mlp.c_proj",))
+    assert by_scope and by_scope < set(linears)
+    with pytest.raises(ClipadError, match="node_MatMul_99999.*kept_float_nodes"):
+        convert.kept_by_keep_float(model, (linears[0], "node_MatMul_99999"))
+    made = convert.to_int8_dynamic(str(fp32), str(tmp_path / "q.onnx"), keep_float=picked)
+    assert set(picked) <= set(made["kept_float_nodes"]) and made["kept_float"] == list(picked)
+    quantized = {n.name for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulInteger"}
+    assert quantized and not any(name == p or name.startswith(p + "_") for name in quantized for p in picked)
+    assert made["quantized_nodes"] == len(set(linears) - set(made["kept_float_nodes"]))
