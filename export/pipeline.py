@@ -87,8 +87,9 @@ def export_from_checkpoint(opts: ExportOptions) -> int:
         log.info("[3/4] parity gate: torch reference vs ONNX Runtime on %d image(s) …", len(verify[0]))
         parity = parity_gate(built, onnx_file, *verify, (lo, hi))
         c = parity.comparison
-        log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e",
-                 c.anomaly_map.max_abs, c.map_error_over_range, c.image_score.max_abs)
+        log.info("      anomaly_map max|Δ| %.2e (%.2e of range), image_score max|Δ| %.2e%s",
+                 c.anomaly_map.max_abs, c.map_error_over_range, c.image_score.max_abs,
+                 f", patch_features cosine min {c.patch_features.cosine_min:.7f}" if c.patch_features else "")
         enforce_gate(parity, "parity gate", opts.accept_accuracy_loss, get_kind(m.kind).parity_note)
         fewshot = fewshot_step(built, onnx_file, tmp) if m.memory_features else None
         del built.module  # free the torch model before the ONNX-only steps

@@ -24,6 +24,16 @@ class OutputError:
 
 
 @dataclass
+class FeatureError:
+    """patch_features [B, T, P, C] (unit patch tokens a few-shot memory compares, ``--memory-features``): the cosine
+    of each reference token with the candidate's, which is what moves a nearest-neighbour similarity."""
+    cosine: list[float]             # per image, the smallest over its T × P tokens
+    cosine_min: float | None
+    cosine_mean: float | None       # over every token of every image
+    max_abs: float | None
+
+
+@dataclass
 class Comparison:
     images: int
     names: list[str]
@@ -37,6 +47,7 @@ class Comparison:
     score_reference_std: float                # spread of the reference scores: near-ties make Spearman noisy
     nonfinite_images: dict[str, list[str]]    # {"reference": [...], "candidate": [...]}
     constant_map_images: list[str]            # constant on one side only
+    patch_features: FeatureError | None = None   # when both sides give them
 
     @property
     def map_error_over_range(self) -> float:
@@ -53,6 +64,7 @@ class GateLimits:
     score_spearman_min: float | None = None
     decision_flips_max: int | None = None       # OK/NG flips allowed on held-back normal images, at every α
     decision_agreement_min: float | None = None  # share of equal OK/NG decisions on the verify images, at every α
+    features_cosine_min: float | None = None    # smallest patch_features token cosine (models that output them)
 
 
 @dataclass
@@ -83,7 +95,9 @@ class GateReport:
     rounding_pins: RoundingPins | None = None   # parity of Crane+ after pinning D-Attn entries within rounding
 
 
-PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5)   # precisions' limits: runtime.precisions
+# Parity's features limit: FP32 torch vs ONNX Runtime differ by float rounding (1 − cos ~1e-7 for a unit token);
+# a wrong token order, tap or normalisation gives cosines far below 1 − 1e-4. Precisions' limits: runtime.precisions.
+PARITY_LIMITS = GateLimits(map_error_over_range=1e-4, score_max_abs=1e-5, features_cosine_min=1 - 1e-4)
 
 
 def is_flat(x: np.ndarray) -> bool:
@@ -133,11 +147,18 @@ class Comparator:
         self.finite_rows = 0
         self.ref_scores: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
+        self.cosine: list[float] = []
+        self.cosine_sum, self.tokens, self.features_abs = 0.0, 0, 0.0
 
     def add(self, reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray],
             names: list[str] | None = None) -> None:
-        ref_maps, ref_scores = (np.asarray(a) for a in reference[:2])   # patch_features, if any, are not compared
+        ref_maps, ref_scores = (np.asarray(a) for a in reference[:2])
         maps, scores = (np.asarray(a) for a in candidate[:2])
+        ref_feats, feats = (np.asarray(side[2]) if len(side) > 2 else None for side in (reference, candidate))
+        if ref_feats is None or feats is None:
+            ref_feats = feats = None          # one side without them (a backend that drops them): not compared
+        elif ref_feats.shape != feats.shape:
+            raise ValueError(f"patch_features shapes differ: reference {ref_feats.shape}, candidate {feats.shape}")
         if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
             raise ValueError(f"shapes differ: reference {ref_maps.shape}/{ref_scores.shape}, candidate "
                              f"{maps.shape}/{scores.shape}")
@@ -148,15 +169,21 @@ class Comparator:
             raise ValueError(f"{len(names)} names for {n} images")
         self.names += names
         for i in range(n):
-            ref_ok = bool(np.isfinite(ref_maps[i]).all() and np.isfinite(ref_scores[i]).all())
-            cand_ok = bool(np.isfinite(maps[i]).all() and np.isfinite(scores[i]).all())
+            ref_ok = bool(np.isfinite(ref_maps[i]).all() and np.isfinite(ref_scores[i]).all()
+                          and (ref_feats is None or np.isfinite(ref_feats[i]).all()))
+            cand_ok = bool(np.isfinite(maps[i]).all() and np.isfinite(scores[i]).all()
+                           and (feats is None or np.isfinite(feats[i]).all()))
             if not ref_ok:
                 self.bad["reference"].append(names[i])
             if not cand_ok:
                 self.bad["candidate"].append(names[i])
             if not (ref_ok and cand_ok):
                 self.pearson.append(0.0)
+                if ref_feats is not None:
+                    self.cosine.append(0.0)
                 continue
+            if ref_feats is not None:
+                self._add_features(ref_feats[i], feats[i])
             classes = range(ref_maps.shape[1])
             self.pearson.append(min(map_pearson(ref_maps[i, k], maps[i, k]) for k in classes))
             if any(is_flat(ref_maps[i, k]) != is_flat(maps[i, k]) for k in classes):
@@ -167,6 +194,15 @@ class Comparator:
             self.ref_scores.append(np.asarray(ref_scores[i], np.float64).reshape(-1))
             self.scores.append(np.asarray(scores[i], np.float64).reshape(-1))
             self.finite_rows += 1
+
+    def _add_features(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        norms = np.linalg.norm(r, axis=-1) * np.linalg.norm(c, axis=-1)
+        cos = np.where(norms > 0, (r * c).sum(axis=-1) / np.maximum(norms, 1e-300), 0.0)
+        self.cosine.append(float(cos.min()))
+        self.cosine_sum += float(cos.sum())
+        self.tokens += cos.size
+        self.features_abs = max(self.features_abs, float(np.abs(r - c).max(initial=0.0)))
 
     def result(self) -> Comparison:
         nan = float("nan")
@@ -186,7 +222,11 @@ class Comparator:
             map_pearson_min=min(self.pearson) if self.pearson else None,
             map_pearson_mean=float(np.mean(self.pearson)) if self.pearson else None,
             score_spearman=rho, score_reference_std=std,
-            nonfinite_images={k: list(v) for k, v in self.bad.items()}, constant_map_images=list(self.constant))
+            nonfinite_images={k: list(v) for k, v in self.bad.items()}, constant_map_images=list(self.constant),
+            patch_features=None if not self.cosine else FeatureError(
+                cosine=[round(c, 7) for c in self.cosine], cosine_min=min(self.cosine),
+                cosine_mean=self.cosine_sum / self.tokens if self.tokens else None,
+                max_abs=self.features_abs if self.tokens else None))
 
 
 def _worse(current: tuple[float, float], ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
@@ -250,6 +290,11 @@ def gate(comparison: Comparison, limits: GateLimits, name: str, reference: str, 
             low = [nm for nm, p in zip(c.names, c.map_pearson) if not p >= limits.map_pearson_min]
             failures.append(f"map Pearson min {c.map_pearson_min if c.map_pearson_min is not None else float('nan'):.5f}"
                             f" (need ≥ {limits.map_pearson_min}) on {_listed(low)}")
+    f = c.patch_features
+    if limits.features_cosine_min is not None and f is not None and not f.cosine_min >= limits.features_cosine_min:
+        low = [nm for nm, x in zip(c.names, f.cosine) if not x >= limits.features_cosine_min]
+        failures.append(f"patch_features cosine min {f.cosine_min:.6f} (need ≥ {limits.features_cosine_min:g}) on "
+                        f"{_listed(low)}")
     failures += decision_failures(decision, limits)
     if limits.score_spearman_min is not None:
         if c.score_spearman is None:

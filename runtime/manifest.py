@@ -6,8 +6,8 @@ every writer of an existing export goes through ``Manifest.update(dir, change)``
 re-reads, applies the change and writes atomically (keeping the file's mode), so two commands working on one export
 never lose each other's changes.
 
-Versions: 5 is current. 1 (clipad-edge 0.1.0) to 4 are read and upgraded in memory (``manifest_upgrade``); the next
-write stores version 5. A newer version than this runtime knows is refused with a one-line error (so a schema-5
+Versions: 7 is current. 1 (clipad-edge 0.1.0) to 6 are read and upgraded in memory (``manifest_upgrade``); the next
+write stores version 7. A newer version than this runtime knows is refused with a one-line error (so a schema-7
 manifest read by an older clipad-edge says "newer than this clipad-edge supports").
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .manifest_calibration import Calibration, ClassCalibration, precision_name
 __all__ = ["Calibration", "ClassCalibration", "Manifest", "SCHEMA_VERSION", "MANIFEST_NAME", "check_writable",
            "file_entry", "lock", "sha256_file"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.json.lock"
 LOCK_TIMEOUT_S = 120.0

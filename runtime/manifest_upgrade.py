@@ -8,7 +8,8 @@ precision × backend, so calibrating one class rewrote another's description: up
 marked as such).
 3 → 4: precision gates may carry an OK/NG decision check (``gate.decision``, limits ``decision_*``) and ``bf16`` has
 its own file (``model.bf16.onnx``; 3 had none: its bf16 was OpenVINO's hint on ``model.onnx``). Nothing to convert.
-4 → 5, 5 → 6: optional additions only (the parity gate's rounding pins; few-shot memories and ``patch_features``).
+4 → 5, 5 → 6, 6 → 7: optional additions only (the parity gate's rounding pins; few-shot memories and
+``patch_features``; the gates' comparison of ``patch_features``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def rule_for(kind: str, domain: str | None) -> str:
 
 def upgrade(data: dict, version: int) -> dict:
     """``data`` of schema ``version`` as a current-schema document (SchemaError for a damaged one)."""
-    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3, 4: upgrade_v4, 5: upgrade_v5}
+    steps = {1: upgrade_v1, 2: upgrade_v2, 3: upgrade_v3, 4: upgrade_v4, 5: upgrade_v5, 6: upgrade_v6}
     for step in range(version, max(steps) + 1):
         try:
             data = steps[step](data)
@@ -137,4 +138,9 @@ def upgrade_v4(data: dict) -> dict:
 def upgrade_v5(data: dict) -> dict:
     """Schema 6 only adds optional parts: a ``patch_features`` output with ``fewshot.onnx``, and few-shot memories in
     calibrations (a schema-5 reader would apply their fused thresholds to zero-shot scores, so it must refuse)."""
+    return data
+
+
+def upgrade_v6(data: dict) -> dict:
+    """Schema 7 only adds an optional field: a gate's comparison of ``patch_features`` (and its limit)."""
     return data

@@ -168,3 +168,30 @@ def test_fp16_gate_fails_on_broken_images(tiny_files, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "FP16 accuracy gate failed" in err and "bright_1.png, bright_3.png" in err and "dark_" not in err
     assert not out.exists()
+
+
+def test_patch_features_compared_by_token_cosine_and_gated_at_parity():
+    """Models exported with --memory-features give unit patch tokens [B, T, P, C] a few-shot memory compares: the
+    comparator measures each token's cosine; parity fails (naming the image) on a token that moved, NaN in them fails
+    as any non-finite output, and a side without them leaves them unmeasured."""
+    ref = outputs(n=3)
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(3, 2, 5, 8))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    same = compare((*ref, feats), (*ref, feats.copy()), ["a", "b", "c"])
+    assert same.patch_features.cosine_min == pytest.approx(1.0) and same.patch_features.max_abs == 0.0
+    assert gate(same, PARITY_LIMITS, "parity", "t", "o").passed
+    moved = feats.copy()
+    moved[1, 1, 3] = -moved[1, 1, 3]          # one token of image b reversed
+    c = compare((*ref, feats), (*ref, moved), ["a", "b", "c"])
+    assert c.patch_features.cosine == pytest.approx([1.0, -1.0, 1.0])
+    assert c.patch_features.cosine_mean == pytest.approx((30 - 2) / 30)
+    report = gate(c, PARITY_LIMITS, "parity", "t", "o")
+    assert not report.passed and any("patch_features cosine min -1.000000" in f and "on b" in f
+                                     for f in report.failures)
+    assert gate(c, GateLimits(map_pearson_min=0.999), "fp16", "t", "o").passed   # recorded, not a limit there
+    broken = moved.copy()
+    broken[2, 0, 0, 0] = np.nan
+    c = compare((*ref, feats), (*ref, broken), ["a", "b", "c"])
+    assert c.nonfinite_images["candidate"] == ["c"]
+    assert compare(ref, (*ref, feats)).patch_features is None

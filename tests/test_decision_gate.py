@@ -91,7 +91,7 @@ def test_int8_export_is_judged_by_decisions(tiny_files, tmp_path, normals):
                                                  "--accept-accuracy-loss"], classes=("tile",))
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION == 6
+    assert manifest["schema_version"] == SCHEMA_VERSION == 7
     report = manifest["precisions"]["int8"]["gate"]
     decision = report["decision"]
     assert report["limits"]["score_spearman_min"] is None              # the rank no longer decides

@@ -70,6 +70,9 @@ def test_every_kind_gives_unit_patch_features_and_a_graph_that_matches_numpy(kin
     m = manifest_json(out)
     spec = next(o for o in m["outputs"] if o["name"] == "patch_features")
     assert spec["shape"][1:3] == [TAPS[kind], 16] and "fewshot.onnx" in m["files"]
+    features_parity = m["parity"]["comparison"]["patch_features"]   # the parity gate compares them too
+    assert len(features_parity["cosine"]) == m["parity"]["comparison"]["images"] == 3
+    assert features_parity["cosine_min"] >= m["parity"]["limits"]["features_cosine_min"] == 1 - 1e-4
     images = sorted(str(p) for p in normals.iterdir())[:3]
     with Detector.open(str(out), backend="onnxruntime") as det:
         from clipad.runtime.preprocess import prepare
@@ -117,6 +120,9 @@ def test_fp16_and_int8_files_keep_the_features(aaclip, tiny_files, tmp_path):
         outputs = {o.name: o.type for o in session.get_outputs()}
         assert outputs == {"anomaly_map": "tensor(float)", "image_score": "tensor(float)",
                            "patch_features": "tensor(float)"}, name
+    for precision in ("fp16", "int8-cpu"):     # each gate measured how far its features moved
+        features = manifest_json(copy)["precisions"][precision]["gate"]["comparison"]["patch_features"]
+        assert 0.5 < features["cosine_min"] < 1 and features["cosine_min"] <= features["cosine_mean"] <= 1
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
     assert export_cli.main(["--from-onnx", str(copy), "--precision", "fp16", "--trt-flavor", "rtx",
                             "--compute-capability", "8.6", "-q"]) == 0   # the engine has the output too
@@ -136,7 +142,7 @@ def test_memory_calibration_excludes_memory_images_and_edge_detect_fuses(aaclip,
     assert calibrate("--model", model, "--normal", normals, "--memory", 4, "--holdout", 0, "--target-fpr", 0.2,
                      "-q") == 0
     m = manifest_json(model)
-    assert m["schema_version"] == 6
+    assert m["schema_version"] == 7
     cal = m["calibrations"][0]["classes"]["tile"]
     record = cal["memory"]
     assert cal["decision"]["rule"] == "fused" and cal["images"] == 14 - 4 and record["images"] == 4

@@ -215,7 +215,7 @@ def test_schema2_export_runs_and_upgrades_on_the_next_write(tmp_path):
         assert pred.label in ("OK", "NG") and pred.calibration["method"] == "conformal"
     Manifest.update(str(copy), lambda m: None)
     stored = json.loads((copy / "manifest.json").read_text())
-    assert stored["schema_version"] == SCHEMA_VERSION == 6
+    assert stored["schema_version"] == SCHEMA_VERSION == 7
     assert stored["files"]["model.int8-cpu.onnx"]["precision"] == "int8-cpu"
     assert "target" not in stored["files"]["model.int8-cpu.onnx"]
 
@@ -227,8 +227,8 @@ def test_a_newer_schema_read_by_an_older_runtime_says_newer(monkeypatch, tmp_pat
     copy = tmp_path / "s2"
     shutil.copytree(SCHEMA2, copy)
     Manifest.update(str(copy), lambda m: None)
-    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 5)
-    with pytest.raises(ClipadError, match="schema_version 6 is newer than this clipad-edge supports"):
+    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 6)
+    with pytest.raises(ClipadError, match="schema_version 7 is newer than this clipad-edge supports"):
         Manifest.read(str(copy))
 
 
