@@ -257,12 +257,12 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     kept = (user_kept | head_feeding_linears(graph) | set(keep_nodes)) & set(nodes)
     del graph
     nodes = [n for n in nodes if n not in kept]
-    version = None
+    version, batches = None, None
     if quantizer == "nncf":
         model = quantize_nncf.quantize(src, calib, batch, nodes)
     elif quantizer == "modelopt":
-        model, version = quantize_modelopt.quantize(src, calib, nodes, method,
-                                                    os.path.dirname(os.path.abspath(dst)))
+        model, version, batches = quantize_modelopt.quantize(src, calib, nodes, method,
+                                                             os.path.dirname(os.path.abspath(dst)))
     else:
         model = _quantize_static(src, dst, nodes, ranges)
     restored = keep_float_consumers(model, set(nodes))
@@ -283,6 +283,7 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
             "high_precision": high_precision, "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
             "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
             "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),
+            **({"calibration_batches_read": batches} if batches is not None else {}),
             "tool": tool + (" + onnxruntime.transformers.float16" if half else "")}
 
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from clipad.runtime.errors import ClipadError
 
+from .modelopt_worker import PROGRESS
+
 ENV = "CLIPAD_MODELOPT_PYTHON"
 PIN = "nvidia-modelopt[onnx]==0.47.0"
 METHODS = {"minmax": "max", "entropy": "entropy"}   # our --calib-method → ModelOpt's INT8 calibration_method
@@ -61,8 +63,10 @@ def method_for(method: str) -> str:
     return METHODS[method]
 
 
-def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_dir: str) -> tuple[object, str]:
-    """ModelOpt's Q/DQ of ``nodes`` (and nothing else) in FP32 → (ModelProto, ModelOpt's version). The job's
+def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_dir: str
+             ) -> tuple[object, str, int]:
+    """ModelOpt's Q/DQ of ``nodes`` (and nothing else) in FP32 → (ModelProto, ModelOpt's version, calibration
+    batches it read over all its passes). The job's
     files live in a temporary folder in ``work_dir`` (beside the output, so a full disk fails there and nothing
     half-written is left). The caller has checked ``available()``."""
     import onnx
@@ -81,7 +85,7 @@ def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_di
         log_file = os.path.join(tmp, "modelopt.log")
         with open(log_file, "w") as log:
             # -I: the worker's folder (this package) stays off sys.path, so nothing of clipad shadows ModelOpt's.
-            code = subprocess.call([py, "-I", worker, os.path.join(tmp, "job.json")], stdout=log, stderr=log)
+            code = _run_with_progress([py, "-I", worker, os.path.join(tmp, "job.json")], log)
         if code < 0:
             import signal
 
@@ -91,8 +95,39 @@ def quantize(src: str, calib: np.ndarray, nodes: list[str], method: str, work_di
         if code != 0 or not os.path.isfile(job["result"]):
             raise ClipadError(f"ModelOpt quantization failed (exit {code}): {_last_error(log_file)}")
         with open(job["result"]) as f:
-            version = json.load(f)["modelopt"]
-        return onnx.load(job["output"]), version
+            result = json.load(f)
+        return onnx.load(job["output"]), result["modelopt"], int(result.get("calibration_batches", 0))
+
+
+def _run_with_progress(command: list[str], log) -> int:
+    """Run the worker; its progress lines become a bar (one per calibration pass), everything else goes to ``log``.
+    Ctrl-C or any error here ends the child too."""
+    import logging
+
+    from tqdm import tqdm
+
+    bar, show = None, logging.getLogger("clipad").isEnabledFor(logging.INFO)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, errors="replace")
+    try:
+        for line in child.stdout:
+            words = line.split()
+            if len(words) == 3 and words[0] == PROGRESS and words[1].isdigit() and words[2].isdigit():
+                served, per_pass = int(words[1]), max(int(words[2]), 1)
+                if bar is None or served % per_pass == 1 or per_pass == 1:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=per_pass, unit="batch", leave=False, disable=not show,
+                               desc=f"ModelOpt calibration, pass {(served - 1) // per_pass + 1}")
+                bar.update(1)
+            else:
+                log.write(line)
+        return child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if bar is not None:
+            bar.close()
 
 
 def _last_error(log_file: str) -> str:

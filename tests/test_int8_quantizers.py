@@ -81,6 +81,8 @@ def test_both_quantizers_follow_one_policy_and_one_gate(exports):
             "conversion"]
         assert "modelopt.onnx.quantization" in conversion["tool"] and "0.47.0" in conversion["tool"]
         assert conversion["quantized_nodes"] == len(linears - head_side) and muls["modelopt"] == muls["onnxruntime"]
+        # Every calibration image went through ModelOpt's session at least once, as the progress lines counted.
+        assert conversion["calibration_batches_read"] >= conversion["calibration_images"] > 0
 
 
 def test_tensorrt_compatibility_is_checked():
