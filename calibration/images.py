@@ -27,16 +27,17 @@ def _cache_key(files: list[str], size: int) -> str:
 
 
 def load_set(folder: str, size: int, cache_dir: str | None = None, min_images: int = 2,
-             flag: str = "--calib-data") -> tuple[np.ndarray, list[str]]:
-    """All images of ``folder`` as the model's uint8 input [N, S, S, 3]; unreadable images are an error."""
+             flag: str = "--calib-data", purpose: str = "INT8") -> tuple[np.ndarray, list[str]]:
+    """All images of ``folder`` as the model's uint8 input [N, S, S, 3]; unreadable images are an error. ``purpose``
+    names what the images are for in the warning about too few of them."""
     from tqdm import tqdm
 
     files = list_images(folder, flag, single_file=False).paths
     if len(files) < min_images:
         raise ClipadError(f"{flag} {folder}: {len(files)} image(s); at least {min_images} needed")
     if len(files) < RECOMMENDED_IMAGES:
-        log.warning("WARNING: %d calibration images in %s; at least %d normal images are recommended for INT8",
-                    len(files), folder, RECOMMENDED_IMAGES)
+        log.warning("WARNING: %d calibration images in %s; at least %d normal images are recommended for %s",
+                    len(files), folder, RECOMMENDED_IMAGES, purpose)
     cache = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)

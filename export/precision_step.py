@@ -61,7 +61,8 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     else:
         calib = None
         if calibration.data:
-            calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2)
+            calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2,
+                                          purpose=f"the {precision.upper()} OK/NG gate")
         log.info("[3b] %s conversion …", precision.upper())
     def convert_file(keep_nodes: tuple[str, ...] = ()) -> dict:
         if wanted.conversion == "float16":

@@ -104,10 +104,11 @@ def test_int8_export_is_judged_by_decisions(tiny_files, tmp_path, normals):
                                 and report["comparison"]["map_pearson_min"] >= 0.99)
 
 
-def test_fp16_takes_calibration_data_for_the_decision_gate(tiny_files, tmp_path, normals):
+def test_fp16_takes_calibration_data_for_the_decision_gate(tiny_files, tmp_path, normals, caplog):
     out = tmp_path / "f"
     assert export_tiny(tiny_files, out, "clip", ["--precision", "fp16", "--calib-data", str(normals)],
                        classes=("tile",)) == 0
+    assert "recommended for the FP16 OK/NG gate" in caplog.text and "for INT8" not in caplog.text   # 40 < 100
     report = json.loads((out / "manifest.json").read_text())["precisions"]["fp16"]["gate"]
     assert report["passed"] and report["decision"]["held_back_flips"] == [0, 0]
     assert report["decision"]["normal_images"] == 30                    # all 40 images, 10 held back
