@@ -113,8 +113,9 @@ def parse_args(argv):
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
                       help="INT8 (both files): leave linear layers whose module path contains SCOPE unquantized, "
                            "e.g. mlp.c_proj (the post-GELU MLP projections) or resblocks.23., or name them as a "
-                           "manifest's kept_float_nodes lists them (node_MatMul_171 …): reuses what an earlier "
-                           "sensitivity pass kept")
+                           "manifest's kept_float_nodes lists them (node_MatMul_171 …), or with --from-onnx say "
+                           "from:int8-cpu (or from:int8) for the layers that file of this export kept float: reuses "
+                           "what an earlier sensitivity pass found")
     prec.add_argument("--int8-quantizer", choices=list(QUANTIZERS), default=QUANTIZERS[0],
                       help="INT8 (the Q/DQ file): who places and calibrates the linear layers' Q/DQ: onnxruntime's "
                            "quantize_static with our bounded-memory range collector (default), NNCF (OpenVINO's "

@@ -41,6 +41,7 @@ from .options import CalibrationOptions, ExportOptions
 from .precision_step import enforce_gate, needs_calibration
 
 log = logging.getLogger("clipad")
+KEPT_FROM = "from:"   # --int8-keep-float from:PRECISION
 
 
 def run(opts: ExportOptions) -> int:
@@ -240,6 +241,9 @@ def check_arguments(opts: ExportOptions) -> None:
     if m.kind == "crane_plus" and not (m.dino_weights or m.random_init):
         raise ClipadError("--dino-weights is required for --model crane_plus (Meta's dinov2_vitb14_reg4_pretrain.pth, "
                           "a local file); or --random-init")
+    if any(k.startswith(KEPT_FROM) for k in opts.calibration.keep_float):
+        raise ClipadError(f"--int8-keep-float {KEPT_FROM}PRECISION: reads an existing export's manifest; use it with "
+                          "--from-onnx DIR")
     if m.dino_weights and not os.path.isfile(m.dino_weights):
         raise ClipadError(f"--dino-weights {m.dino_weights}: no such file")
     if m.clip_weights and not os.path.isfile(m.clip_weights):
@@ -296,6 +300,7 @@ def export_from_onnx(opts: ExportOptions) -> int:
         and not serves_engine
     if make_file:
         require_calibration(opts, manifest)
+        opts.calibration.keep_float = kept_from_manifest(opts.calibration.keep_float, manifest)
         check_images(opts)
         check_writable(model_dir)
         add_precision(opts, model_dir, manifest)
@@ -308,6 +313,29 @@ def export_from_onnx(opts: ExportOptions) -> int:
         return 0
     check_writable(model_dir)
     return engine_step(opts, model_dir, required=True)
+
+
+def kept_from_manifest(keep_float: tuple[str, ...], manifest: Manifest) -> tuple[str, ...]:
+    """``from:int8-cpu`` in --int8-keep-float becomes the layers that file's conversion kept float (its manifest's
+    kept_float_nodes), so the Q/DQ file can start from what the other INT8 file's sensitivity pass found."""
+    out: list[str] = []
+    for k in keep_float:
+        if not k.startswith(KEPT_FROM):
+            out.append(k)
+            continue
+        name = k[len(KEPT_FROM):]
+        report = manifest.precisions.get(name)
+        if report is None:
+            have = ", ".join(sorted(manifest.precisions)) or "none"
+            raise ClipadError(f"--int8-keep-float {k}: this export has no {name!r} file to take the kept layers "
+                              f"from (it has: {have})")
+        nodes = (report.conversion or {}).get("kept_float_nodes") or []
+        if not nodes:
+            raise ClipadError(f"--int8-keep-float {k}: the {name} file keeps no linear layer float (its manifest "
+                              "lists no kept_float_nodes)")
+        log.info("      --int8-keep-float %s: %d layer(s) its conversion kept float", k, len(nodes))
+        out.extend(nodes)
+    return tuple(dict.fromkeys(out))
 
 
 def add_precision(opts: ExportOptions, model_dir: str, manifest: Manifest) -> None:

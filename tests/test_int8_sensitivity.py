@@ -170,3 +170,31 @@ def test_keep_float_takes_a_manifests_node_names_and_refuses_what_matches_nothin
     quantized = {n.name for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulInteger"}
     assert quantized and not any(name == p or name.startswith(p + "_") for name in quantized for p in picked)
     assert made["quantized_nodes"] == len(set(linears) - set(made["kept_float_nodes"]))
+
+
+def test_keep_float_from_another_int8_file_of_the_export(tiny_files, normals, tmp_path, capsys):
+    """--int8-keep-float from:int8-cpu gives the Q/DQ file exactly the layers the export's int8-cpu file kept float;
+    naming a precision the export lacks, or using it without an export to read, is one clear error."""
+    from clipad.export import cli as export_cli
+
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--no-engine"], classes=("tile",)) == 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    picked = convert.linear_nodes(model)[1:3]
+    base = ["--from-onnx", str(out), "--no-engine", "--accept-accuracy-loss", "--no-int8-sensitivity", "-q"]
+    assert export_cli.main(base + ["--precision", "int8", "--int8-keep-float", "from:int8-cpu",
+                                   "--calib-data", str(normals)]) == 2
+    assert "no 'int8-cpu' file" in capsys.readouterr().err
+    assert export_cli.main(base + ["--precision", "int8-cpu", "--int8-keep-float", *picked]) == 0
+    assert export_cli.main(base + ["--precision", "int8", "--int8-keep-float", "from:int8-cpu",
+                                   "--calib-data", str(normals)]) == 0
+    entries = json.loads((out / "manifest.json").read_text())["precisions"]
+    kept = entries["int8-cpu"]["conversion"]["kept_float_nodes"]
+    assert set(picked) <= set(kept) and entries["int8"]["conversion"]["kept_float_nodes"] == kept
+    qdq = onnx.load(str(out / "model.int8.onnx"), load_external_data=False)
+    fed_by_dq = {n.name for n in qdq.graph.node if n.op_type == "MatMul"
+                 and any(i.endswith("_DequantizeLinear_Output") or "dequant" in i.lower() for i in n.input)}
+    assert fed_by_dq and not set(picked) & fed_by_dq
+    assert export_tiny(tiny_files, tmp_path / "n", "clip", ["--no-engine", "--int8-keep-float", "from:int8-cpu"],
+                       classes=("tile",)) == 2
+    assert "use it with --from-onnx" in capsys.readouterr().err
