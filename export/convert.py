@@ -137,15 +137,14 @@ def linear_nodes(model, keep_float: tuple[str, ...] = ()) -> list[str]:
 def kept_by_keep_float(model, keep_float: tuple[str, ...]) -> set[str]:
     """The linear layers ``keep_float`` leaves float; an entry that matches none is refused, so a mistyped scope or
     a node name from another model's manifest is not silently ignored."""
-    everything = linear_nodes(model)
-    names = set(everything)
+    names = set(linear_nodes(model))
     linears = [n for n in model.graph.node if n.name in names]
     unmatched = [k for k in keep_float if not any(_kept_by(n, k) for n in linears)]
     if unmatched:
         raise ClipadError(f"--int8-keep-float {' '.join(unmatched)}: matches no linear layer of this model (give a "
                           "module scope such as mlp.c_proj or resblocks.23., or node names from this export's "
                           "manifest, kept_float_nodes)")
-    return set(everything) - set(linear_nodes(model, keep_float))
+    return {n.name for n in linears if any(_kept_by(n, k) for k in keep_float)}
 
 
 class _DropPreprocessAdvice(logging.Filter):
