@@ -90,16 +90,12 @@ class RangeCollector:
                            {k: (np.array(-m, np.float32), np.array(m, np.float32)) for k, m in self.absmax.items()})
 
 
-def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict], method: str, total: int | None = None,
-                   optimize: bool = True):
-    """Run the FP32 model over ``batches`` (input feeds) and return onnxruntime ``TensorsData`` for ``tensors``.
-
-    ``optimize=False`` runs the graph unfused, as onnxruntime's calibrators do; the default runs onnxruntime's fused
-    kernels, which round some activations differently in the last bit."""
+def _outputs(model_path: str, tensors: list[str], batches: Iterable[dict], desc: str, total: int | None,
+             optimize: bool):
+    """Each batch's values of ``tensors`` (the FP32 model with them as its only outputs), one batch at a time."""
     import onnxruntime as ort
     from tqdm import tqdm
 
-    collector = RangeCollector(method)
     with tempfile.TemporaryDirectory(prefix="clipad-calib-") as tmp:
         path = os.path.join(tmp, "augmented.onnx")
         augmented_model(model_path, tensors, path)
@@ -108,7 +104,29 @@ def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict],
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        for feed in tqdm(batches, total=total, desc=f"INT8 calibration ({method})", unit="batch", leave=False):
-            collector.add(dict(zip(tensors, sess.run(tensors, feed))))
+        for feed in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+            yield dict(zip(tensors, sess.run(tensors, feed)))
         del sess
+
+
+def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict], method: str, total: int | None = None,
+                   optimize: bool = True):
+    """Run the FP32 model over ``batches`` (input feeds) and return onnxruntime ``TensorsData`` for ``tensors``.
+
+    ``optimize=False`` runs the graph unfused, as onnxruntime's calibrators do; the default runs onnxruntime's fused
+    kernels, which round some activations differently in the last bit."""
+    collector = RangeCollector(method)
+    for named in _outputs(model_path, tensors, batches, f"INT8 calibration ({method})", total, optimize):
+        collector.add(named)
     return collector.result()
+
+
+def collect_channel_absmax(model_path: str, tensors: list[str], batches: Iterable[dict], total: int | None = None,
+                           optimize: bool = True) -> dict[str, np.ndarray]:
+    """max |x| per channel (the last axis) of each of ``tensors`` over ``batches``: what SmoothQuant balances."""
+    absmax: dict[str, np.ndarray] = {}
+    for named in _outputs(model_path, tensors, batches, "INT8 channel ranges", total, optimize):
+        for name, value in named.items():
+            m = np.nanmax(np.abs(value.reshape(-1, value.shape[-1])), axis=0).astype(np.float32)
+            absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
+    return absmax

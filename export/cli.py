@@ -122,6 +122,11 @@ def parse_args(argv):
                            "quantizer; fast bias correction) or NVIDIA ModelOpt (TensorRT's quantizer; runs in its "
                            "own environment, named by $CLIPAD_MODELOPT_PYTHON; minmax or entropy). The manifest "
                            "records which, and whether the file suits TensorRT")
+    prec.add_argument("--int8-smoothquant", type=float, metavar="ALPHA", dest="int8_smoothquant",
+                      help="INT8 (the Q/DQ file): SmoothQuant before quantizing: each LayerNorm output feeding "
+                           "linear layers is divided per channel by max|x|^ALPHA / max|w|^(1-ALPHA), folded into "
+                           "the LayerNorm and the weights (the FP32 model is unchanged in value), so the one static "
+                           "activation scale per tensor fits every channel. 0.5 is SmoothQuant's default")
     prec.add_argument("--no-int8-sensitivity", dest="int8_sensitivity", action="store_false",
                       help="INT8: when the gate fails, stop there. By default a failed INT8 gate (with --calib-data) "
                            "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "
@@ -205,7 +210,8 @@ def options(args) -> ExportOptions:
         calibration=CalibrationOptions(data=args.calib_data, method=args.calib_method,
                                        high_precision=args.int8_high_precision,
                                        keep_float=tuple(args.int8_keep_float),
-                                       sensitivity=args.int8_sensitivity, quantizer=args.int8_quantizer),
+                                       sensitivity=args.int8_sensitivity, quantizer=args.int8_quantizer,
+                                       smooth_alpha=args.int8_smoothquant),
         accept_accuracy_loss=args.accept_accuracy_loss,
         engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,

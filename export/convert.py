@@ -213,20 +213,20 @@ HALF_REMAINDER = precisions.INT8_REMAINDERS[0]
 
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = HALF_REMAINDER,
             cache_dir: str | None = None, keep_float: tuple[str, ...] = (), keep_nodes: tuple[str, ...] = (),
-            quantizer: str = "onnxruntime") -> dict:
+            quantizer: str = "onnxruntime", smooth_alpha: float | None = None) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
     fp16 still applies) or fp32. A strongly typed TensorRT build runs exactly these types, so an FP32 remainder makes
     attention, GELU and the residual stream FP32 on the GPU. ``quantizer`` "nncf": NNCF places and calibrates the
     same layers' Q/DQ instead (``quantize_nncf``); "modelopt": NVIDIA ModelOpt does, in its own environment
-    (``quantize_modelopt``)."""
+    (``quantize_modelopt``). ``smooth_alpha``: SmoothQuant's α (``smoothquant``); the quantizer then works on the
+    smoothed FP32 model."""
     import inspect
+    import tempfile
 
     import onnx
     from onnxruntime.quantization import quantize_static
-
-    from . import quantize_modelopt, quantize_nncf
 
     if method not in CALIB_METHODS:
         raise ClipadError(f"--calib-method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
@@ -239,8 +239,25 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
                           f"{onnxruntime_upgrade_hint('1.32')}")
     graph = onnx.load(src, load_external_data=False)
     user_kept = kept_by_keep_float(graph, keep_float)   # before calibration: a typo costs a second, not half an hour
-    everything = linear_nodes(graph)
     del graph
+    with tempfile.TemporaryDirectory(prefix=".int8-smooth-", dir=os.path.dirname(os.path.abspath(dst))) as work:
+        made = _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kept, keep_nodes, quantizer,
+                        smooth_alpha, work)
+    made["kept_float"] = list(keep_float)
+    return made
+
+
+def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kept, keep_nodes, quantizer,
+             smooth_alpha, work) -> dict:
+    import onnx
+
+    from . import quantize_modelopt, quantize_nncf, smoothquant
+
+    smoothing, nodes, tensors, ranges = None, None, None, None
+    if smooth_alpha is not None:
+        derive = quantizer == "onnxruntime" and method == "minmax"
+        src, nodes, tensors, ranges, smoothing = smoothquant.smoothed(src, work, calib, batch, smooth_alpha, cache_dir,
+                                                                      derive)
     if quantizer in ("nncf", "modelopt"):
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":
@@ -248,8 +265,8 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
         why = module.available()   # ModelOpt's answers from a child process: asked once
         if why:
             raise ClipadError(why)
-        nodes, tensors, ranges = everything, None, None
-    else:
+        nodes, tensors, ranges = linear_nodes(onnx.load(src, load_external_data=False)), None, None
+    elif ranges is None:
         nodes, tensors, ranges = calibrate(src, calib, method, batch, cache_dir)
     # Loaded again rather than held through calibration: at ViT-L the proto is 1.3 GB next to the session.
     graph = onnx.load(src, load_external_data=False)
@@ -279,7 +296,8 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors) if tensors else None,
             "float_consumers_restored": restored, "quantizer": quantizer,
             "calibration_images": int(len(calib)), "method": "nncf" if quantizer == "nncf" else method,
-            "high_precision": high_precision, "kept_float": list(keep_float), "kept_float_nodes": sorted(kept),
+            "high_precision": high_precision, "kept_float_nodes": sorted(kept),
+            **({"smoothquant": smoothing} if smoothing else {}),
             "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
             "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),
             **({"calibration_batches_read": batches} if batches is not None else {}),

@@ -18,6 +18,7 @@ class CalibrationOptions:
     high_precision: str = precisions.INT8_REMAINDERS[0]   # type of everything that is not a quantized linear layer
     keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
     quantizer: str = QUANTIZERS[0]
+    smooth_alpha: float | None = None  # SmoothQuant's α for the Q/DQ file (None: off)
     sensitivity: bool = True           # a failed INT8 gate: keep the most decision-sensitive layers float, try again
 
 

@@ -270,6 +270,12 @@ def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -
         raise ClipadError(f"--int8-quantizer {opts.calibration.quantizer}: applies to the Q/DQ INT8 file (--precision "
                           f"{next(p.name for p in precisions.PRECISIONS.values() if p.conversion == 'static-qdq')}), "
                           f"not to --precision {wanted.name}")
+    alpha = opts.calibration.smooth_alpha
+    if alpha is not None and wanted.conversion != "static-qdq":
+        raise ClipadError(f"--int8-smoothquant: applies to the Q/DQ INT8 file (--precision int8), not to --precision "
+                          f"{wanted.name}")
+    if alpha is not None and not 0.0 < alpha < 1.0:
+        raise ClipadError(f"--int8-smoothquant {alpha:g}: α must lie between 0 and 1 (0.5 is SmoothQuant's default)")
     if opts.calibration.quantizer == "modelopt":   # its own environment: checked before minutes of export
         from . import quantize_modelopt
 
