@@ -121,12 +121,16 @@ def collect_ranges(model_path: str, tensors: list[str], batches: Iterable[dict],
     return collector.result()
 
 
-def collect_channel_absmax(model_path: str, tensors: list[str], batches: Iterable[dict], total: int | None = None,
-                           optimize: bool = True) -> dict[str, np.ndarray]:
-    """max |x| per channel (the last axis) of each of ``tensors`` over ``batches``: what SmoothQuant balances."""
-    absmax: dict[str, np.ndarray] = {}
+def collect_channel_extrema(model_path: str, tensors: list[str], batches: Iterable[dict], total: int | None = None,
+                            optimize: bool = True) -> dict[str, np.ndarray]:
+    """[min, max] per channel (the last axis) of each of ``tensors`` over ``batches``, as a (2, channels) array: what
+    SmoothQuant balances and what a shift centres."""
+    extrema: dict[str, np.ndarray] = {}
     for named in _outputs(model_path, tensors, batches, "INT8 channel ranges", total, optimize):
         for name, value in named.items():
-            m = np.nanmax(np.abs(value.reshape(-1, value.shape[-1])), axis=0).astype(np.float32)
-            absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
-    return absmax
+            flat = value.reshape(-1, value.shape[-1])
+            m = np.stack([np.nanmin(flat, axis=0), np.nanmax(flat, axis=0)]).astype(np.float32)
+            if name in extrema:
+                m = np.stack([np.minimum(extrema[name][0], m[0]), np.maximum(extrema[name][1], m[1])])
+            extrema[name] = m
+    return extrema

@@ -127,6 +127,11 @@ def parse_args(argv):
                            "linear layers is divided per channel by max|x|^ALPHA / max|w|^(1-ALPHA), folded into "
                            "the LayerNorm and the weights (the FP32 model is unchanged in value), so the one static "
                            "activation scale per tensor fits every channel. 0.5 is SmoothQuant's default")
+    prec.add_argument("--int8-shift", action="store_true",
+                      help="INT8 (the Q/DQ file): centre each linear layer's input whose calibrated range is "
+                           "lopsided (GELU outputs span -0.17 … 5) on zero, the shift folded into the layer's bias, "
+                           "so TensorRT's symmetric INT8 spends its codes on the values that occur (about one bit "
+                           "more on the MLP projections)")
     prec.add_argument("--no-int8-sensitivity", dest="int8_sensitivity", action="store_false",
                       help="INT8: when the gate fails, stop there. By default a failed INT8 gate (with --calib-data) "
                            "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "
@@ -211,7 +216,7 @@ def options(args) -> ExportOptions:
                                        high_precision=args.int8_high_precision,
                                        keep_float=tuple(args.int8_keep_float),
                                        sensitivity=args.int8_sensitivity, quantizer=args.int8_quantizer,
-                                       smooth_alpha=args.int8_smoothquant),
+                                       smooth_alpha=args.int8_smoothquant, shift=args.int8_shift),
         accept_accuracy_loss=args.accept_accuracy_loss,
         engine=EngineOptions(build=not args.no_engine, flavor=args.trt_flavor,
                              compute_capability=args.compute_capability, workspace_gb=args.workspace,

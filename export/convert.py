@@ -213,15 +213,15 @@ HALF_REMAINDER = precisions.INT8_REMAINDERS[0]
 
 def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high_precision: str = HALF_REMAINDER,
             cache_dir: str | None = None, keep_float: tuple[str, ...] = (), keep_nodes: tuple[str, ...] = (),
-            quantizer: str = "onnxruntime", smooth_alpha: float | None = None) -> dict:
+            quantizer: str = "onnxruntime", smooth_alpha: float | None = None, centre: bool = False) -> dict:
     """Static INT8 Q/DQ (symmetric, per-channel weights) TensorRT accepts: ranges from our one-batch-at-a-time
     collector (clipad.calibration.ranges), Q/DQ placement by onnxruntime's quantize_static. Everything that is not a
     quantized linear layer runs in ``high_precision``: fp16 (as ModelOpt's default; the FP32 keep-list of --precision
     fp16 still applies) or fp32. A strongly typed TensorRT build runs exactly these types, so an FP32 remainder makes
     attention, GELU and the residual stream FP32 on the GPU. ``quantizer`` "nncf": NNCF places and calibrates the
     same layers' Q/DQ instead (``quantize_nncf``); "modelopt": NVIDIA ModelOpt does, in its own environment
-    (``quantize_modelopt``). ``smooth_alpha``: SmoothQuant's α (``smoothquant``); the quantizer then works on the
-    smoothed FP32 model."""
+    (``quantize_modelopt``). ``smooth_alpha``: SmoothQuant's α; ``centre``: centre lopsided inputs (both in
+    ``smoothquant``); the quantizer then works on the transformed FP32 model."""
     import inspect
     import tempfile
 
@@ -242,22 +242,23 @@ def to_int8(src: str, dst: str, calib: np.ndarray, method: str, batch: int, high
     del graph
     with tempfile.TemporaryDirectory(prefix=".int8-smooth-", dir=os.path.dirname(os.path.abspath(dst))) as work:
         made = _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kept, keep_nodes, quantizer,
-                        smooth_alpha, work)
+                        smooth_alpha, centre, work)
     made["kept_float"] = list(keep_float)
     return made
 
 
 def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kept, keep_nodes, quantizer,
-             smooth_alpha, work) -> dict:
+             smooth_alpha, centre, work) -> dict:
     import onnx
 
     from . import quantize_modelopt, quantize_nncf, smoothquant
 
-    smoothing, nodes, tensors, ranges = None, None, None, None
-    if smooth_alpha is not None:
+    transforms, centred, nodes, tensors, ranges = {}, {}, None, None, None
+    if smooth_alpha is not None or centre:
         derive = quantizer == "onnxruntime" and method == "minmax"
-        src, nodes, tensors, ranges, smoothing = smoothquant.smoothed(src, work, calib, batch, smooth_alpha, cache_dir,
-                                                                      derive)
+        src, nodes, tensors, ranges, transforms, centred = smoothquant.transformed(src, work, calib, batch,
+                                                                                   smooth_alpha, centre, cache_dir,
+                                                                                   derive)
     if quantizer in ("nncf", "modelopt"):
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":
@@ -282,6 +283,8 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     else:
         model = _quantize_static(src, dst, nodes, ranges)
     restored = keep_float_consumers(model, set(nodes))
+    if centred:
+        transforms["shift"]["biases_from_quantized_weights"] = smoothquant.requantized_bias(model, centred)
     trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer != "onnxruntime" else (True, "")
     half = high_precision == HALF_REMAINDER
     if half:
@@ -297,7 +300,7 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
             "float_consumers_restored": restored, "quantizer": quantizer,
             "calibration_images": int(len(calib)), "method": "nncf" if quantizer == "nncf" else method,
             "high_precision": high_precision, "kept_float_nodes": sorted(kept),
-            **({"smoothquant": smoothing} if smoothing else {}),
+            **transforms,
             "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
             "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),
             **({"calibration_batches_read": batches} if batches is not None else {}),

@@ -19,6 +19,7 @@ class CalibrationOptions:
     keep_float: tuple[str, ...] = ()   # module-path scopes whose linear layers stay float
     quantizer: str = QUANTIZERS[0]
     smooth_alpha: float | None = None  # SmoothQuant's α for the Q/DQ file (None: off)
+    shift: bool = False                # centre lopsided linear-layer inputs (GELU outputs) of the Q/DQ file
     sensitivity: bool = True           # a failed INT8 gate: keep the most decision-sensitive layers float, try again
 
 

@@ -274,6 +274,9 @@ def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -
     if alpha is not None and wanted.conversion != "static-qdq":
         raise ClipadError(f"--int8-smoothquant: applies to the Q/DQ INT8 file (--precision int8), not to --precision "
                           f"{wanted.name}")
+    if opts.calibration.shift and wanted.conversion != "static-qdq":
+        raise ClipadError(f"--int8-shift: applies to the Q/DQ INT8 file (--precision int8), not to --precision "
+                          f"{wanted.name}")
     if alpha is not None and not 0.0 < alpha < 1.0:
         raise ClipadError(f"--int8-smoothquant {alpha:g}: α must lie between 0 and 1 (0.5 is SmoothQuant's default)")
     if opts.calibration.quantizer == "modelopt":   # its own environment: checked before minutes of export

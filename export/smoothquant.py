@@ -1,4 +1,5 @@
-"""SmoothQuant (Xiao et al., ICML 2023) as an ONNX graph transform, for the static INT8 Q/DQ file.
+"""SmoothQuant (Xiao et al., ICML 2023) and a centring shift (Outlier Suppression+, Wei et al., EMNLP 2023) as
+ONNX graph transforms, for the static INT8 Q/DQ file.
 
 The Q/DQ file quantizes each linear layer's input with one scale per tensor, fixed at calibration. CLIP's LayerNorm
 outputs carry a few channels far larger than the rest, so that one scale leaves most channels a handful of INT8
@@ -7,6 +8,13 @@ flipped one of 20. SmoothQuant divides channel j of the LayerNorm output by s_j 
 multiplies row j of the following weights by s_j: the product is unchanged, the activation's channels are evened
 out, and the weights, quantized per output channel, take part of the range. The division folds into the LayerNorm's
 γ and β, so the graph gains no node and TensorRT still sees symmetric per-tensor activation Q/DQ.
+
+TensorRT takes only symmetric INT8, and a GELU output spans −0.17 … 5: the codes below −0.17 go unused, about one bit
+of the eight (the dynamic file's unsigned, asymmetric INT8 keeps it). The shift subtracts the calibrated range's
+midpoint z from such an input (one Sub node) and adds z · Σ_rows W to the layer's bias, so the FP32 product is
+unchanged and the symmetric range covers what occurs. Once the weights are quantized, the bias takes z · Σ_rows Ŵ
+(the dequantized weights) instead (``requantized_bias``): otherwise the weights' rounding error would meet the
+shifted input, now ≈ z everywhere instead of mostly ≈ 0, and grow with it.
 """
 from __future__ import annotations
 
@@ -19,6 +27,10 @@ from clipad.runtime.errors import ClipadError
 
 log = logging.getLogger("clipad")
 TOOL = "clipad.export.smoothquant (scales folded into LayerNorm γ/β and the following weights' rows)"
+SHIFT_TOOL = ("clipad.export.smoothquant (input − z before the layer, z · Σ_rows Ŵ of the quantized weights added to "
+              "its bias)")
+SHIFTED = "_centred"
+LOPSIDED = 0.75   # shift when the calibrated span uses less than this share of the symmetric range
 
 
 def _initializers(model) -> dict:
@@ -98,47 +110,118 @@ def smooth(model, act_absmax: dict[str, np.ndarray], alpha: float) -> dict[str, 
     return done
 
 
-def smoothed_copy(src: str, work_dir: str, alpha: float, act_absmax: dict[str, np.ndarray]) -> tuple[str, dict, int]:
-    """Write the smoothed FP32 model into ``work_dir``; returns its path, the scales per smoothed tensor and how many
-    linear layers read a smoothed tensor."""
-    import onnx
-
-    model = onnx.load(src)
-    readers = sum(len(users) for tensor, (_, users) in smoothable(model).items() if tensor in act_absmax)
-    done = smooth(model, act_absmax, alpha)
-    if not done:
-        raise ClipadError("--int8-smoothquant: this model has no LayerNorm feeding linear layers to smooth")
-    path = os.path.join(work_dir, "model.smoothed.onnx")
-    onnx.save(model, path)
-    return path, done, readers
-
-
-def derived_ranges(channel_absmax: dict[str, np.ndarray], smoothed: dict[str, np.ndarray]):
-    """Min-max ranges of the smoothed model from the FP32 model's per-channel maxima: a smoothed tensor's channel j
-    is X_j / s_j, every other calibrated tensor is unchanged, so one calibration pass serves both."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
-
-    out = {}
-    for name, absmax in channel_absmax.items():
-        m = np.float32(np.max(absmax / smoothed[name]) if name in smoothed else np.max(absmax))
-        out[name] = (np.array(-m, np.float32), np.array(m, np.float32))
-    return TensorsData(CalibrationMethod.MinMax, out)
-
-
 def summary(alpha: float, smoothed: dict[str, np.ndarray], linear_layers: int) -> dict:
     every = np.concatenate(list(smoothed.values()))
     return {"alpha": alpha, "layer_norms": len(smoothed), "linear_layers": linear_layers,
             "scale_min": float(every.min()), "scale_max": float(every.max()), "tool": TOOL}
 
 
-def channel_absmax(src: str, calib: np.ndarray, batch: int, tensors: list[str], input_name: str,
-                   cache_dir: str | None) -> dict[str, np.ndarray]:
-    """Per-channel activation maxima of ``tensors`` over the calibration images (cached like the ranges)."""
-    from clipad.calibration.ranges import collect_channel_absmax
+def shiftable(model, nodes: set[str]) -> dict[str, list[tuple]]:
+    """Activations whose every consumer is a MatMul of ``nodes`` (constant 2-D weight) whose output goes only to an
+    Add with a constant bias: {tensor: [(MatMul, Add, bias input index)]}."""
+    inits = _initializers(model)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    found: dict[str, list[tuple]] = {}
+    for node in model.graph.node:
+        if node.name not in nodes or node.op_type != "MatMul" or node.input[1] not in inits \
+                or len(inits[node.input[1]].dims) != 2 or node.input[0] in inits:
+            continue
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Add" or node.output[0] in outputs:
+            continue
+        bias = [i for i, name in enumerate(after[0].input) if name in inits]
+        if len(bias) == 1 and list(inits[after[0].input[bias[0]]].dims) == [inits[node.input[1]].dims[1]]:
+            found.setdefault(node.input[0], []).append((node, after[0], bias[0]))
+    return {t: users for t, users in found.items() if len(users) == len(consumers.get(t, [])) and t not in outputs}
+
+
+def lopsided(lo: float, hi: float) -> bool:
+    span = max(-lo, hi)
+    return span > 0 and (hi - lo) < LOPSIDED * 2 * span
+
+
+def shift(model, extrema: dict[str, np.ndarray], candidates: dict[str, list[tuple]],
+          centred: dict[str, tuple] | None = None) -> dict[str, float]:
+    """Centre each lopsided candidate (in place, FP32): returns {tensor: z}; ``centred`` receives, per MatMul, what
+    ``requantized_bias`` needs (bias Add name, bias input, z, Σ_rows W)."""
+    from onnx import helper, numpy_helper
+
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    inits = _initializers(model)
+    done, before = {}, {}
+    for tensor, users in candidates.items():
+        if tensor not in extrema:
+            continue
+        lo, hi = float(extrema[tensor][0].min()), float(extrema[tensor][1].max())
+        if not lopsided(lo, hi):
+            continue
+        z = np.float32((lo + hi) / 2)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(z, np.float32), f"{tensor}_shift"))
+        before[users[0][0].name] = helper.make_node("Sub", [tensor, f"{tensor}_shift"], [tensor + SHIFTED],
+                                                    name=f"centre_{tensor}")
+        for matmul, add, index in users:
+            w = numpy_helper.to_array(inits[matmul.input[1]])
+            b = numpy_helper.to_array(_initializers(model)[add.input[index]])
+            _replace(model, add, index, b + z * w.astype(np.float64).sum(axis=0), uses)
+            matmul.input[0] = tensor + SHIFTED
+            if centred is not None:
+                centred[matmul.name] = (add.name, index, float(z), w.astype(np.float64).sum(axis=0))
+        done[tensor] = float(z)
+    if before:
+        ordered = []
+        for node in model.graph.node:
+            if node.name in before:
+                ordered.append(before[node.name])
+            ordered.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+    return done
+
+
+def requantized_bias(model, centred: dict[str, tuple]) -> int:
+    """In the quantized ``model`` (in place): each centred layer's bias takes z · Σ_rows Ŵ, the dequantized weights
+    its DequantizeLinear feeds the MatMul, in place of z · Σ_rows W. Returns how many biases changed."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    changed = 0
+    for name, (add_name, index, z, colsum) in centred.items():
+        matmul, dq = by_name.get(name), None
+        if matmul is not None:
+            dq = producers.get(matmul.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+            continue   # the layer stayed float: its exact compensation holds
+        q, scale, *zp = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in dq.input)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        w_hat = (q - (zp[0].reshape(shape) if zp else 0)) * scale.reshape(shape)
+        add = by_name[add_name]
+        bias = numpy_helper.to_array(inits[add.input[index]]).astype(np.float64)
+        inits[add.input[index]].CopyFrom(numpy_helper.from_array(
+            (bias + z * (w_hat.sum(axis=0) - colsum)).astype(np.float32), add.input[index]))
+        changed += 1
+    return changed
+
+
+def channel_extrema(src: str, calib: np.ndarray, batch: int, tensors: list[str], input_name: str,
+                    cache_dir: str | None) -> dict[str, np.ndarray]:
+    """Per-channel [min, max] of ``tensors`` over the calibration images (cached like the ranges)."""
+    from clipad.calibration.ranges import collect_channel_extrema
 
     from .convert import _batches, _ranges_key
 
-    cache = os.path.join(cache_dir, f"channels-{_ranges_key(src, calib, 'channels', batch)}.npz") if cache_dir else None
+    cache = os.path.join(cache_dir, f"extrema-{_ranges_key(src, calib, 'extrema', batch)}.npz") if cache_dir else None
     if cache and os.path.isfile(cache):
         try:
             with np.load(cache) as z:
@@ -147,21 +230,44 @@ def channel_absmax(src: str, calib: np.ndarray, batch: int, tensors: list[str], 
                     return {t: z[t] for t in tensors}
         except (ValueError, OSError, KeyError):
             pass  # unreadable cache: collect again and overwrite it
-    absmax = collect_channel_absmax(src, tensors, _batches(input_name, calib, batch), total=-(-len(calib) // batch))
+    extrema = collect_channel_extrema(src, tensors, _batches(input_name, calib, batch), total=-(-len(calib) // batch))
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cache}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **absmax)
+        np.savez(tmp, **extrema)
         os.replace(tmp, cache)
-    return absmax
+    return extrema
 
 
-def smoothed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: float, cache_dir: str | None,
-             derive_ranges: bool):
-    """SmoothQuant's FP32 model in ``work_dir`` (see above). With ``derive_ranges`` (min-max ranges for
-    quantize_static) one pass over the calibration images collects every linear layer's input per channel, and the
-    smoothed model's ranges follow from it; otherwise only the smoothed tensors are collected and the smoothed model
-    is calibrated as usual. Returns (path, nodes, tensors, ranges or None, manifest summary)."""
+def derived_ranges(tensors: list[str], extrema: dict[str, np.ndarray], scales: dict[str, np.ndarray],
+                   shifts: dict[str, float]):
+    """Min-max ranges of the transformed model from the FP32 model's per-channel extrema: a smoothed tensor's channel
+    j is X_j / s_j, a centred one X − z, every other calibrated tensor is unchanged (``transformed`` moves the
+    per-channel extrema of a centred layer's product before its bias by z · Σ_rows W), so one pass serves both."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    out = {}
+    for name in tensors:
+        source = name[:-len(SHIFTED)] if name.endswith(SHIFTED) and name[:-len(SHIFTED)] in shifts else name
+        lo, hi = extrema[source]
+        absmax = np.maximum(-lo, hi)
+        if source in scales:
+            m = np.max(absmax / scales[source])
+        elif source in shifts:
+            m = max(hi.max() - shifts[source], shifts[source] - lo.min())
+        else:
+            m = np.max(absmax)
+        out[name] = (np.array(-m, np.float32), np.array(m, np.float32))
+    return TensorsData(CalibrationMethod.MinMax, out)
+
+
+def transformed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: float | None, centre: bool,
+                cache_dir: str | None, derive_ranges: bool):
+    """The FP32 model with SmoothQuant (``alpha``) and/or the centring shift (``centre``) in ``work_dir``. With
+    ``derive_ranges`` (min-max ranges for quantize_static) one pass over the calibration images collects every
+    linear layer's activations per channel, and the new model's ranges follow from it; otherwise only the
+    transformed tensors are collected and the new model is calibrated as usual. Returns (path, nodes, tensors,
+    ranges or None, manifest entries, the centred layers for ``requantized_bias``)."""
     import onnx
 
     from clipad.calibration.ranges import activation_tensors
@@ -171,14 +277,43 @@ def smoothed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: floa
     graph = onnx.load(src, load_external_data=False)
     nodes = linear_nodes(graph)
     quantizable = set(nodes)
-    targets = [t for t, (_, users) in smoothable(graph).items()
-               if all(u.name in quantizable for u in users)]
+    smooth_targets = [t for t, (_, users) in smoothable(graph).items()
+                      if alpha is not None and all(u.name in quantizable for u in users)]
+    shift_targets = list(shiftable(graph, quantizable)) if centre else []
+    shift_targets = [t for t in shift_targets if t not in smooth_targets]
     tensors = activation_tensors(graph, nodes)
     input_name = graph.graph.input[0].name
     del graph
-    absmax = channel_absmax(src, calib, batch, tensors if derive_ranges else targets, input_name, cache_dir)
-    path, scales, readers = smoothed_copy(src, work_dir, alpha, {t: absmax[t] for t in targets})
-    ranges = derived_ranges(absmax, scales) if derive_ranges else None
-    log.info("      SmoothQuant α %g: %d LayerNorm outputs into %d linear layers, scales %.3g … %.3g", alpha,
-             len(scales), readers, *(f(np.concatenate(list(scales.values()))) for f in (np.min, np.max)))
-    return path, nodes, tensors, ranges, summary(alpha, scales, readers)
+    extrema = channel_extrema(src, calib, batch, tensors if derive_ranges else smooth_targets + shift_targets,
+                              input_name, cache_dir)
+    model = onnx.load(src)
+    entries, scales, shifts, centred = {}, {}, {}, {}
+    if alpha is not None:
+        readers = sum(len(users) for t, (_, users) in smoothable(model).items() if t in smooth_targets)
+        scales = smooth(model, {t: np.maximum(-extrema[t][0], extrema[t][1]) for t in smooth_targets}, alpha)
+        if not scales:
+            raise ClipadError("--int8-smoothquant: this model has no LayerNorm feeding linear layers to smooth")
+        entries["smoothquant"] = summary(alpha, scales, readers)
+        log.info("      SmoothQuant α %g: %d LayerNorm outputs into %d linear layers, scales %.3g … %.3g", alpha,
+                 len(scales), readers, *(f(np.concatenate(list(scales.values()))) for f in (np.min, np.max)))
+    if centre:
+        candidates = {t: users for t, users in shiftable(model, quantizable).items() if t in shift_targets}
+        shifts = shift(model, extrema, candidates, centred)
+        inits = _initializers(model)
+        for t in shifts:   # each product before the bias moves by z · Σ_rows W, per output channel
+            for matmul, _, _ in candidates[t]:
+                if matmul.output[0] in extrema:
+                    w = onnx.numpy_helper.to_array(inits[matmul.input[1]]).astype(np.float64)
+                    extrema[matmul.output[0]] = (extrema[matmul.output[0]] - shifts[t] * w.sum(axis=0)).astype(
+                        np.float32)
+        entries["shift"] = {"tensors": len(shifts), "linear_layers": sum(len(candidates[t]) for t in shifts),
+                            "shift_min": min(shifts.values(), default=None),
+                            "shift_max": max(shifts.values(), default=None), "lopsided_below": LOPSIDED,
+                            "tool": SHIFT_TOOL}
+        log.info("      centring shift: %d lopsided linear-layer inputs of %d candidates", len(shifts), len(candidates))
+    path = os.path.join(work_dir, "model.transformed.onnx")
+    onnx.save(model, path)
+    new_tensors = activation_tensors(model, nodes)
+    del model
+    ranges = derived_ranges(new_tensors, extrema, scales, shifts) if derive_ranges else None
+    return path, nodes, new_tensors, ranges, entries, centred
