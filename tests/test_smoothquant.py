@@ -174,6 +174,12 @@ def test_export_engine_smoothquant_on_the_tiny_model(tiny_files, tmp_path):
     assert sum(n.op_type == "Sub" and n.name.startswith("centre_") for n in qdq.graph.node) == shift["tensors"]
     names = {p.name for p in out.iterdir()}
     assert "model.int8.onnx" in names and not [n for n in names if n.startswith(".int8-")]
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    from clipad.export import cli as export_cli
+
+    assert export_cli.main(["--from-onnx", str(out), "--precision", "int8", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 0   # the centring Sub ahead of a Q/DQ builds
+    assert [e["file"] for e in manifest_json(out)["engines"]] == ["model.int8.rtx-sm86.engine"]
 
 
 @pytest.mark.parametrize("extra, message", [
