@@ -256,9 +256,10 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     transforms, centred, nodes, tensors, ranges = {}, {}, None, None, None
     if smooth_alpha is not None or centre:
         derive = quantizer == "onnxruntime" and method == "minmax"
+        kept = user_kept | set(keep_nodes) | head_feeding_linears(onnx.load(src, load_external_data=False))
         src, nodes, tensors, ranges, transforms, centred = smoothquant.transformed(src, work, calib, batch,
                                                                                    smooth_alpha, centre, cache_dir,
-                                                                                   derive)
+                                                                                   derive, kept)
     if quantizer in ("nncf", "modelopt"):
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":
@@ -283,7 +284,7 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     else:
         model = _quantize_static(src, dst, nodes, ranges)
     restored = keep_float_consumers(model, set(nodes))
-    if centred:
+    if "shift" in transforms:
         transforms["shift"]["biases_from_quantized_weights"] = smoothquant.requantized_bias(model, centred)
     trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer != "onnxruntime" else (True, "")
     half = high_precision == HALF_REMAINDER

@@ -111,9 +111,10 @@ def smooth(model, act_absmax: dict[str, np.ndarray], alpha: float) -> dict[str, 
 
 
 def summary(alpha: float, smoothed: dict[str, np.ndarray], linear_layers: int) -> dict:
-    every = np.concatenate(list(smoothed.values()))
+    every = np.concatenate(list(smoothed.values())) if smoothed else None
     return {"alpha": alpha, "layer_norms": len(smoothed), "linear_layers": linear_layers,
-            "scale_min": float(every.min()), "scale_max": float(every.max()), "tool": TOOL}
+            "scale_min": None if every is None else float(every.min()),
+            "scale_max": None if every is None else float(every.max()), "tool": TOOL}
 
 
 def shiftable(model, nodes: set[str]) -> dict[str, list[tuple]]:
@@ -262,8 +263,9 @@ def derived_ranges(tensors: list[str], extrema: dict[str, np.ndarray], scales: d
 
 
 def transformed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: float | None, centre: bool,
-                cache_dir: str | None, derive_ranges: bool):
-    """The FP32 model with SmoothQuant (``alpha``) and/or the centring shift (``centre``) in ``work_dir``. With
+                cache_dir: str | None, derive_ranges: bool, kept: set[str] = frozenset()):
+    """The FP32 model with SmoothQuant (``alpha``) and/or the centring shift (``centre``) in ``work_dir``, for the
+    linear layers that will be quantized (not those in ``kept``, which stay float and gain nothing from it). With
     ``derive_ranges`` (min-max ranges for quantize_static) one pass over the calibration images collects every
     linear layer's activations per channel, and the new model's ranges follow from it; otherwise only the
     transformed tensors are collected and the new model is calibrated as usual. Returns (path, nodes, tensors,
@@ -276,7 +278,7 @@ def transformed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: f
 
     graph = onnx.load(src, load_external_data=False)
     nodes = linear_nodes(graph)
-    quantizable = set(nodes)
+    quantizable = set(nodes) - set(kept)
     smooth_targets = [t for t, (_, users) in smoothable(graph).items()
                       if alpha is not None and all(u.name in quantizable for u in users)]
     shift_targets = list(shiftable(graph, quantizable)) if centre else []
@@ -291,11 +293,10 @@ def transformed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: f
     if alpha is not None:
         readers = sum(len(users) for t, (_, users) in smoothable(model).items() if t in smooth_targets)
         scales = smooth(model, {t: np.maximum(-extrema[t][0], extrema[t][1]) for t in smooth_targets}, alpha)
-        if not scales:
-            raise ClipadError("--int8-smoothquant: this model has no LayerNorm feeding linear layers to smooth")
         entries["smoothquant"] = summary(alpha, scales, readers)
-        log.info("      SmoothQuant α %g: %d LayerNorm outputs into %d linear layers, scales %.3g … %.3g", alpha,
-                 len(scales), readers, *(f(np.concatenate(list(scales.values()))) for f in (np.min, np.max)))
+        log.info("      SmoothQuant α %g: %d LayerNorm outputs into %d quantized linear layers%s", alpha, len(scales),
+                 readers, ", scales %.3g … %.3g" % (entries["smoothquant"]["scale_min"],
+                                                   entries["smoothquant"]["scale_max"]) if scales else "")
     if centre:
         candidates = {t: users for t, users in shiftable(model, quantizable).items() if t in shift_targets}
         shifts = shift(model, extrema, candidates, centred)

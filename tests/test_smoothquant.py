@@ -145,6 +145,15 @@ def test_smoothing_makes_static_int8_more_accurate_on_outlier_channels(tmp_path)
     assert again == smooth
 
 
+def test_layers_kept_float_are_neither_smoothed_nor_centred(tmp_path):
+    src = graph(tmp_path / "m.onnx")
+    made = convert.to_int8(src, str(tmp_path / "kept.onnx"), data(8, 5), "minmax", 1, high_precision="fp32",
+                           keep_float=("mm_e", "mm_b"), smooth_alpha=0.5, centre=True)
+    assert made["smoothquant"]["layer_norms"] == 0 and made["smoothquant"]["scale_min"] is None   # LN_a feeds mm_b
+    assert made["shift"]["tensors"] == 0 and made["shift"]["biases_from_quantized_weights"] == 0
+    assert not [n for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node if n.op_type == "Sub"]
+
+
 def test_centring_makes_static_int8_more_accurate_on_a_lopsided_input(tmp_path):
     src = graph(tmp_path / "m.onnx")
     plain, _ = int8_error(src, tmp_path / "plain.onnx", None, tmp_path, output="ze")
