@@ -286,7 +286,7 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     restored = keep_float_consumers(model, set(nodes))
     if "shift" in transforms:
         transforms["shift"]["biases_from_quantized_weights"] = smoothquant.requantized_bias(model, centred)
-    trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model) if quantizer != "onnxruntime" else (True, "")
+    trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model)
     half = high_precision == HALF_REMAINDER
     if half:
         # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
@@ -325,7 +325,10 @@ def _quantize_static(src: str, dst: str, nodes: list[str], ranges):
                         op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=ranges.calibration_method, calibration_cache_path=cache,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       # an INT32 Q/DQ bias (a Conv's, e.g. DINOv2's patch embedding) does not
+                                       # parse in TensorRT; it fuses a float bias itself
+                                       "QuantizeBias": False})
         return onnx.load(quantized)
 
 

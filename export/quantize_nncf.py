@@ -30,11 +30,15 @@ def available() -> str | None:
 
 
 def tensorrt_compatible(model) -> tuple[bool, str]:
-    """TensorRT's explicit quantization takes signed INT8, symmetric (zero point 0) Q/DQ only."""
+    """TensorRT's explicit quantization takes signed INT8, symmetric (zero point 0) Q/DQ only (no INT32 bias)."""
     from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
+        quantized = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantized is not None and quantized.data_type != TensorProto.INT8:
+            return False, f"{node.name}: dequantizes {TensorProto.DataType.Name(quantized.data_type)} (a quantized " \
+                          "bias?); TensorRT takes INT8 Q/DQ"
         if node.op_type == "QuantizeLinear" and (len(node.input) < 3 or not node.input[2]):
             return False, f"{node.name}: no zero point (UINT8 by default)"
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:

@@ -121,6 +121,29 @@ def test_tensorrt_rtx_builds_crane_plus(model):
     assert [e["file"] for e in m["engines"]] == ["model.fp16.rtx-sm86.engine"]
 
 
+def test_int8_qdq_keeps_the_dino_patch_embedding_bias_float_and_builds_in_tensorrt_rtx(model, tmp_path):
+    """ViT-L Crane+'s Q/DQ file did not parse in TensorRT-RTX: onnxruntime quantized the bias of DINOv2's patch
+    embedding Conv (CLIP's has none) to an INT32 Q/DQ pair. Biases stay float now."""
+    from clipad.calibration.samples import write_samples
+
+    write_samples(str(tmp_path / "normals"), count=8, seed=5)
+    assert export_cli.main(["--from-onnx", str(model), "--precision", "int8", "--calib-data", str(tmp_path / "normals"),
+                            "--accept-accuracy-loss", "--no-int8-sensitivity", "--no-engine", "-q"]) == 0
+    graph = onnx.load(str(model / "model.int8.onnx"))
+    inits = {i.name: i.data_type for i in graph.graph.initializer}
+    dq_inputs = {inits.get(n.input[0]) for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    assert dq_inputs - {None} == {onnx.TensorProto.INT8}
+    conv = [n for n in graph.graph.node if n.op_type == "Conv" and "dino" in precision._scopes(n)]
+    assert conv and all(inits.get(n.input[2]) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) for n in conv)
+    assert json.loads((model / "manifest.json").read_text())["precisions"]["int8"]["conversion"][
+        "tensorrt_compatible"] is True
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by scripts/setup_env.sh")
+    assert export_cli.main(["--from-onnx", str(model), "--precision", "int8", "--trt-flavor", "rtx",
+                            "--compute-capability", "8.6", "-q"]) == 0
+    engines = [e["file"] for e in json.loads((model / "manifest.json").read_text())["engines"]]
+    assert "model.int8.rtx-sm86.engine" in engines
+
+
 def test_bench_torch_row_finds_moved_dino_weights(model, dino_file, tmp_path):
     """edge-bench's torch row rebuilds Crane+ from the recorded files; when the DINOv2 file moved, the row says to
     pass --dino-weights, and with it the torch reference matches the ONNX model."""

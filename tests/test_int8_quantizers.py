@@ -104,6 +104,13 @@ def test_tensorrt_compatibility_is_checked():
     assert not ok and "asymmetric" in why
     ok, why = quantize_nncf.tensorrt_compatible(graph(None))
     assert not ok and "no zero point" in why
+    bias = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["b", "s"], ["y"], name="bias_dq")], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([3, -4], np.int32), "b"), numpy_helper.from_array(np.array(0.1, np.float32),
+                                                                                           "s")]))
+    ok, why = quantize_nncf.tensorrt_compatible(bias)
+    assert not ok and "bias_dq: dequantizes INT32" in why
 
 
 @pytest.mark.parametrize("quantizer", ["nncf", "modelopt"])
