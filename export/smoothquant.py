@@ -79,7 +79,7 @@ def _replace(model, node, index: int, value: np.ndarray, uses: dict[str, int]) -
     if uses.get(name, 0) == 1:
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
         return
-    new = f"{name}_smoothed_{node.name}"
+    new = f"{name}_for_{node.name}"
     model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), new))
     uses[name] -= 1
     node.input[index] = new
