@@ -256,10 +256,15 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     transforms, centred, nodes, tensors, ranges = {}, {}, None, None, None
     if smooth_alpha is not None or centre:
         derive = quantizer == "onnxruntime" and method == "minmax"
-        kept = user_kept | set(keep_nodes) | head_feeding_linears(onnx.load(src, load_external_data=False))
-        src, nodes, tensors, ranges, transforms, centred = smoothquant.transformed(src, work, calib, batch,
-                                                                                   smooth_alpha, centre, cache_dir,
-                                                                                   derive, kept)
+        graph = onnx.load(src, load_external_data=False)
+        kept = user_kept | set(keep_nodes) | head_feeding_linears(graph)
+        linears, input_name = linear_nodes(graph), graph.graph.input[0].name
+        del graph
+        cache = os.path.join(cache_dir, f"extrema-{_ranges_key(src, calib, 'extrema', batch)}.npz") if cache_dir \
+            else None
+        src, nodes, tensors, ranges, transforms, centred = smoothquant.transformed(
+            src, work, linears, lambda: _batches(input_name, calib, batch), -(-len(calib) // batch), cache,
+            smooth_alpha, centre, derive, kept)
     if quantizer in ("nncf", "modelopt"):
         module = quantize_nncf if quantizer == "nncf" else quantize_modelopt
         if quantizer == "modelopt":

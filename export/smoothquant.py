@@ -215,14 +215,10 @@ def requantized_bias(model, centred: dict[str, tuple]) -> int:
     return changed
 
 
-def channel_extrema(src: str, calib: np.ndarray, batch: int, tensors: list[str], input_name: str,
-                    cache_dir: str | None) -> dict[str, np.ndarray]:
-    """Per-channel [min, max] of ``tensors`` over the calibration images (cached like the ranges)."""
+def channel_extrema(src: str, tensors: list[str], batches, total: int, cache: str | None) -> dict[str, np.ndarray]:
+    """Per-channel [min, max] of ``tensors`` over ``batches()`` (input feeds), kept in the ``cache`` file (.npz)."""
     from clipad.calibration.ranges import collect_channel_extrema
 
-    from .convert import _batches, _ranges_key
-
-    cache = os.path.join(cache_dir, f"extrema-{_ranges_key(src, calib, 'extrema', batch)}.npz") if cache_dir else None
     if cache and os.path.isfile(cache):
         try:
             with np.load(cache) as z:
@@ -231,9 +227,9 @@ def channel_extrema(src: str, calib: np.ndarray, batch: int, tensors: list[str],
                     return {t: z[t] for t in tensors}
         except (ValueError, OSError, KeyError):
             pass  # unreadable cache: collect again and overwrite it
-    extrema = collect_channel_extrema(src, tensors, _batches(input_name, calib, batch), total=-(-len(calib) // batch))
+    extrema = collect_channel_extrema(src, tensors, batches(), total=total)
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = f"{cache}.{os.getpid()}.tmp.npz"
         np.savez(tmp, **extrema)
         os.replace(tmp, cache)
@@ -262,32 +258,30 @@ def derived_ranges(tensors: list[str], extrema: dict[str, np.ndarray], scales: d
     return TensorsData(CalibrationMethod.MinMax, out)
 
 
-def transformed(src: str, work_dir: str, calib: np.ndarray, batch: int, alpha: float | None, centre: bool,
-                cache_dir: str | None, derive_ranges: bool, kept: set[str] = frozenset()):
+def transformed(src: str, work_dir: str, nodes: list[str], batches, total: int, cache: str | None,
+                alpha: float | None, centre: bool, derive_ranges: bool, kept: set[str] = frozenset()):
     """The FP32 model with SmoothQuant (``alpha``) and/or the centring shift (``centre``) in ``work_dir``, for the
     linear layers that will be quantized (not those in ``kept``, which stay float and gain nothing from it). With
     ``derive_ranges`` (min-max ranges for quantize_static) one pass over the calibration images collects every
     linear layer's activations per channel, and the new model's ranges follow from it; otherwise only the
-    transformed tensors are collected and the new model is calibrated as usual. Returns (path, nodes, tensors,
-    ranges or None, manifest entries, the centred layers for ``requantized_bias``)."""
+    transformed tensors are collected and the new model is calibrated as usual. ``nodes``: the linear layers
+    (``convert.linear_nodes``); ``batches()``: the calibration feeds, ``total`` of them; ``cache``: where the
+    per-channel extrema are kept. Returns (path, nodes, tensors, ranges or None, manifest entries, the centred layers
+    for ``requantized_bias``)."""
     import onnx
 
     from clipad.calibration.ranges import activation_tensors
 
-    from .convert import linear_nodes
-
     graph = onnx.load(src, load_external_data=False)
-    nodes = linear_nodes(graph)
     quantizable = set(nodes) - set(kept)
     smooth_targets = [t for t, (_, users) in smoothable(graph).items()
                       if alpha is not None and all(u.name in quantizable for u in users)]
     shift_targets = list(shiftable(graph, quantizable)) if centre else []
     shift_targets = [t for t in shift_targets if t not in smooth_targets]
     tensors = activation_tensors(graph, nodes)
-    input_name = graph.graph.input[0].name
     del graph
-    extrema = channel_extrema(src, calib, batch, tensors if derive_ranges else smooth_targets + shift_targets,
-                              input_name, cache_dir)
+    extrema = channel_extrema(src, tensors if derive_ranges else smooth_targets + shift_targets, batches, total,
+                              cache)
     model = onnx.load(src)
     entries, scales, shifts, centred = {}, {}, {}, {}
     if alpha is not None:

@@ -113,13 +113,14 @@ def test_centring_shift_keeps_the_fp32_model_and_only_touches_lopsided_biased_in
 def test_derived_ranges_equal_a_calibration_of_the_transformed_model(tmp_path, alpha, centre):
     src = graph(tmp_path / "m.onnx")
     feeds = data(4, 3)
-    path, nodes, tensors, derived, entries, _ = smoothquant.transformed(src, str(tmp_path), feeds, 2, alpha, centre,
-                                                                        None, True)
+    batches = [{"images": feeds[i:i + 2]} for i in (0, 2)]
+    path, nodes, tensors, derived, entries, _ = smoothquant.transformed(
+        src, str(tmp_path), convert.linear_nodes(onnx.load(src)), lambda: batches, 2, None, alpha, centre, True)
     assert set(entries) == {name for name, on in (("smoothquant", alpha is not None), ("shift", centre)) if on}
     model = onnx.load(path)
     assert tensors == activation_tensors(model, nodes)
     assert ("r" + smoothquant.SHIFTED in tensors) == centre
-    measured = collect_ranges(path, tensors, [{"images": feeds[i:i + 2]} for i in (0, 2)], "minmax")
+    measured = collect_ranges(path, tensors, batches, "minmax")
     assert set(derived.keys()) == set(tensors)
     for t in tensors:
         np.testing.assert_allclose(derived[t].range_value, measured[t].range_value, rtol=1e-5, err_msg=t)
