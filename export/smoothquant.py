@@ -37,15 +37,20 @@ def _initializers(model) -> dict:
     return {i.name: i for i in model.graph.initializer}
 
 
-def smoothable(model) -> dict[str, tuple]:
-    """LayerNorm outputs whose every consumer is a MatMul taking it as A against a constant 2-D weight B
-    ([channels, out]), with γ and β constant: {LayerNorm output: (LayerNorm node, [MatMul nodes])}."""
-    inits = _initializers(model)
+def _readers(model) -> tuple[dict[str, list], set[str]]:
+    """{tensor: the nodes that read it}, and the graph's output names."""
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in model.graph.output}
+    return consumers, {o.name for o in model.graph.output}
+
+
+def smoothable(model) -> dict[str, tuple]:
+    """LayerNorm outputs whose every consumer is a MatMul taking it as A against a constant 2-D weight B
+    ([channels, out]), with γ and β constant: {LayerNorm output: (LayerNorm node, [MatMul nodes])}."""
+    inits = _initializers(model)
+    consumers, outputs = _readers(model)
     found = {}
     for node in model.graph.node:
         if node.op_type != "LayerNormalization" or len(node.input) < 3 or node.output[0] in outputs:
@@ -121,11 +126,7 @@ def shiftable(model, nodes: set[str]) -> dict[str, list[tuple]]:
     """Activations whose every consumer is a MatMul of ``nodes`` (constant 2-D weight) whose output goes only to an
     Add with a constant bias: {tensor: [(MatMul, Add, bias input index)]}."""
     inits = _initializers(model)
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in model.graph.output}
+    consumers, outputs = _readers(model)
     found: dict[str, list[tuple]] = {}
     for node in model.graph.node:
         if node.name not in nodes or node.op_type != "MatMul" or node.input[1] not in inits \
