@@ -266,17 +266,15 @@ def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -
     """A precision made from calibration data needs --calib-data, unless the export already has its file; the INT8
     quantizer choice applies to the Q/DQ file only."""
     wanted = precisions.get(opts.precision)
-    if opts.calibration.quantizer != CalibrationOptions.quantizer and wanted.conversion != "static-qdq":
-        raise ClipadError(f"--int8-quantizer {opts.calibration.quantizer}: applies to the Q/DQ INT8 file (--precision "
+    alpha = opts.calibration.smooth_alpha
+    qdq_only = [flag for flag, given in ((f"--int8-quantizer {opts.calibration.quantizer}",
+                                          opts.calibration.quantizer != CalibrationOptions.quantizer),
+                                         ("--int8-smoothquant", alpha is not None),
+                                         ("--int8-shift", opts.calibration.shift)) if given]
+    if qdq_only and wanted.conversion != "static-qdq":
+        raise ClipadError(f"{qdq_only[0]}: applies to the Q/DQ INT8 file (--precision "
                           f"{next(p.name for p in precisions.PRECISIONS.values() if p.conversion == 'static-qdq')}), "
                           f"not to --precision {wanted.name}")
-    alpha = opts.calibration.smooth_alpha
-    if alpha is not None and wanted.conversion != "static-qdq":
-        raise ClipadError(f"--int8-smoothquant: applies to the Q/DQ INT8 file (--precision int8), not to --precision "
-                          f"{wanted.name}")
-    if opts.calibration.shift and wanted.conversion != "static-qdq":
-        raise ClipadError(f"--int8-shift: applies to the Q/DQ INT8 file (--precision int8), not to --precision "
-                          f"{wanted.name}")
     if alpha is not None and not 0.0 < alpha < 1.0:
         raise ClipadError(f"--int8-smoothquant {alpha:g}: α must lie between 0 and 1 (0.5 is SmoothQuant's default)")
     if opts.calibration.quantizer == "modelopt":   # its own environment: checked before minutes of export
