@@ -422,7 +422,7 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
         if normals is not None and len(normals):
             _, normal_ref, normal_cand = run_both(normals)
             decision = decision_check.check(rule, normal_ref, normal_cand, verify_ref, verify_cand,
-                                            comparison.score_spearman)
+                                            comparison.score_spearman, verify_names=list(names))
     except ClipadError as exc:
         raise ClipadError(f"the {precision} accuracy gate cannot run here: {exc}") from None
     finally:

@@ -74,9 +74,12 @@ def spearman_ci95(rho: float | None, n: int) -> list[float] | None:
 
 def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tuple[np.ndarray, np.ndarray],
           verify_ref: tuple[np.ndarray, np.ndarray], verify_cand: tuple[np.ndarray, np.ndarray],
-          spearman: float | None = None, alphas: tuple[float, ...] = ALPHAS) -> DecisionCheck:
+          spearman: float | None = None, alphas: tuple[float, ...] = ALPHAS,
+          verify_names: list[str] | None = None) -> DecisionCheck:
     """Compare OK/NG decisions; each argument is (map max [N, K], image scores [N, K]) of one side on one image set.
-    Batch padding rows, if any, must already be dropped."""
+    Batch padding rows, if any, must already be dropped. Every flip is described in ``notes`` (image, both sides'
+    scores and thresholds, and how far the reference's score is from its threshold in units of the largest score
+    error on the normal images: a flip within about 2 of them is one the two sides' error alone explains)."""
     notes = []
     constants = None
     if rule not in ("image_score", "map_max"):
@@ -96,6 +99,10 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
     cand_thr = [[conformal_threshold(fit_cand[:, k], a) for k in range(classes)] for a in alphas]
     held_flips, verify_flips, agreement = [], [], []
     n_verify = len(scores["verify_ref"])
+    error = np.abs(scores["normal_ref"] - scores["normal_cand"]).max(axis=0)
+    held_index = np.flatnonzero(held)
+    names = {"held-back normal": [f"normal image {i + 1} of {n}" for i in held_index],
+             "verify": list(verify_names) if verify_names is not None else [f"image {i + 1}" for i in range(n_verify)]}
     for i, alpha in enumerate(alphas):
         if any(t is None for t in ref_thr[i] + cand_thr[i]):
             notes.append(f"α = {alpha:g}: {len(fit_ref)} normal images are too few for a threshold (need "
@@ -104,16 +111,19 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
             verify_flips.append(0)
             continue
         r_thr, c_thr = np.array(ref_thr[i]), np.array(cand_thr[i])
-        held_flips.append(int(((scores["normal_ref"][held] >= r_thr) != (scores["normal_cand"][held] >= c_thr)).sum()))
-        flips = int(((scores["verify_ref"] >= r_thr) != (scores["verify_cand"] >= c_thr)).sum())
-        verify_flips.append(flips)
+        for kind, ref, cand in (("held-back normal", scores["normal_ref"][held], scores["normal_cand"][held]),
+                                ("verify", scores["verify_ref"], scores["verify_cand"])):
+            flipped = (ref >= r_thr) != (cand >= c_thr)
+            (held_flips if kind != "verify" else verify_flips).append(int(flipped.sum()))
+            notes += [flip_note(kind, names[kind][j], alpha, k, classes, ref[j, k], r_thr[k], cand[j, k], c_thr[k],
+                                error[k]) for j, k in zip(*np.nonzero(flipped))]
+        flips = verify_flips[-1]
         if n_verify:
             agreement.append(1.0 - flips / (n_verify * classes))
     margin_error = None
     evaluated = [i for i in range(len(alphas)) if None not in ref_thr[i]]
     if evaluated:
         i = min(evaluated, key=lambda j: alphas[j])
-        error = np.abs(scores["normal_ref"] - scores["normal_cand"]).max(axis=0)
         margin = np.array(ref_thr[i]) - np.median(fit_ref, axis=0)
         margin_error = float(np.max(error / np.maximum(margin, 1e-12)))
     return DecisionCheck(
@@ -122,3 +132,16 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
         held_back_flips=held_flips, verify_flips=verify_flips,
         verify_agreement=min(agreement) if agreement else None, score_error_over_margin=margin_error,
         spearman_ci95=spearman_ci95(spearman, n_verify), notes=notes)
+
+
+def flip_note(kind: str, name: str, alpha: float, k: int, classes: int, ref: float, ref_thr: float, cand: float,
+              cand_thr: float, error: float) -> str:
+    """One OK/NG flip in words (a note, so that schema-7 readers load the report)."""
+    def side(value: float, threshold: float) -> str:
+        return "NG" if value >= threshold else "OK"
+
+    distance = abs(ref - ref_thr) / error if error > 0 else math.inf
+    return (f"flip: {kind} {name}{f' (class {k})' if classes > 1 else ''} at α = {alpha:g}: reference "
+            f"{ref:.6g} {side(ref, ref_thr)} (threshold {ref_thr:.6g}), candidate {cand:.6g} {side(cand, cand_thr)} "
+            f"(threshold {cand_thr:.6g}); the reference is {distance:.2f}× the largest normal-image score error "
+            f"({error:.3g}) from its threshold")

@@ -51,6 +51,26 @@ def test_noise_near_the_threshold_flips_decisions_and_is_counted():
     assert not report.passed and any("OK/NG agreement on 40 verify images" in f for f in report.failures)
 
 
+def test_each_flip_is_named_with_its_distance_to_the_threshold():
+    normal = np.linspace(0, 1, 40)[:, None]                  # held back: every 4th; thresholds from the other 30
+    verify = np.array([[0.2], [0.99], [2.0]])
+    cand_verify = verify + np.array([[0.0], [-0.5], [0.0]])  # the second verify image drops below the threshold
+    cand_normal = normal.copy()
+    cand_normal[3] += 1.0                                    # the first held-back normal image rises above it
+    result = check("image_score", pairs(normal), pairs(cand_normal), pairs(verify), pairs(cand_verify),
+                   verify_names=["a.png", "b.png", "c.png"])
+    flips = [n for n in result.notes if n.startswith("flip: ")]
+    assert result.verify_flips == [1, 1] and result.held_back_flips == [1, 1] and len(flips) == 4
+    at_10 = [n for n in flips if "α = 0.1:" in n]
+    assert any(n.startswith("flip: verify b.png at α = 0.1: reference 0.99 NG") and "candidate 0.49 OK" in n
+               for n in at_10), at_10
+    assert any(n.startswith("flip: held-back normal normal image 4 of 40 at α = 0.1: reference") for n in at_10)
+    threshold = result.reference_thresholds[1][0]
+    distance = float(next(n for n in at_10 if "b.png" in n).split("the reference is ")[1].split("×")[0])
+    assert distance == pytest.approx(abs(0.99 - threshold) / 1.0, abs=0.01)   # the largest normal error is 1.0
+    assert "a.png" not in " ".join(flips) and "c.png" not in " ".join(flips)
+
+
 def test_too_few_normals_is_said_and_fails_a_gate_that_needs_decisions():
     normal = np.linspace(0, 1, 8)[:, None]
     few = check("image_score", pairs(normal), pairs(normal), pairs(normal), pairs(normal))
