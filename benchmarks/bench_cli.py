@@ -32,9 +32,9 @@ accepted: failed and kept with --accept-accuracy-loss); check: these images held
 the manifest records, checked by sha256, or from --clip-weights/--ckpt (and --dino-weights for Crane+); its bf16
 row runs that model under torch.autocast(bfloat16) (no gate: it is not an exported file).
 chip (unless --no-ceiling): the model's matrix-product GFLOP per image, this machine's rate on a ViT-L MLP-shaped
-product per library and data type (numpy FP32 and torch BF16 for torch, ONNX Runtime FP32 and dynamic INT8,
-OpenVINO FP32 and BF16),
-and per row the achieved GFLOP/s (inference time only) and its share of that ceiling.
+product per library and data type (numpy FP32 and torch BF16 for torch, ONNX Runtime FP32, dynamic INT8 and Q/DQ
+INT8, OpenVINO FP32, BF16 and Q/DQ INT8), and per row the achieved GFLOP/s (inference time only) and its share of
+that ceiling.
 --save-choice records the fastest edge row (batch 1 first) whose export gate passed (or the FP32 reference) for this
 machine in DIR/bench-choices.json; edge-detect --backend best runs it (with that precision's own calibration).
 """

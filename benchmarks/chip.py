@@ -3,9 +3,10 @@ this machine's measured matrix-product rate per data type, with each backend's o
 
 The ceiling is one ViT-L MLP-shaped product ([1370, 1024] × [1024, 4096], 11.5 GFLOP) run repeatedly: numpy's BLAS
 (torch and the reference), ONNX Runtime and OpenVINO in FP32, OpenVINO on BF16 operands (the BF16 file's pattern),
-ONNX Runtime's dynamic INT8 MatMul (the ``int8-cpu`` file's kernel). A row's fraction is its achieved rate (model
-GFLOP / inference time) over the ceiling of the library and data type it ran; layers that are not matrix products
-count as time but not as work, so no row reaches 1.
+ONNX Runtime's dynamic INT8 MatMul (the ``int8-cpu`` file's kernel), and ONNX Runtime and OpenVINO on the product
+in the Q/DQ file's pattern (symmetric per-tensor INT8 activation, per-channel INT8 weight, FP32 out). A row's
+fraction is its achieved rate (model GFLOP / inference time) over the ceiling of the library and data type it ran;
+layers that are not matrix products count as time but not as work, so no row reaches 1.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 log = logging.getLogger("clipad")
 SHAPE = (1370, 1024, 4096)   # tokens of ViT-L/14 at 518 px, width, MLP width
-DATA_TYPE = {"bfloat16": "bf16", "dynamic-int8": "int8 (dynamic)"}   # by the precision's conversion
+DATA_TYPE = {"bfloat16": "bf16", "dynamic-int8": "int8 (dynamic)", "static-qdq": "int8 (Q/DQ)"}   # by conversion
 
 
 def ceiling_key(backend: str, precision: str) -> str | None:
@@ -101,6 +102,28 @@ def _matmul_onnx(path: str, weight: np.ndarray, bf16: bool) -> None:
     onnx.save(model, path)
 
 
+def _qdq_matmul_onnx(path: str, weight: np.ndarray, activation_range: float) -> None:
+    """The INT8 Q/DQ file's pattern (``export.convert.to_int8``): the activation quantized per tensor, the weight
+    stored INT8 with one scale per output channel, both zero points 0 (TensorRT's symmetric INT8)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = SHAPE
+    w_scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
+    w_int8 = np.clip(np.round(weight / w_scale), -127, 127).astype(np.int8)
+    constants = [numpy_helper.from_array(w_int8, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+                 numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
+                 numpy_helper.from_array(np.array(activation_range / 127, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"], name="q"),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], name="w_dq", axis=1),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "ceiling-qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+
+
 def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "onnxruntime", "openvino")) -> dict:
     """GFLOP/s of one MLP-shaped product per library and data type; a library that is missing is left out."""
     m, k, n = SHAPE
@@ -125,7 +148,9 @@ def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "
         except ImportError:
             return out
         fp32_path, bf16_path = os.path.join(tmp, "mm.onnx"), os.path.join(tmp, "mm.bf16.onnx")
+        qdq_path = os.path.join(tmp, "mm.qdq.onnx")
         _matmul_onnx(fp32_path, w, bf16=False)
+        _qdq_matmul_onnx(qdq_path, w, float(np.abs(x).max()))
         if "onnxruntime" in backends:
             try:
                 import onnxruntime as ort
@@ -143,6 +168,8 @@ def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "
                     quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8, per_channel=True)
                 session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
                 out["onnxruntime int8 (dynamic)"] = _rate(lambda: session.run(None, {"x": x}), flop)
+                session = ort.InferenceSession(qdq_path, options, providers=["CPUExecutionProvider"])
+                out["onnxruntime int8 (Q/DQ)"] = _rate(lambda: session.run(None, {"x": x}), flop)
             except ImportError:
                 pass
         if "openvino" in backends:
@@ -160,6 +187,9 @@ def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "
                 _matmul_onnx(bf16_path, w, bf16=True)
                 request = core.compile_model(bf16_path, "CPU", config).create_infer_request()
                 out["openvino bf16"] = _rate(lambda: request.infer({0: x}), flop)
+            if "INT8" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                request = core.compile_model(qdq_path, "CPU", config).create_infer_request()
+                out["openvino int8 (Q/DQ)"] = _rate(lambda: request.infer({0: x}), flop)
     return {key: round(value, 1) for key, value in out.items()}
 
 
