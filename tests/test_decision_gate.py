@@ -69,6 +69,10 @@ def test_each_flip_is_named_with_its_distance_to_the_threshold():
     distance = float(next(n for n in at_10 if "b.png" in n).split("the reference is ")[1].split("×")[0])
     assert distance == pytest.approx(abs(0.99 - threshold) / 1.0, abs=0.01)   # the largest normal error is 1.0
     assert "a.png" not in " ".join(flips) and "c.png" not in " ".join(flips)
+    rates = [n for n in result.notes if n.startswith("verify flip rate")]
+    assert rates[1] == "verify flip rate at α = 0.1: 1/3, 95 % interval 0.8% … 90.6% (Clopper–Pearson)", rates
+    none = check("image_score", pairs(normal), pairs(normal), pairs(np.zeros((20, 1))), pairs(np.zeros((20, 1))))
+    assert "verify flip rate at α = 0.05: 0/20, 95 % interval 0.0% … 16.8% (Clopper–Pearson)" in none.notes
 
 
 def test_too_few_normals_is_said_and_fails_a_gate_that_needs_decisions():
