@@ -65,6 +65,10 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, engine_rank=1,
               cpu_substitute="int8-cpu", openvino_hint="f32",
               not_run_by={"torch": "the torch reference runs fp32 (and fp16 on CUDA)"}),
+    Precision("int8-bf16", "model.int8-bf16.onnx", "int8's Q/DQ linear layers, run by OpenVINO with BF16 for the rest "
+              "(attention, LayerNorm, softmax; CPUs with AVX512-BF16 or AMX)", gate=_INT8_GATE,
+              conversion="static-qdq", needs_calibration_data=True, openvino_hint="bf16", cpu_capability="BF16",
+              only_on=("openvino",)),
     Precision("int8-cpu", "model.int8-cpu.onnx", "dynamic INT8 linear layers, FP32 rest: the fast INT8 for ONNX "
               "Runtime on CPUs", gate=_INT8_GATE, conversion="dynamic-int8", only_on=("onnxruntime", "triton"),
               not_run_by={"openvino": "int8-cpu is onnxruntime's dynamic INT8 (DynamicQuantizeMatMul); OpenVINO runs "
