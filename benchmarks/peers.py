@@ -53,10 +53,25 @@ class Broker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Broker":
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_until(lambda: listening(self.port), 20)
-        return self
+        """Start mosquitto; a start that exits (e.g. the port briefly held by another socket) is retried twice, and
+        a broker that never listens fails with the end of mosquitto's own log."""
+        log = self.folder / "mosquitto.log"
+        for _ in range(3):
+            with open(log, "ab") as out:
+                self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if listening(self.port):
+                    return self
+                time.sleep(0.1)
+            if self.proc.poll() is None:
+                break
+            time.sleep(1)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        raise AssertionError(f"mosquitto did not listen on 127.0.0.1:{self.port}; its log ends: "
+                             f"{log.read_text(errors='replace')[-400:]!r}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

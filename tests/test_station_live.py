@@ -276,3 +276,22 @@ def test_evidence_keeps_ng_parts_and_its_bound_deletes_only_its_own(model, video
     assert max(seqs) == 40 and min(seqs) > 1                      # the oldest went, the newest stayed
     newest = [f for f in ours if re.search(r"-40\.", os.path.basename(f))]
     assert sorted(os.path.basename(f).split(".", 1)[1] for f in newest) == ["jpg", "json", "mask.png", "png"]
+
+
+def test_a_broker_that_cannot_listen_fails_with_its_own_log(tmp_path):
+    """The test broker's start: a port held by another socket makes mosquitto exit; it is retried, then the failure
+    says why (mosquitto's log), instead of "condition not met"."""
+    import socket
+
+    broker = Broker(tmp_path / "broker")
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", broker.port))   # bound, not listening: mosquitto's bind fails
+    try:
+        with pytest.raises(AssertionError, match=f"mosquitto did not listen on 127.0.0.1:{broker.port}; its log "
+                                                 "ends: .*Address already in use"):
+            broker.start()
+        assert broker.proc.poll() is not None
+    finally:
+        holder.close()
+    broker.start()                             # the port is free again: it starts
+    broker.stop()
