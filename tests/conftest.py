@@ -65,3 +65,16 @@ def calib_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
     write_samples(str(folder), count=12, seed=3)
     return folder
+
+
+@pytest.fixture
+def openvino_without_bf16(monkeypatch):
+    """OpenVINO as on a CPU without BF16: the CPU's OPTIMIZATION_CAPABILITIES lose "BF16" (a fake capability list)."""
+    import openvino
+
+    class NoBF16Core(openvino.Core):
+        def get_property(self, device, name):
+            value = super().get_property(device, name)
+            return [c for c in value if c != "BF16"] if name == "OPTIMIZATION_CAPABILITIES" else value
+
+    monkeypatch.setattr(openvino, "Core", NoBF16Core)
