@@ -286,7 +286,7 @@ def test_chip_columns(report):
     assert autocast["of_ceiling"] == pytest.approx(autocast["gflops"] / chip["ceilings_gflops"]["torch bf16"], abs=1e-3)
     assert all(v > 0 for v in chip["ceilings_gflops"].values())
     row = rows(data, "onnxruntime", "fp32")
-    assert row["gflops"] == pytest.approx(chip["model_gflop"] / (row["stages_ms"]["infer"] / 1e3), rel=0.01, abs=0.05)
+    assert row["gflops"] == round(chip["model_gflop"] / (row["stages_ms"]["infer"] / 1e3), 1)   # as annotate rounds
     assert row["of_ceiling"] == pytest.approx(row["gflops"] / chip["ceilings_gflops"]["onnxruntime fp32"], abs=1e-3)
     assert rows(data, "onnxruntime", "bf16")["gflops"] is None            # skipped rows have none
     from clipad.benchmarks.chip import ceiling_key    # the Q/DQ file's rows (this export has none) and their ceiling
