@@ -292,10 +292,14 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     if "shift" in transforms:
         transforms["shift"]["biases_from_quantized_weights"] = smoothquant.requantized_bias(model, centred)
     trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model)
-    half = high_precision == HALF_REMAINDER
+    half, bf16 = high_precision == HALF_REMAINDER, {}
     if half:
         # Q/DQ on FP16 tensors with FP16 scales needs opset 19 (ops used here mean the same in 18 and 19).
         model, _ = _half(model, opset=INT8_FP16_OPSET)
+    elif high_precision == precisions.BF16_REMAINDER:
+        from .convert_bf16 import BF16_CONVERTER, bf16_products
+
+        bf16 = {**bf16_products(model, attention=True), "bf16_converter": BF16_CONVERTER}
     onnx.save(model, dst)
     tool = {"nncf": "nncf.quantize(ONNX, PERFORMANCE preset, transformer, fast bias correction, SmoothQuant off)",
             "modelopt": f"modelopt.onnx.quantization.quantize(int8, {quantize_modelopt.METHODS.get(method)}, CPU "
@@ -307,10 +311,13 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
             "calibration_images": int(len(calib)), "method": "nncf" if quantizer == "nncf" else method,
             "high_precision": high_precision, "kept_float_nodes": sorted(kept),
             **transforms,
-            "fp32_ops": FP32_OPS if half else "all", "opset": INT8_FP16_OPSET if half else None,
+            "fp32_ops": FP32_OPS if half else "all but the BF16 ones" if bf16 else "all",
+            "opset": INT8_FP16_OPSET if half else None,
             "tensorrt_compatible": trt_ok, **({"tensorrt_incompatible": trt_why} if not trt_ok else {}),
             **({"calibration_batches_read": batches} if batches is not None else {}),
-            "tool": tool + (" + onnxruntime.transformers.float16" if half else "")}
+            **bf16,
+            "tool": tool + (" + onnxruntime.transformers.float16" if half else "")
+            + (" + BF16 attention and float linear layers" if bf16 else "")}
 
 
 def _quantize_static(src: str, dst: str, nodes: list[str], ranges):

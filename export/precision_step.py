@@ -69,7 +69,8 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
             return convert.to_fp16(fp32_file, dst)
         if wanted.conversion == "static-qdq":
             made = convert.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
-                                   high_precision=calibration.high_precision, cache_dir=cache_dir(),
+                                   high_precision=wanted.int8_remainder or calibration.high_precision,
+                                   cache_dir=cache_dir(),
                                    keep_float=tuple(calibration.keep_float), keep_nodes=keep_nodes,
                                    quantizer=calibration.quantizer, smooth_alpha=calibration.smooth_alpha,
                                    centre=calibration.shift)

@@ -27,6 +27,7 @@ class Precision:
     cpu_capability: str | None = None  # an OpenVINO OPTIMIZATION_CAPABILITIES entry the CPU needs to run it as made
     min_compute_capability: float | None = None   # the oldest NVIDIA GPU generation whose engines run it
     only_on: tuple[str, ...] | None = None   # the backends that run it, when not every backend does
+    int8_remainder: str | None = None  # a Q/DQ file's type for what is not quantized, when the precision fixes it
     not_run_by: dict[str, str] = field(default_factory=dict)   # backend -> why it cannot run this precision
 
     @property
@@ -47,6 +48,7 @@ class Precision:
         return None
 
 
+BF16_REMAINDER = "bf16"   # int8-bf16's remainder; not an --int8-high-precision choice (only OpenVINO runs it)
 _INT8_GATE = GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)
 _FP16_GATE = GateLimits(map_pearson_min=0.999)
 
@@ -65,10 +67,10 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, engine_rank=1,
               cpu_substitute="int8-cpu", openvino_hint="f32",
               not_run_by={"torch": "the torch reference runs fp32 (and fp16 on CUDA)"}),
-    Precision("int8-bf16", "model.int8-bf16.onnx", "int8's Q/DQ linear layers, run by OpenVINO with BF16 for the rest "
-              "(attention, LayerNorm, softmax; CPUs with AVX512-BF16 or AMX)", gate=_INT8_GATE,
-              conversion="static-qdq", needs_calibration_data=True, openvino_hint="bf16", cpu_capability="BF16",
-              only_on=("openvino",)),
+    Precision("int8-bf16", "model.int8-bf16.onnx", "int8's Q/DQ linear layers with BF16 attention and float linear "
+              "layers, FP32 residual stream, LayerNorm and head (OpenVINO on CPUs with AVX512-BF16 or AMX)",
+              gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, openvino_hint="f32",
+              cpu_capability="BF16", only_on=("openvino",), int8_remainder=BF16_REMAINDER),
     Precision("int8-cpu", "model.int8-cpu.onnx", "dynamic INT8 linear layers, FP32 rest: the fast INT8 for ONNX "
               "Runtime on CPUs", gate=_INT8_GATE, conversion="dynamic-int8", only_on=("onnxruntime", "triton"),
               not_run_by={"openvino": "int8-cpu is onnxruntime's dynamic INT8 (DynamicQuantizeMatMul); OpenVINO runs "
@@ -78,7 +80,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 )}
 
 REFERENCE = next(p for p in PRECISIONS.values() if p.reference)
-INT8_REMAINDERS = ("fp16", "fp32")   # the type of what an INT8 Q/DQ file does not quantize; the first is the default
+INT8_REMAINDERS = ("fp16", "fp32")   # --int8-high-precision: what an int8 Q/DQ file leaves float; first: default
 NAMES = tuple(PRECISIONS)
 EXPORTABLE = tuple(p.name for p in PRECISIONS.values() if p.reference or p.conversion)   # export-engine --precision
 ENGINE_PRECISIONS = tuple(sorted((p.name for p in PRECISIONS.values() if p.builds_engine),
