@@ -109,7 +109,8 @@ def parse_args(argv):
                       default=precisions.INT8_REMAINDERS[0],
                       help="INT8: type of everything that is not a quantized linear layer (attention, GELU, "
                            "residual adds; LayerNorm, softmax and the head stay FP32 either way). Default fp16, "
-                           "as ModelOpt does: a strongly typed engine runs exactly these types")
+                           "as ModelOpt does: a strongly typed engine runs exactly these types. int8-bf16 sets "
+                           "its own (the bf16 keep-list)")
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
                       help="INT8 (both files): leave linear layers whose module path contains SCOPE unquantized, "
                            "e.g. mlp.c_proj (the post-GELU MLP projections) or resblocks.23., or name them as a "

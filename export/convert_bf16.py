@@ -78,7 +78,7 @@ def bf16_products(model, attention: bool = False) -> dict:
     for node in list(graph.node):
         if node.op_type != "MatMul" or node.name in chained or any(scope in _scopes(node) for scope in FP32_SCOPES):
             continue
-        if any(getattr(producers.get(x), "op_type", None) == "DequantizeLinear" for x in node.input):
+        if any(_dequantized(x, producers) for x in node.input):
             continue   # an INT8 product of a Q/DQ file (int8-bf16): its operands are INT8 already
         is_linear = _constant_root(node.input[1], inits, producers) is not None
         if is_linear and node.name in head_inputs:
@@ -113,6 +113,10 @@ def _constant_root(name: str, inits, producers) -> str | None:
     return name
 
 
+def _dequantized(name: str, producers) -> bool:
+    return getattr(producers.get(name), "op_type", None) == "DequantizeLinear"
+
+
 def _bf16_attention(graph, producers, inits, bf16_input, bf16_output) -> list[str]:
     """q·kᵀ → softmax → ·v on BF16 tensors with no Cast inside the chain, so OpenVINO fuses it into one attention
     kernel (a Cast between the products and the softmax splits it into three slower ones: 2.2 s vs 3.1 s per image
@@ -143,7 +147,8 @@ def _bf16_attention(graph, producers, inits, bf16_input, bf16_output) -> list[st
         products = [logits, mixing]
         if any(p is None or p.op_type != "MatMul" for p in products) \
                 or through_casts_down(logits.output[0]) is not softmax \
-                or any(_constant_root(x, inits, producers) for p in products for x in p.input):
+                or any(_constant_root(x, inits, producers) or _dequantized(x, producers)
+                       for p in products for x in p.input):
             continue
         weights_at = [i for i, x in enumerate(mixing.input) if through_casts_up(x) is softmax]
         if len(weights_at) != 1:

@@ -230,3 +230,25 @@ def test_attention_becomes_one_bf16_chain_and_int8_products_stay_int8(tmp_path):
     weights /= weights.sum(-1, keepdims=True)
     expected = weights @ x @ numpy_helper.to_array(w_t).T @ (numpy_helper.to_array(w_q).astype(np.float32) * 0.01)
     assert np.allclose(y, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+
+
+def test_an_attention_quantized_by_the_quantizer_stays_int8():
+    """A quantizer that put Q/DQ on the attention products (NNCF may): the chain is not rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipad.export.convert_bf16 import bf16_products
+
+    scale = numpy_helper.from_array(np.float32(0.1), "scale")
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "scale"], ["x_dq"]),
+             helper.make_node("Transpose", ["x_dq"], ["k_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x_dq", "k_t"], ["logits"], name="qk"),
+             helper.make_node("Softmax", ["logits"], ["weights"], axis=-1),
+             helper.make_node("MatMul", ["weights", "x"], ["y"], name="pv")]
+    graph = helper.make_graph(nodes, "quantized", [helper.make_tensor_value_info("x", f32, [6, 8])],
+                              [helper.make_tensor_value_info("y", f32, [6, 8])], [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    info = bf16_products(model, attention=True)
+    assert info["bf16_attention_chains"] == 0
+    assert {n.name: list(n.input) for n in model.graph.node}["qk"] == ["x_dq", "k_t"]
