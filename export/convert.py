@@ -21,19 +21,14 @@ from clipad.runtime.compare import GateReport, gate
 from clipad.runtime.errors import ClipadError
 
 from .onnx_graph import scopes as _scopes
-from .onnx_graph import topological_order
+from .onnx_graph import HEAD_SCOPE  # noqa: F401  (read as convert.HEAD_SCOPE)
+from .onnx_graph import FP32_SCOPES, head_feeding_linears, head_nodes, topological_order
 
 log = logging.getLogger("clipad")
-HEAD_SCOPE = "core.head"
-FP32_SCOPES = (HEAD_SCOPE, "core.vision.dattn_weights")   # + Crane+'s D-Attn similarity, mean, mask and softmax
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
             "Erf"]
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_FP16_OPSET = 19
-
-
-def head_nodes(model) -> list[str]:
-    return [n.name for n in model.graph.node if any(scope in _scopes(n) for scope in FP32_SCOPES)]
 
 
 def _half(model, opset: int | None = None):
@@ -89,33 +84,6 @@ def to_fp16(src: str, dst: str) -> dict:
     fp16, kept = _half(onnx.load(src))
     onnx.save(fp16, dst)
     return {"fp32_ops": FP32_OPS, "fp32_head_nodes": kept, "converter": "onnxruntime.transformers.float16"}
-
-
-_PASS_THROUGH = {"Reshape", "Transpose", "Slice", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Split",
-                 "Identity", "Flatten", "Expand", "Div", "ReduceL2", "Clip"}  # data movement and L2 normalisation
-
-
-def head_feeding_linears(model) -> set[str]:
-    """Linear layers whose output reaches the head through data movement, L2 normalisation or a bias add only: the
-    final projections into the text-anchor space. Their error lands on the anomaly map undamped, so INT8 leaves them
-    float (Crane on magnetic_tile: map Pearson min 0.986 with them quantized, 0.998 kept float)."""
-    from clipad.calibration.ranges import constant_names
-
-    consts = constant_names(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    head = set(head_nodes(model))
-    todo = [i for n in model.graph.node if n.name in head for i in n.input]
-    found, seen = set(), set()
-    while todo:
-        node = producers.get(todo.pop())
-        if node is None or node.name in head or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op_type in ("MatMul", "Gemm", "Conv") and any(i in consts for i in node.input):
-            found.add(node.name)
-        elif node.op_type in _PASS_THROUGH or (node.op_type == "Add" and any(i in consts for i in node.input)):
-            todo += [i for i in node.input if i not in consts]
-    return found
 
 
 def _kept_by(node, keep: str) -> bool:

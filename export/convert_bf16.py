@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .convert import FP32_SCOPES, _scopes, head_feeding_linears, topological_order
+from .onnx_graph import FP32_SCOPES, head_feeding_linears, topological_order
+from .onnx_graph import scopes as _scopes
 
 BF16_CONVERTER = "clipad.export.convert_bf16"
 _LAYOUT_OPS = ("Transpose", "Cast", "Identity")
