@@ -214,6 +214,8 @@ def test_token_guards_every_endpoint_but_healthz(model, video, tmp_path):
         assert station.get("/api/status?token=right")[0] == 200
         assert station.get("/healthz")[0] == 200
         assert station.post("/api/cameras/a/class", {"class_name": "screw"})[0] == 401
+        # serving starts before the first frame is inferred: wait for frames, then read their metrics
+        wait_until(lambda: len(station.json("/api/records?camera=a&since=2", "right")["records"]) > 0)
         metrics = station.get("/metrics", token="right")[1].decode()
         assert 'clipad_frames_total{camera="a"}' in metrics and "clipad_latency_seconds_bucket" in metrics
         records = station.json("/api/records?camera=a&since=2", "right")["records"]
