@@ -16,6 +16,7 @@ from clipad.runtime.compare import PARITY_LIMITS, GateReport, compare_runners, g
 from clipad.runtime.errors import ClipadError
 
 from .onnx_graph import INPUT_NAME, MEMORY_FEATURES, OUTPUT_NAMES  # noqa: F401  (the graph's names, imported here too)
+from .onnx_graph import fold_constant_weight_reads
 
 if TYPE_CHECKING:
     from .models.factory import BuiltDetector
@@ -46,7 +47,20 @@ def export_onnx(built: BuiltDetector, path: str, batch_min: int, batch_max: int)
         except Exception as exc:  # the exporter raises many types; the message is what matters
             raise ClipadError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
     program.save(path, external_data=False)
+    fold_weight_reads(path)
     check_graph(path)
+
+
+def fold_weight_reads(path: str) -> int:
+    """Fold the exporter's leftover Transposes/Gathers of weights into constants (``fold_constant_weight_reads``),
+    rewriting ``path`` when there were any."""
+    import onnx
+
+    model = onnx.load(path)
+    folded = fold_constant_weight_reads(model)
+    if folded:
+        onnx.save(model, path)
+    return folded
 
 
 def output_names(built: BuiltDetector) -> list[str]:

@@ -76,3 +76,60 @@ def head_feeding_linears(model) -> set[str]:
         elif node.op_type in _PASS_THROUGH or (node.op_type == "Add" and any(i in consts for i in node.input)):
             todo += [i for i in node.input if i not in consts]
     return found
+
+
+WEIGHT_READ_OPS = ("Transpose", "Gather", "Identity")
+
+
+def fold_constant_weight_reads(model) -> int:
+    """Replace every Transpose, Gather or Identity whose inputs are all constants by an initializer holding its
+    result (in place); returns how many nodes were folded. The exporter leaves these on weights above its folding
+    size limit: Crane's second attention path reads its out-projection weight through a Transpose, AA-CLIP's
+    adapters and seg projections through a Gather of a stacked buffer. Folded, they are linear layers with a
+    constant weight like any other, which the INT8 quantizers can quantize, the BF16 pass can convert and the head
+    rules can see; the numbers do not change (a transpose or a gather is exact)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"
+                      and [a.name for a in n.attribute] == ["value"]}
+    computed: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        if name in computed:
+            return computed[name]
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        return numpy_helper.to_array(constant_nodes[name].attribute[0].t)
+
+    folded = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type not in WEIGHT_READ_OPS or not inputs \
+                or not all(i in computed or i in initializers or i in constant_nodes for i in inputs):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        data = value(inputs[0])
+        if node.op_type == "Transpose":
+            perm = list(attrs["perm"].ints) if "perm" in attrs else None
+            result = np.transpose(data, perm)
+        elif node.op_type == "Gather":
+            result = np.take(data, value(inputs[1]), axis=attrs["axis"].i if "axis" in attrs else 0)
+        else:
+            result = data
+        computed[node.output[0]] = np.ascontiguousarray(result)
+        folded.append(node)
+    if not folded:
+        return 0
+    for node in folded:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    graph.initializer.extend(numpy_helper.from_array(computed[name], name) for name in computed if name in used)
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    return len(folded)

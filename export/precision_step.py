@@ -5,6 +5,7 @@ no torch, so it also runs on an existing export (``--from-onnx DIR --precision i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -38,10 +39,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
     compares OK/NG decisions at each side's own threshold from those normal images (at most ``DECISION_NORMALS``,
     spread evenly), and they decide instead of the score rank.
     """
-    from clipad.calibration.images import evenly_spaced, load_set, split_holdout
-
-    from . import convert
-    from .onnx_export import OPSET
+    from clipad.calibration.images import load_set, split_holdout
 
     wanted = precisions.get(precision)
     if wanted.conversion is None:
@@ -64,11 +62,49 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
             calib, calib_names = load_set(calibration.data, image_size, cache_dir(), min_images=2,
                                           purpose=f"the {precision.upper()} OK/NG gate")
         log.info("[3b] %s conversion …", precision.upper())
+    with _weights_as_constants(fp32_file, out_dir) as src:
+        return _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, gate_names, batch,
+                                 image_size, calibration, accept_accuracy_loss, decision_rule)
+
+
+@contextlib.contextmanager
+def _weights_as_constants(fp32_file: str, out_dir: str):
+    """The FP32 file to convert from: ``fp32_file`` itself, or, for an export made before the exporter folded its
+    constant weight reads (Crane's transposed out-projections, AA-CLIP's gathered adapters), a folded working copy,
+    so every precision sees those layers as linear layers (same numbers; removed afterwards)."""
+    import tempfile
+
+    import onnx
+
+    from .onnx_graph import fold_constant_weight_reads
+
+    model = onnx.load(fp32_file)
+    folded = fold_constant_weight_reads(model)
+    if not folded:
+        del model
+        yield fp32_file
+        return
+    with tempfile.TemporaryDirectory(prefix=".folded-", dir=out_dir) as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path)
+        del model
+        log.info("      %d constant weight read(s) folded into a working copy of the FP32 file (an export made "
+                 "before the exporter folded them; export again to skip this)", folded)
+        yield path
+
+
+def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, gate_names, batch, image_size,
+                      calibration, accept_accuracy_loss, decision_rule):
+    from clipad.calibration.images import evenly_spaced
+
+    from . import convert
+    from .onnx_export import OPSET
+
     def convert_file(keep_nodes: tuple[str, ...] = ()) -> dict:
         if wanted.conversion == "float16":
-            return convert.to_fp16(fp32_file, dst)
+            return convert.to_fp16(src, dst)
         if wanted.conversion == "static-qdq":
-            made = convert.to_int8(fp32_file, dst, calib, calibration.method, batch[1],
+            made = convert.to_int8(src, dst, calib, calibration.method, batch[1],
                                    high_precision=wanted.int8_remainder or calibration.high_precision,
                                    cache_dir=cache_dir(),
                                    keep_float=tuple(calibration.keep_float), keep_nodes=keep_nodes,
@@ -77,12 +113,12 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
             made["calibration_data"] = os.path.abspath(calibration.data)
             return made
         if wanted.conversion == "dynamic-int8":
-            return convert.to_int8_dynamic(fp32_file, dst, keep_nodes=keep_nodes,
+            return convert.to_int8_dynamic(src, dst, keep_nodes=keep_nodes,
                                            keep_float=tuple(calibration.keep_float))
         if wanted.conversion == "bfloat16":
             from .convert_bf16 import to_bf16
 
-            return to_bf16(fp32_file, dst, attention=True)
+            return to_bf16(src, dst, attention=True)
         raise ClipadError(f"internal error: no converter for {wanted.conversion!r}")
 
     conversion = convert_file()
@@ -102,7 +138,7 @@ def make_precision(precision: str, fp32_file: str, out_dir: str, verify: tuple[n
             and calibration.sensitivity:
         from .int8_sensitivity_step import keep_sensitive_float
 
-        report, conversion = keep_sensitive_float(precision, fp32_file, conversion, convert_file, run_gate,
+        report, conversion = keep_sensitive_float(precision, src, conversion, convert_file, run_gate,
                                                   report, normals, gate_data, batch[0], decision_rule)
     c, d = report.comparison, report.decision
     log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e%s",
