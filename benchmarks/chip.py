@@ -3,9 +3,10 @@ this machine's measured matrix-product rate per data type, with each backend's o
 
 The ceiling is one ViT-L MLP-shaped product ([1370, 1024] × [1024, 4096], 11.5 GFLOP) run repeatedly: numpy's BLAS
 (torch and the reference), ONNX Runtime and OpenVINO in FP32, OpenVINO on BF16 operands (the BF16 file's pattern),
-ONNX Runtime's dynamic INT8 MatMul (the ``int8-cpu`` file's kernel), and ONNX Runtime and OpenVINO on the product
-in the Q/DQ file's pattern (symmetric per-tensor INT8 activation, per-channel INT8 weight, FP32 out). A row's
-fraction is its achieved rate (model GFLOP / inference time) over the ceiling of the library and data type it ran;
+ONNX Runtime's dynamic INT8 MatMul (the ``int8-cpu`` file's kernel), OpenVINO on an INT8 weight with the activation
+quantized at run time (``int8-dyn-bf16``'s), and ONNX Runtime and OpenVINO on the product in the Q/DQ file's pattern
+(symmetric per-tensor INT8 activation, per-channel INT8 weight, FP32 out). A row's fraction is its achieved rate
+(model GFLOP / inference time) over the ceiling of the library and data type it ran;
 layers that are not matrix products count as time but not as work, so no row reaches 1.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 log = logging.getLogger("clipad")
 SHAPE = (1370, 1024, 4096)   # tokens of ViT-L/14 at 518 px, width, MLP width
-DATA_TYPE = {"bfloat16": "bf16", "dynamic-int8": "int8 (dynamic)", "static-qdq": "int8 (Q/DQ)"}   # by conversion
+DATA_TYPE = {"bfloat16": "bf16", "dynamic-int8": "int8 (dynamic)", "weight-int8": "int8 (dynamic)",
+             "static-qdq": "int8 (Q/DQ)"}   # by conversion
 
 
 def ceiling_key(backend: str, precision: str) -> str | None:
@@ -124,6 +126,19 @@ def _qdq_matmul_onnx(path: str, weight: np.ndarray, activation_range: float) -> 
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
 
 
+def _weight_int8_matmul_onnx(path: str, weight: np.ndarray) -> None:
+    """The ``int8-dyn-bf16`` file's pattern: the weight stored INT8 behind a DequantizeLinear, the activation FP32
+    (OpenVINO quantizes it at run time)."""
+    import onnx
+
+    from clipad.export.convert_weight_int8 import dequantized_weights
+
+    _matmul_onnx(path, weight, bf16=False)
+    model = onnx.load(path)
+    dequantized_weights(model, ["mm"])
+    onnx.save(model, path)
+
+
 def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "onnxruntime", "openvino")) -> dict:
     """GFLOP/s of one MLP-shaped product per library and data type; a library that is missing is left out."""
     m, k, n = SHAPE
@@ -190,6 +205,13 @@ def ceilings(threads: int | None = None, backends: tuple[str, ...] = ("torch", "
             if "INT8" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
                 request = core.compile_model(qdq_path, "CPU", config).create_infer_request()
                 out["openvino int8 (Q/DQ)"] = _rate(lambda: request.infer({0: x}), flop)
+                from clipad.runtime.precisions import DYNAMIC_GROUP
+
+                weight_path = os.path.join(tmp, "mm.int8w.onnx")
+                _weight_int8_matmul_onnx(weight_path, w)
+                request = core.compile_model(weight_path, "CPU", {**config, "DYNAMIC_QUANTIZATION_GROUP_SIZE":
+                                                                  DYNAMIC_GROUP}).create_infer_request()
+                out["openvino int8 (dynamic)"] = _rate(lambda: request.infer({0: x}), flop)
     return {key: round(value, 1) for key, value in out.items()}
 
 

@@ -112,7 +112,7 @@ def parse_args(argv):
                            "as ModelOpt does: a strongly typed engine runs exactly these types. int8-bf16 sets "
                            "its own (the bf16 keep-list)")
     prec.add_argument("--int8-keep-float", nargs="+", metavar="SCOPE", default=[],
-                      help="INT8 (both files): leave linear layers whose module path contains SCOPE unquantized, "
+                      help="INT8 (every INT8 file): leave linear layers whose module path contains SCOPE unquantized, "
                            "e.g. mlp.c_proj (the post-GELU MLP projections) or resblocks.23., or name them as a "
                            "manifest's kept_float_nodes lists them (node_MatMul_171 …), or with --from-onnx say "
                            "from:int8-cpu (or from:int8) for the layers that file of this export kept float: reuses "

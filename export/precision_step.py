@@ -18,7 +18,7 @@ from clipad.runtime.manifest import FileEntry, PrecisionReport, file_entry
 from .options import CalibrationOptions
 
 log = logging.getLogger("clipad")
-INT8_CONVERSIONS = ("static-qdq", "dynamic-int8")
+INT8_CONVERSIONS = ("static-qdq", "dynamic-int8", "weight-int8")
 DECISION_NORMALS = 40   # normal images run through both sides for the OK/NG check (ViT-L@518: ~5 min on 2 cores)
 
 
@@ -115,6 +115,11 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
         if wanted.conversion == "dynamic-int8":
             return convert.to_int8_dynamic(src, dst, keep_nodes=keep_nodes,
                                            keep_float=tuple(calibration.keep_float))
+        if wanted.conversion == "weight-int8":
+            from .convert_weight_int8 import to_int8_dynamic_bf16
+
+            return to_int8_dynamic_bf16(src, dst, wanted.openvino_dynamic_quantization, keep_nodes=keep_nodes,
+                                        keep_float=tuple(calibration.keep_float))
         if wanted.conversion == "bfloat16":
             from .convert_bf16 import to_bf16
 

@@ -28,6 +28,9 @@ class Precision:
     min_compute_capability: float | None = None   # the oldest NVIDIA GPU generation whose engines run it
     only_on: tuple[str, ...] | None = None   # the backends that run it, when not every backend does
     int8_remainder: str | None = None  # a Q/DQ file's type for what is not quantized, when the precision fixes it
+    # OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE: the file's INT8 weights (DequantizeLinear constants) run as INT8
+    # products, the activations quantized per token in groups of this many input channels at run time
+    openvino_dynamic_quantization: int | None = None
     not_run_by: dict[str, str] = field(default_factory=dict)   # backend -> why it cannot run this precision
 
     @property
@@ -49,6 +52,9 @@ class Precision:
 
 
 BF16_REMAINDER = "bf16"   # int8-bf16's remainder; not an --int8-high-precision choice (only OpenVINO runs it)
+# divides every CLIP/DINOv2 width (768, 1024, 3072, 4096): OpenVINO leaves a layer whose input width it does not
+# divide unquantized (AA-CLIP ViT-L@518, 2 cores: 256 and 1024 run alike, 4096 as slow as FP32; 32 is 25 % slower)
+DYNAMIC_GROUP = 256
 _INT8_GATE = GateLimits(map_pearson_min=0.99, score_spearman_min=0.98)
 _FP16_GATE = GateLimits(map_pearson_min=0.999)
 
@@ -71,6 +77,11 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               "layers, FP32 residual stream, LayerNorm and head (OpenVINO on CPUs with AVX512-BF16 or AMX)",
               gate=_INT8_GATE, conversion="static-qdq", needs_calibration_data=True, openvino_hint="f32",
               cpu_capability="BF16", only_on=("openvino",), int8_remainder=BF16_REMAINDER),
+    Precision("int8-dyn-bf16", "model.int8-dyn-bf16.onnx", "INT8 weights, activations quantized per token at run "
+              "time (no calibration), BF16 attention and float linear layers, FP32 residual stream, LayerNorm and head "
+              "(OpenVINO on CPUs with AVX512-BF16 or AMX)", gate=_INT8_GATE, conversion="weight-int8",
+              openvino_hint="f32", cpu_capability="BF16", only_on=("openvino",),
+              openvino_dynamic_quantization=DYNAMIC_GROUP),
     Precision("int8-cpu", "model.int8-cpu.onnx", "dynamic INT8 linear layers, FP32 rest: the fast INT8 for ONNX "
               "Runtime on CPUs", gate=_INT8_GATE, conversion="dynamic-int8", only_on=("onnxruntime", "triton"),
               not_run_by={"openvino": "int8-cpu is onnxruntime's dynamic INT8 (DynamicQuantizeMatMul); OpenVINO runs "

@@ -101,3 +101,26 @@ def test_a_cpu_without_bf16_is_refused(exported, openvino_without_bf16):
 
     with pytest.raises(ClipadError, match="--precision int8-bf16: this CPU has no BF16 support .* use fp32"):
         Detector.open(str(exported), backend="openvino", precision="int8-bf16")
+
+
+def test_a_file_made_for_the_bf16_hint_warns_that_it_runs_as_plain_int8(exported, tmp_path, caplog):
+    """int8-bf16's first version (an FP16 remainder compiled under OpenVINO's BF16 hint) now runs at f32 as a plain
+    INT8 file: slower, not less accurate; the backend says so and how to remake it."""
+    import logging
+    import shutil
+
+    from clipad.runtime.detector import Detector
+
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["precisions"]["int8-bf16"]["conversion"]["high_precision"] = "fp16"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="clipad"):
+        with Detector.open(str(exported), backend="openvino", precision="int8-bf16"):
+            pass
+        assert "older clipad-edge" not in caplog.text
+        with Detector.open(str(old), backend="openvino", precision="int8-bf16"):
+            pass
+    assert "made by an older clipad-edge (fp16 remainder" in caplog.text
+    assert f"export-engine --from-onnx {old} --precision int8-bf16" in caplog.text

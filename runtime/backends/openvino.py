@@ -2,7 +2,8 @@
 
 Precisions: those whose registry record lists OpenVINO (``clipad.runtime.precisions``), each on its file with its
 ``openvino_hint`` (f32 for all of them: the BF16 file's products are BF16 as written, the rest stays FP32, which
-OpenVINO's own BF16 hint would not keep; the Q/DQ INT8 file runs its quantized linear layers as INT8). Compiled
+OpenVINO's own BF16 hint would not keep; the Q/DQ INT8 file runs its quantized linear layers as INT8), and for a
+file with INT8 weights only (``int8-dyn-bf16``) the record's dynamic quantization group size. Compiled
 models are cached in ``~/.cache/clipad/openvino/<file sha256>-<precision>`` (OpenVINO's model cache, one folder per
 model file and precision), so only the first start pays the compile time.
 """
@@ -41,6 +42,13 @@ class OpenVINOBackend(Backend):
             raise ClipadError(f"{model_dir}: no {name} in this export; add it with: export-engine --from-onnx "
                               f"{model_dir} --precision {maker.name if maker else wanted.name}")
         path = manifest.verify_file(model_dir, name)
+        made = manifest.precisions.get(wanted.name)
+        remainder = (made.conversion or {}).get("high_precision") if made else None
+        if wanted.int8_remainder and remainder and remainder != wanted.int8_remainder:
+            log.warning("WARNING: %s in %s was made by an older clipad-edge (%s remainder, for OpenVINO's BF16 hint, "
+                        "which it no longer uses): it runs as a plain INT8 file at f32, slower; make it again with: "
+                        "export-engine --from-onnx %s --precision %s --calib-data DIR", name, model_dir, remainder,
+                        model_dir, wanted.name)
         self._compile(path, wanted, manifest.files[name].sha256, threads, ov_device)
         self.image_size = manifest.image_size
         self.input_name = manifest.input.name
@@ -79,6 +87,8 @@ class OpenVINOBackend(Backend):
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if wanted.openvino_dynamic_quantization:
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = wanted.openvino_dynamic_quantization
         try:
             self.compiled = core.compile_model(path, ov_device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
