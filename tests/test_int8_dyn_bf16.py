@@ -132,6 +132,8 @@ def test_the_runtime_runs_it_on_openvino_only(exported):
         assert np.corrcoef(a.anomaly_map.ravel(), b.anomaly_map.ravel())[0, 1] > 0.98
     with pytest.raises(ClipadError, match="onnxruntime does not run int8-dyn-bf16 .* it runs on openvino"):
         Detector.open(str(exported), backend="onnxruntime", precision="int8-dyn-bf16")
+    with Detector.open(str(exported), backend="auto", precision="int8-dyn-bf16") as auto:
+        assert auto.backend.name == "openvino"
 
 
 def test_a_cpu_without_bf16_is_refused(exported, openvino_without_bf16):
