@@ -86,7 +86,12 @@ def _weights_as_constants(fp32_file: str, out_dir: str):
         return
     with tempfile.TemporaryDirectory(prefix=".folded-", dir=out_dir) as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save(model, path)
+        try:
+            onnx.save(model, path)
+        except OSError as exc:   # a full disk: the folder goes with the context; nothing of the export is touched
+            raise ClipadError(f"{out_dir}: cannot write the folded working copy of {os.path.basename(fp32_file)} "
+                              f"({exc.strerror or exc}); free {os.path.getsize(fp32_file) / 1e9:.1f} GB there or "
+                              "export again") from None
         del model
         log.info("      %d constant weight read(s) folded into a working copy of the FP32 file (an export made "
                  "before the exporter folded them; export again to skip this)", folded)

@@ -85,18 +85,24 @@ def _unfold(model_file):
     return len(reads)
 
 
-def test_an_export_made_before_the_fold_quantizes_the_same_layers(tiny_files, tmp_path):
-    from clipad.export import cli as export_cli
-
-    fresh, old = tmp_path / "fresh", tmp_path / "old"
-    for out in (fresh, old):
-        assert export_tiny(tiny_files, out, "crane") == 0
+def _old_export(tiny_files, old):
+    """A tiny Crane export whose model.onnx reads every linear weight through a Transpose (manifest kept valid)."""
+    assert export_tiny(tiny_files, old, "crane") == 0
     reads = _unfold(old / "model.onnx")
-    assert reads > 4
     manifest = json.loads((old / "manifest.json").read_text())
     data = (old / "model.onnx").read_bytes()
     manifest["files"]["model.onnx"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
     (old / "manifest.json").write_text(json.dumps(manifest))
+    return reads, manifest
+
+
+def test_an_export_made_before_the_fold_quantizes_the_same_layers(tiny_files, tmp_path):
+    from clipad.export import cli as export_cli
+
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    assert export_tiny(tiny_files, fresh, "crane") == 0
+    reads, manifest = _old_export(tiny_files, old)
+    assert reads > 4
     for out in (fresh, old):
         assert export_cli.main(["--from-onnx", str(out), "--precision", "int8-cpu", "--accept-accuracy-loss",
                                 "-q"]) == 0
@@ -106,6 +112,31 @@ def test_an_export_made_before_the_fold_quantizes_the_same_layers(tiny_files, tm
     assert made[1]["kept_float_nodes"] == made[0]["kept_float_nodes"]
     assert not [p.name for p in old.iterdir() if p.name.startswith(".folded-")]
     assert manifest_json(old)["files"]["model.onnx"]["sha256"] == manifest["files"]["model.onnx"]["sha256"]
+
+
+def test_a_full_disk_for_the_working_copy_is_one_line_and_leaves_nothing(tiny_files, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import onnx
+
+    from clipad.export import cli as export_cli
+
+    old = tmp_path / "old"
+    _old_export(tiny_files, old)
+    before = sorted(p.name for p in old.iterdir())
+    real_save = onnx.save
+
+    def full_disk(model, path, *args, **kwargs):
+        if ".folded-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    assert export_cli.main(["--from-onnx", str(old), "--precision", "int8-cpu", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "cannot write the folded working copy of model.onnx (No space left on device)" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in old.iterdir()) == before
 
 
 @pytest.mark.parametrize("kind", ["aaclip", "crane"])
