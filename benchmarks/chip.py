@@ -110,9 +110,10 @@ def _qdq_matmul_onnx(path: str, weight: np.ndarray, activation_range: float) -> 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from clipad.export.convert_weight_int8 import int8_per_channel
+
     m, k, n = SHAPE
-    w_scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
-    w_int8 = np.clip(np.round(weight / w_scale), -127, 127).astype(np.int8)
+    w_int8, w_scale = int8_per_channel(weight)
     constants = [numpy_helper.from_array(w_int8, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
                  numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
                  numpy_helper.from_array(np.array(activation_range / 127, np.float32), "x_scale"),

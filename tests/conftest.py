@@ -58,6 +58,16 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def normals(tmp_path_factory):
+    """40 generated normal images: the tiny exports' calibration / decision-gate set for the low precisions."""
+    from clipad.calibration.samples import write_samples
+
+    folder = tmp_path_factory.mktemp("normals")
+    write_samples(str(folder), count=40, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def calib_dir(tmp_path_factory):
     """12 generated sample images (INT8 calibration set for the tiny models)."""
     from clipad.calibration.samples import write_samples

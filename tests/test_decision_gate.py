@@ -100,15 +100,6 @@ def test_spearman_interval():
     assert spearman_ci95(0.9, 3) is None and spearman_ci95(None, 20) is None
 
 
-@pytest.fixture(scope="module")
-def normals(tmp_path_factory):
-    from clipad.calibration.samples import write_samples
-
-    folder = tmp_path_factory.mktemp("normals")
-    write_samples(str(folder), count=40, seed=5)
-    return folder
-
-
 def test_int8_export_is_judged_by_decisions(tiny_files, tmp_path, normals):
     out = tmp_path / "aa"
     code = export_tiny(tiny_files, out, "clip", ["--precision", "int8", "--calib-data", str(normals),

@@ -18,12 +18,9 @@ if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_files, tmp_path_factory):
-    from clipad.calibration.samples import write_samples
+def exported(tiny_files, tmp_path_factory, normals):
     from clipad.export import cli as export_cli
 
-    normals = tmp_path_factory.mktemp("normals")
-    write_samples(str(normals), count=40, seed=5)
     out = tmp_path_factory.mktemp("int8bf16") / "clip"
     assert export_tiny(tiny_files, out, "clip", ["--precision", "int8-bf16", "--calib-data", str(normals),
                                                  "--accept-accuracy-loss"], classes=("tile",)) == 0

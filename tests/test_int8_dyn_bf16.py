@@ -76,11 +76,7 @@ def test_openvino_quantizes_the_activations_only_with_the_backends_dynamic_quant
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_files, tmp_path_factory):
-    from clipad.calibration.samples import write_samples
-
-    normals = tmp_path_factory.mktemp("normals")
-    write_samples(str(normals), count=40, seed=5)
+def exported(tiny_files, tmp_path_factory, normals):
     out = tmp_path_factory.mktemp("int8dyn") / "aa"
     assert export_tiny(tiny_files, out, "aaclip", ["--precision", "int8-dyn-bf16", "--calib-data", str(normals),
                                                    "--accept-accuracy-loss", "--no-int8-sensitivity"]) == 0
