@@ -139,6 +139,28 @@ def test_a_full_disk_for_the_working_copy_is_one_line_and_leaves_nothing(tiny_fi
     assert sorted(p.name for p in old.iterdir()) == before
 
 
+def test_ctrl_c_while_writing_the_working_copy_leaves_the_export_as_it_was(tiny_files, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    from clipad.export import cli as export_cli
+
+    old = tmp_path / "old"
+    _old_export(tiny_files, old)
+    before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
+    real_save = onnx.save
+
+    def interrupted(model, path, *args, **kwargs):
+        if ".folded-" in str(path):
+            real_save(model, path, *args, **kwargs)     # the copy is on disk when the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save", interrupted)
+    assert export_cli.main(["--from-onnx", str(old), "--precision", "int8-cpu", "-q"]) == 130
+    assert "interrupted; nothing written" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before   # no .folded-* left, nothing rewritten
+
+
 @pytest.mark.parametrize("kind", ["aaclip", "crane"])
 def test_a_fresh_export_has_no_weight_behind_a_layout_op(tiny_files, tmp_path, kind):
     import onnx
