@@ -52,9 +52,13 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      %s again with %d group(s) (%d layers) float …", precision.upper(), len(kept), len(layers))
         conversion = convert_file(layers)
         report = run_gate()
+        decision = report.decision
         rounds.append({"kept_groups": len(kept), "kept_layers": len(layers), "passed": report.passed,
-                       "failures": list(report.failures)})
-        log.info("      %s", "passes" if report.passed else "fails: " + "; ".join(report.failures))
+                       "failures": list(report.failures),
+                       "map_pearson_min": report.comparison.map_pearson_min,
+                       "verify_flips": list(decision.verify_flips) if decision is not None else None})
+        log.info("      %s (map Pearson min %s)", "passes" if report.passed else "fails: " + "; ".join(report.failures),
+                 "–" if report.comparison.map_pearson_min is None else f"{report.comparison.map_pearson_min:.5f}")
         if report.passed:
             break
     if not rounds:

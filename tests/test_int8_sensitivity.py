@@ -102,8 +102,12 @@ def test_failed_gate_keeps_the_worst_group_float(tiny_files, tmp_path, normals, 
     effects = [g["effect"] for g in s["groups"]]
     assert effects == sorted(effects, reverse=True) and all(np.isfinite(effects)) and effects[0] > 0
     assert s["kept_groups"] == [s["groups"][0]["name"]] and s["rounds"][0]["passed"]
-    assert s["rounds"] == [{"kept_groups": 1, "kept_layers": len(s["groups"][0]["layers"]), "passed": True,
-                            "failures": []}]
+    (round_1,) = s["rounds"]
+    report = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]["gate"]
+    assert round_1 == {"kept_groups": 1, "kept_layers": len(s["groups"][0]["layers"]), "passed": True,
+                       "failures": [], "map_pearson_min": report["comparison"]["map_pearson_min"],
+                       "verify_flips": report["decision"]["verify_flips"]}  # numbers per round
+    assert 0 < round_1["map_pearson_min"] <= 1
     kept = set(s["groups"][0]["layers"])
     assert kept <= set(conversion["kept_float_nodes"])
     graph = onnx.load(str(out / "model.int8-cpu.onnx"))
