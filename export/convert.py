@@ -356,18 +356,21 @@ def keep_float_consumers(model, quantized: set[str]) -> int:
 
 def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np.ndarray, names: list[str],
                    batch: tuple[int, int], image_size: int, normals: np.ndarray | None = None,
-                   rule: str = "map_max") -> GateReport:
+                   rule: str = "map_max", reference=None) -> GateReport:
     """FP32 ONNX (CPU ONNX Runtime) vs the precision's ONNX on the verify images, held to that precision's limits.
     The candidate runs on ONNX Runtime's CPU provider, or, for a precision ONNX Runtime does not run (bf16), on the
     backend that runs it: a gate judges the file as it will be run. With ``normals`` (normal images), the OK/NG
-    decisions at each side's own conformal threshold are compared too and decide instead of the score rank."""
+    decisions at each side's own conformal threshold are compared too and decide instead of the score rank.
+    ``reference``: the FP32 side to use instead of a fresh session (``gate_reference.RecordedReference``: a gate run
+    again on images it has seen does not run them again)."""
     from clipad.runtime import decision_check
     from clipad.runtime.compare import compare_runners
 
     from .onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_backend
 
     wanted = precisions.get(precision)
-    reference = onnx_backend(fp32_path, image_size, batch)
+    if reference is None:
+        reference = onnx_backend(fp32_path, image_size, batch)
     candidate = None
 
     def run_both(images: np.ndarray, image_names=None):

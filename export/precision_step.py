@@ -139,9 +139,16 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
              f" and OK/NG decisions from {len(normals)} normal image(s)" if normals is not None else "")
     gate_names = [os.path.basename(n) for n in gate_names]
 
-    def run_gate():
-        return convert.precision_gate(precision, fp32_file, dst, gate_data, gate_names, batch, image_size, normals,
-                                      decision_rule)
+    from .gate_reference import RecordedReference
+    from .onnx_export import onnx_backend
+
+    reference = RecordedReference(lambda: onnx_backend(fp32_file, image_size, batch), batch)
+
+    def run_gate(subset: np.ndarray | None = None):
+        """The gate on all gate images, or on ``subset`` (indices) of them; FP32 outputs recorded across calls."""
+        data, names = (gate_data, gate_names) if subset is None else (gate_data[subset], [gate_names[i] for i in subset])
+        return convert.precision_gate(precision, fp32_file, dst, data, names, batch, image_size, normals,
+                                      decision_rule, reference=reference)
 
     report = run_gate()
     if not report.passed and wanted.conversion in INT8_CONVERSIONS and normals is not None \

@@ -79,10 +79,14 @@ class ScriptedGate:
 
     def __init__(self, monkeypatch, verdicts):
         self.real, self.verdicts, self.calls = convert.precision_gate, list(verdicts), 0
+        self.images, self.fp32_runs = [], []
         monkeypatch.setattr(convert, "precision_gate", self)
 
     def __call__(self, *args, **kwargs):
         report = self.real(*args, **kwargs)
+        self.images.append(len(args[3]))                         # the gate images of this call
+        reference = kwargs.get("reference")
+        self.fp32_runs.append(None if reference is None else (id(reference), reference.images_run))
         verdict = self.verdicts[min(self.calls, len(self.verdicts) - 1)]
         self.calls += 1
         report.passed = verdict
@@ -114,6 +118,43 @@ def test_failed_gate_keeps_the_worst_group_float(tiny_files, tmp_path, normals, 
     plain = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
     assert kept <= plain                                           # still float MatMuls in the written file
     assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.graph.node)
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_the_kept_set_is_chosen_on_half_the_verify_images_and_judged_on_all(tiny_files, tmp_path, normals,
+                                                                             monkeypatch, capsys, final):
+    """With ≥ 10 verify images the pass measures and gates its rounds on every second one, then judges the passing
+    round's file on all of them; the held-out half's flips are recorded, a failure there fails the export, and the
+    FP32 side runs each image once for all the gates."""
+    from clipad.calibration.samples import write_samples
+    from clipad.export import int8_sensitivity_step
+
+    assert [list(p) for p in int8_sensitivity_step.split_verify(5)] == [[0, 1, 2, 3, 4], []]
+    assert [list(p) for p in int8_sensitivity_step.split_verify(11)] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
+    verify = tmp_path / "verify"
+    write_samples(str(verify), count=10, seed=11)
+    gate = ScriptedGate(monkeypatch, [False, True, final])
+    out = tmp_path / "m"
+    code = export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
+                                                 "--verify-images", str(verify), "--no-engine"], classes=("tile",))
+    assert gate.images == [10, 5, 10]                              # all, the choosing half, all
+    (reference, ran), *later = gate.fp32_runs
+    assert ran > 0 and later == [(reference, ran)] * 2             # one FP32 side; no image run twice
+    if not final:
+        assert code == 2 and not out.exists()
+        assert "passed on the 5 verify images that chose them, not with the 5 held out" in capsys.readouterr().err
+        return
+    assert code == 0
+    entry = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]
+    s = entry["conversion"]["sensitivity"]
+    assert s["chosen_on_verify_images"] == 5 and s["passed"]
+    verdict, (round_1,) = s["held_out_verdict"], s["rounds"]
+    assert verdict["verify_images"] == 10 and verdict["held_out_images"] == 5 and verdict["passed"]
+    assert verdict["verify_flips"] == entry["gate"]["decision"]["verify_flips"]   # the verdict is the gate's
+    assert entry["gate"]["decision"]["verify_images"] == 10
+    assert verdict["held_out_flips"] == [a - c for a, c in zip(verdict["verify_flips"], round_1["verify_flips"])]
+    assert all(f >= 0 for f in verdict["held_out_flips"])
 
 
 @pytest.mark.parametrize("flag", [[], ["--no-int8-sensitivity"]])
