@@ -114,32 +114,22 @@ def test_an_export_made_before_the_fold_quantizes_the_same_layers(tiny_files, tm
     assert manifest_json(old)["files"]["model.onnx"]["sha256"] == manifest["files"]["model.onnx"]["sha256"]
 
 
-def test_a_full_disk_for_the_working_copy_is_one_line_and_leaves_nothing(tiny_files, tmp_path, monkeypatch, capsys):
+def _no_space(save, model, path, *args, **kwargs):
     import errno
 
-    import onnx
-
-    from clipad.export import cli as export_cli
-
-    old = tmp_path / "old"
-    _old_export(tiny_files, old)
-    before = sorted(p.name for p in old.iterdir())
-    real_save = onnx.save
-
-    def full_disk(model, path, *args, **kwargs):
-        if ".folded-" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(model, path, *args, **kwargs)
-
-    monkeypatch.setattr(onnx, "save", full_disk)
-    assert export_cli.main(["--from-onnx", str(old), "--precision", "int8-cpu", "-q"]) != 0
-    err = capsys.readouterr().err
-    assert "cannot write the folded working copy of model.onnx (No space left on device)" in err
-    assert "Traceback" not in err
-    assert sorted(p.name for p in old.iterdir()) == before
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_ctrl_c_while_writing_the_working_copy_leaves_the_export_as_it_was(tiny_files, tmp_path, monkeypatch, capsys):
+def _ctrl_c_after(save, model, path, *args, **kwargs):
+    save(model, path, *args, **kwargs)     # the copy is on disk when the user presses Ctrl-C
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    (_no_space, 2, "cannot write the folded working copy of model.onnx (No space left on device)"),
+    (_ctrl_c_after, 130, "interrupted; nothing written")], ids=["full-disk", "ctrl-c"])
+def test_a_fault_while_writing_the_working_copy_is_one_line_and_leaves_the_export_as_it_was(
+        tiny_files, tmp_path, monkeypatch, capsys, fault, code, message):
     import onnx
 
     from clipad.export import cli as export_cli
@@ -149,15 +139,15 @@ def test_ctrl_c_while_writing_the_working_copy_leaves_the_export_as_it_was(tiny_
     before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
     real_save = onnx.save
 
-    def interrupted(model, path, *args, **kwargs):
+    def save(model, path, *args, **kwargs):
         if ".folded-" in str(path):
-            real_save(model, path, *args, **kwargs)     # the copy is on disk when the user presses Ctrl-C
-            raise KeyboardInterrupt
+            return fault(real_save, model, path, *args, **kwargs)
         return real_save(model, path, *args, **kwargs)
 
-    monkeypatch.setattr(onnx, "save", interrupted)
-    assert export_cli.main(["--from-onnx", str(old), "--precision", "int8-cpu", "-q"]) == 130
-    assert "interrupted; nothing written" in capsys.readouterr().err
+    monkeypatch.setattr(onnx, "save", save)
+    assert export_cli.main(["--from-onnx", str(old), "--precision", "int8-cpu", "-q"]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before   # no .folded-* left, nothing rewritten
 
 
