@@ -3,10 +3,10 @@
 tower's linear layers would be float. Every round is recorded in the manifest's conversion entry.
 
 With ``HOLD_OUT_FROM`` or more verify images the kept set is chosen on every second one (the measurement and the
-rounds see only those) and the passing round is judged again on all of them: a pass that stops at the first round
-its own judge accepts overstates the file on images it never saw (AA-CLIP, seeded ViT-L: 20/20 kept on the images
-that chose the set, 76/80 on the others). The verdict on all the images is the gate's; the manifest records the
-flips on the held-out half."""
+rounds see only those) and the last round's file (the passing one, or the largest) is judged again on all of them:
+a pass that stops at the first round its own judge accepts overstates the file on images it never saw (AA-CLIP,
+seeded ViT-L: 20/20 kept on the images that chose the set, 76/80 on the others). The verdict on all the images is
+the gate's; the manifest records the flips on the held-out half."""
 from __future__ import annotations
 
 import logging
@@ -84,7 +84,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         if report.passed:
             break
     verdict = None
-    if report.passed and len(held_out):
+    if rounds and len(held_out):   # the file written is judged on every verify image, passing round or not
         chosen = report
         log.info("      judging that file on all %d verify images (%d held out of the choice) …", len(verify),
                  len(held_out))
@@ -93,7 +93,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      %s on all %d: flips on the %d held-out images %s at α %s", "passes" if report.passed
                  else "fails", len(verify), len(held_out), "/".join(map(str, verdict["held_out_flips"])),
                  "/".join(f"{a:g}" for a in report.decision.alphas))
-        if not report.passed:
+        if chosen.passed and not report.passed:
             report.failures.append(f"the {len(layers)} layers the sensitivity pass kept float passed on the "
                                    f"{len(choose)} verify images that chose them, not with the {len(held_out)} held "
                                    "out (more float: --int8-keep-float)")

@@ -120,10 +120,10 @@ def test_failed_gate_keeps_the_worst_group_float(tiny_files, tmp_path, normals, 
     assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.graph.node)
 
 
-@pytest.mark.parametrize("final", [True, False])
+@pytest.mark.parametrize("final", [True, False, None], ids=["passes", "fails-held-out", "never-passes"])
 def test_the_kept_set_is_chosen_on_half_the_verify_images_and_judged_on_all(tiny_files, tmp_path, normals,
                                                                              monkeypatch, capsys, final):
-    """With ≥ 10 verify images the pass measures and gates its rounds on every second one, then judges the passing
+    """With ≥ 10 verify images the pass measures and gates its rounds on every second one, then judges the last
     round's file on all of them; the held-out half's flips are recorded, a failure there fails the export, and the
     FP32 side runs each image once for all the gates."""
     from clipad.calibration.samples import write_samples
@@ -134,16 +134,20 @@ def test_the_kept_set_is_chosen_on_half_the_verify_images_and_judged_on_all(tiny
     monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
     verify = tmp_path / "verify"
     write_samples(str(verify), count=10, seed=11)
-    gate = ScriptedGate(monkeypatch, [False, True, final])
+    gate = ScriptedGate(monkeypatch, [False] if final is None else [False, True, final])
     out = tmp_path / "m"
     code = export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
                                                  "--verify-images", str(verify), "--no-engine"], classes=("tile",))
-    assert gate.images == [10, 5, 10]                              # all, the choosing half, all
+    rounds = gate.calls - 2
+    assert rounds >= (2 if final is None else 1)
+    assert gate.images == [10] + [5] * rounds + [10]               # all, the choosing half per round, all
     (reference, ran), *later = gate.fp32_runs
-    assert ran > 0 and later == [(reference, ran)] * 2             # one FP32 side; no image run twice
+    assert ran > 0 and later == [(reference, ran)] * (rounds + 1)  # one FP32 side; no image run twice
+    err = capsys.readouterr().err
     if not final:
         assert code == 2 and not out.exists()
-        assert "passed on the 5 verify images that chose them, not with the 5 held out" in capsys.readouterr().err
+        held_out = "passed on the 5 verify images that chose them, not with the 5 held out"
+        assert (held_out in err) == (final is False)
         return
     assert code == 0
     entry = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]
