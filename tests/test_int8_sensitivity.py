@@ -247,3 +247,35 @@ def test_keep_float_from_another_int8_file_of_the_export(tiny_files, normals, tm
     assert export_tiny(tiny_files, tmp_path / "n", "clip", ["--no-engine", "--int8-keep-float", "from:int8-cpu"],
                        classes=("tile",)) == 2
     assert "use it with --from-onnx" in capsys.readouterr().err
+
+
+def test_the_recorded_fp32_side_runs_a_batch_once_within_its_cap():
+    """The gate's FP32 side keeps each batch's outputs (the same bytes give the same outputs) up to its byte cap, and
+    past it runs the batch again rather than grow; close releases the session, not what it kept."""
+    from clipad.export.gate_reference import RecordedReference
+
+    class CountingBackend:   # a fake backend: outputs derived from the input, runs counted
+        opened = closed = 0
+
+        def __init__(self):
+            CountingBackend.opened += 1
+
+        def run(self, batch):
+            return (batch.astype(np.float32) * 2, batch.reshape(len(batch), -1).sum(axis=1, dtype=np.float32))
+
+        def close(self):
+            CountingBackend.closed += 1
+
+    a, b = images(1, 8, seed=1), images(1, 8, seed=2)
+    per_batch = a.size * 4 + 4
+    ref = RecordedReference(CountingBackend, (1, 1), limit_bytes=per_batch)
+    first = ref.run(a)
+    np.testing.assert_array_equal(first[0], a * 2.0)
+    ref.close()
+    again = ref.run(a.copy())                      # same bytes, another array: recorded, no session opened
+    assert again is first and ref.images_run == 1 and CountingBackend.opened == 1
+    ref.run(b)                                     # past the cap: run, not kept
+    ref.run(b)
+    assert ref.images_run == 3 and ref.bytes_kept == per_batch and CountingBackend.opened == 2
+    ref.close()
+    assert CountingBackend.closed == 2
