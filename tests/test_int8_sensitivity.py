@@ -249,12 +249,12 @@ def test_keep_float_from_another_int8_file_of_the_export(tiny_files, normals, tm
     assert "use it with --from-onnx" in capsys.readouterr().err
 
 
-def test_the_recorded_fp32_side_runs_a_batch_once_within_its_cap():
-    """The gate's FP32 side keeps each batch's outputs (the same bytes give the same outputs) up to its byte cap, and
-    past it runs the batch again rather than grow; close releases the session, not what it kept."""
+def test_the_recorded_fp32_side_runs_an_image_once_within_its_cap():
+    """The gate's FP32 side keeps each image's outputs (the same bytes give the same outputs, in whatever batch) up to
+    its byte cap, and past it runs the image again rather than grow; close releases the session, not what it kept."""
     from clipad.export.gate_reference import RecordedReference
 
-    class CountingBackend:   # a fake backend: outputs derived from the input, runs counted
+    class CountingBackend:   # a fake backend: outputs derived from each input row, sessions counted
         opened = closed = 0
 
         def __init__(self):
@@ -266,16 +266,18 @@ def test_the_recorded_fp32_side_runs_a_batch_once_within_its_cap():
         def close(self):
             CountingBackend.closed += 1
 
-    a, b = images(1, 8, seed=1), images(1, 8, seed=2)
-    per_batch = a.size * 4 + 4
-    ref = RecordedReference(CountingBackend, (1, 1), limit_bytes=per_batch)
-    first = ref.run(a)
-    np.testing.assert_array_equal(first[0], a * 2.0)
+    a, b, c = images(3, 8, seed=1)
+    per_image = a.size * 4 + 4
+    ref = RecordedReference(CountingBackend, (1, 2), limit_bytes=2 * per_image)
+    first = ref.run(np.stack([a, b]))
+    np.testing.assert_array_equal(first[0], np.stack([a, b]) * 2.0)
     ref.close()
-    again = ref.run(a.copy())                      # same bytes, another array: recorded, no session opened
-    assert again is first and ref.images_run == 1 and CountingBackend.opened == 1
-    ref.run(b)                                     # past the cap: run, not kept
-    ref.run(b)
-    assert ref.images_run == 3 and ref.bytes_kept == per_batch and CountingBackend.opened == 2
+    again = ref.run(np.stack([b.copy(), a.copy()]))     # the same images in another batch: recorded, no session
+    np.testing.assert_array_equal(again[0], np.stack([b, a]) * 2.0)
+    np.testing.assert_array_equal(again[1], np.stack([b, a]).reshape(2, -1).sum(axis=1))
+    assert ref.images_run == 2 and CountingBackend.opened == 1
+    ref.run(np.stack([b, c]))                            # c is new: the batch runs; past the cap c is not kept
+    ref.run(c[None])
+    assert ref.images_run == 5 and ref.bytes_kept == 2 * per_image and CountingBackend.opened == 2
     ref.close()
     assert CountingBackend.closed == 2
