@@ -78,8 +78,8 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
                        "map_pearson_min": report.comparison.map_pearson_min,
                        "verify_flips": list(decision.verify_flips) if decision is not None else None})
         on = f"on the {len(choose)} choosing images, " if len(held_out) else ""
-        verdict = "passes" if report.passed else "fails: " + "; ".join(report.failures)
-        log.info("      %s%s (map Pearson min %s)", on, verdict,
+        said = "passes" if report.passed else "fails: " + "; ".join(report.failures)
+        log.info("      %s%s (map Pearson min %s)", on, said,
                  "–" if report.comparison.map_pearson_min is None else f"{report.comparison.map_pearson_min:.5f}")
         if report.passed:
             break

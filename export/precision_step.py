@@ -146,10 +146,8 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
 
     def run_gate(subset: np.ndarray | None = None):
         """The gate on all gate images, or on ``subset`` (indices) of them; FP32 outputs recorded across calls."""
-        if subset is None:
-            return convert.precision_gate(precision, fp32_file, dst, gate_data, gate_names, batch, image_size,
-                                          normals, decision_rule, reference=reference)
-        data, names = gate_data[subset], [gate_names[i] for i in subset]
+        data, names = ((gate_data, gate_names) if subset is None
+                       else (gate_data[subset], [gate_names[i] for i in subset]))
         return convert.precision_gate(precision, fp32_file, dst, data, names, batch, image_size, normals,
                                       decision_rule, reference=reference)
 

@@ -136,8 +136,10 @@ def test_the_kept_set_is_chosen_on_half_the_verify_images_and_judged_on_all(tiny
     write_samples(str(verify), count=10, seed=11)
     gate = ScriptedGate(monkeypatch, [False] if final is None else [False, True, final])
     out = tmp_path / "m"
+    batching = ["--dynamic-batch", "1:4"] if final else []   # the halves then batch the images differently
     code = export_tiny(tiny_files, out, "clip", ["--precision", "int8-cpu", "--calib-data", str(normals),
-                                                 "--verify-images", str(verify), "--no-engine"], classes=("tile",))
+                                                 "--verify-images", str(verify), "--no-engine", *batching],
+                       classes=("tile",))
     rounds = gate.calls - 2
     assert rounds >= (2 if final is None else 1)
     assert gate.images == [10] + [5] * rounds + [10]               # all, the choosing half per round, all
