@@ -79,8 +79,10 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
                        "verify_flips": list(decision.verify_flips) if decision is not None else None})
         on = f"on the {len(choose)} choosing images, " if len(held_out) else ""
         said = "passes" if report.passed else "fails: " + "; ".join(report.failures)
-        log.info("      %s%s (map Pearson min %s)", on, said,
-                 "–" if report.comparison.map_pearson_min is None else f"{report.comparison.map_pearson_min:.5f}")
+        map_min = report.comparison.map_pearson_min
+        # a round that passes on every verify image is the gate's verdict: its summary line gives the map
+        log.info("      %s%s%s", on, said, "" if report.passed and not len(held_out) else
+                 f" (map Pearson min {'–' if map_min is None else f'{map_min:.5f}'})")
         if report.passed:
             break
     verdict = None
@@ -89,7 +91,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      judging that file on all %d verify images (%d held out of the choice) …", len(verify),
                  len(held_out))
         report = run_gate()
-        verdict = held_out_verdict(chosen, report, len(verify), len(held_out))
+        verdict = held_out_verdict(report, len(verify), held_out)
         log.info("      %s on all %d: flips on the %d held-out images %s at α %s", "passes" if report.passed
                  else "fails", len(verify), len(held_out), "/".join(map(str, verdict["held_out_flips"])),
                  "/".join(f"{a:g}" for a in report.decision.alphas))
@@ -109,11 +111,12 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     return report, conversion
 
 
-def held_out_verdict(chosen, final, images: int, held_out: int) -> dict:
-    """The final gate's verdict on all verify images, with the flips on the held-out ones: the thresholds come from
-    the normal images alone and each image's decision is its own, so all flips minus the choosing half's are the
-    held-out half's."""
-    all_flips, chosen_flips = final.decision.verify_flips, chosen.decision.verify_flips
-    return {"verify_images": images, "held_out_images": held_out, "passed": bool(final.passed),
+def held_out_verdict(final, images: int, held_out: np.ndarray) -> dict:
+    """The final gate's verdict on all verify images, with the flips among the held-out ones (counted from the
+    flipped images' indices, so a candidate backend need not give an image the same decision in two gates)."""
+    held = {int(i) for i in held_out}
+    decision = final.decision
+    return {"verify_images": images, "held_out_images": len(held), "passed": bool(final.passed),
             "failures": list(final.failures), "map_pearson_min": final.comparison.map_pearson_min,
-            "verify_flips": list(all_flips), "held_out_flips": [a - c for a, c in zip(all_flips, chosen_flips)]}
+            "verify_flips": list(decision.verify_flips),
+            "held_out_flips": [sum(1 for j in flipped if j in held) for flipped in decision.verify_flipped]}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .schema import TRANSIENT
+
 ALPHAS = (0.05, 0.10)
 HELD_BACK_EVERY = 4          # every 4th normal image is held back from the thresholds
 
@@ -34,6 +36,8 @@ class DecisionCheck:
     score_error_over_margin: float | None  # max |Δ decision score| / (threshold − median normal score), worst class
     spearman_ci95: list[float] | None = None   # of the verify images' score Spearman (Fisher z, Bonett–Wright se)
     notes: list[str] = field(default_factory=list)
+    # [alpha] the flipped verify images' indices, one per flipped (image, class); in memory only (the notes name them)
+    verify_flipped: list[list[int]] = field(default_factory=list, metadata=TRANSIENT)
 
     @property
     def evaluated(self) -> bool:
@@ -97,7 +101,7 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
     classes = fit_ref.shape[1]
     ref_thr = [[conformal_threshold(fit_ref[:, k], a) for k in range(classes)] for a in alphas]
     cand_thr = [[conformal_threshold(fit_cand[:, k], a) for k in range(classes)] for a in alphas]
-    held_flips, verify_flips, agreement = [], [], []
+    held_flips, verify_flips, verify_flipped, agreement = [], [], [], []
     n_verify = len(scores["verify_ref"])
     error = np.abs(scores["normal_ref"] - scores["normal_cand"]).max(axis=0)
     held_index = np.flatnonzero(held)
@@ -109,12 +113,15 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
                          f"{math.ceil(1 / alpha) - 1})")
             held_flips.append(0)
             verify_flips.append(0)
+            verify_flipped.append([])
             continue
         r_thr, c_thr = np.array(ref_thr[i]), np.array(cand_thr[i])
         for kind, ref, cand in (("held-back normal", scores["normal_ref"][held], scores["normal_cand"][held]),
                                 ("verify", scores["verify_ref"], scores["verify_cand"])):
             flipped = (ref >= r_thr) != (cand >= c_thr)
             (held_flips if kind != "verify" else verify_flips).append(int(flipped.sum()))
+            if kind == "verify":
+                verify_flipped.append([int(j) for j in np.nonzero(flipped)[0]])   # one entry per (image, class)
             notes += [flip_note(kind, names[kind][j], alpha, k, classes, ref[j, k], r_thr[k], cand[j, k], c_thr[k],
                                 error[k]) for j, k in zip(*np.nonzero(flipped))]
         flips = verify_flips[-1]
@@ -130,7 +137,7 @@ def check(rule: str, normal_ref: tuple[np.ndarray, np.ndarray], normal_cand: tup
     return DecisionCheck(
         alphas=list(alphas), normal_images=int(len(fit_ref)), held_back_images=int(held.sum()),
         verify_images=n_verify, rule=rule, reference_thresholds=ref_thr, candidate_thresholds=cand_thr,
-        held_back_flips=held_flips, verify_flips=verify_flips,
+        held_back_flips=held_flips, verify_flips=verify_flips, verify_flipped=verify_flipped,
         verify_agreement=min(agreement) if agreement else None, score_error_over_margin=margin_error,
         spearman_ci95=spearman_ci95(spearman, n_verify), notes=notes)
 

@@ -3,7 +3,8 @@ first bad one in a one-line error; ``dump(obj)`` gives plain JSON values (non-fi
 
 Supported annotations: int, float, str, bool, dict / list (free-form JSON), list[X], dict[str, X], X | None, unions of
 scalars (``int | str``) and nested dataclasses. Keys a dataclass does not know are kept in its ``extra`` field when it
-has one (so a newer writer's additions survive a rewrite), and refused otherwise.
+has one (so a newer writer's additions survive a rewrite), and refused otherwise. A field whose metadata says
+``TRANSIENT`` lives in memory only: ``dump`` leaves it out (readers of the same schema version never see it).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class SchemaError(ClipadError):
 
 
 _HINTS: dict[type, dict] = {}
+TRANSIENT = {"transient": True}   # dataclasses.field(metadata=TRANSIENT): never written
 
 
 def _hints(cls) -> dict:
@@ -121,7 +123,7 @@ def dump(obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in dataclasses.fields(obj):
-            if f.name != "extra":
+            if f.name != "extra" and not f.metadata.get("transient"):
                 out[f.name] = dump(getattr(obj, f.name))
         out.update({k: v for k, v in (getattr(obj, "extra", None) or {}).items() if k not in out})
         return out

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from clipad.runtime.compare import GateLimits, compare, gate
-from clipad.runtime.decision_check import check, conformal_threshold, spearman_ci95
+from clipad.runtime import schema
+from clipad.runtime.decision_check import DecisionCheck, check, conformal_threshold, spearman_ci95
 from clipad.runtime.manifest import SCHEMA_VERSION
 from tiny_fixtures import export_tiny
 
@@ -61,6 +62,10 @@ def test_each_flip_is_named_with_its_distance_to_the_threshold():
                    verify_names=["a.png", "b.png", "c.png"])
     flips = [n for n in result.notes if n.startswith("flip: ")]
     assert result.verify_flips == [1, 1] and result.held_back_flips == [1, 1] and len(flips) == 4
+    assert result.verify_flipped == [[1], [1]]                 # which verify image, in memory …
+    written = schema.dump(result)
+    assert "verify_flipped" not in written                     # … not in the manifest (schema 7 readers load it)
+    assert schema.load(DecisionCheck, written, "decision").verify_flips == [1, 1]
     at_10 = [n for n in flips if "α = 0.1:" in n]
     assert any(n.startswith("flip: verify b.png at α = 0.1: reference 0.99 NG") and "candidate 0.49 OK" in n
                for n in at_10), at_10
