@@ -356,13 +356,16 @@ def keep_float_consumers(model, quantized: set[str]) -> int:
 
 def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np.ndarray, names: list[str],
                    batch: tuple[int, int], image_size: int, normals: np.ndarray | None = None,
-                   rule: str = "map_max", reference=None) -> GateReport:
+                   rule: str = "map_max", reference=None, map_pearson_min: float | None = None) -> GateReport:
     """FP32 ONNX (CPU ONNX Runtime) vs the precision's ONNX on the verify images, held to that precision's limits.
     The candidate runs on ONNX Runtime's CPU provider, or, for a precision ONNX Runtime does not run (bf16), on the
     backend that runs it: a gate judges the file as it will be run. With ``normals`` (normal images), the OK/NG
     decisions at each side's own conformal threshold are compared too and decide instead of the score rank.
     ``reference``: the FP32 side to use instead of a fresh session (``gate_reference.RecordedReference``: a gate run
-    again on images it has seen does not run them again)."""
+    again on images it has seen does not run them again). ``map_pearson_min``: a stricter map limit than the
+    precision's own (--int8-map-min); it can only raise the limit."""
+    import dataclasses
+
     from clipad.runtime import decision_check
     from clipad.runtime.compare import compare_runners
 
@@ -408,9 +411,9 @@ def precision_gate(precision: str, fp32_path: str, candidate_path: str, data: np
         if candidate is not None:
             candidate.close()
     limits = wanted.gate
+    if map_pearson_min is not None and map_pearson_min > (limits.map_pearson_min or 0.0):
+        limits = dataclasses.replace(limits, map_pearson_min=map_pearson_min)
     if decision is not None and decision.evaluated:
-        import dataclasses
-
         limits = dataclasses.replace(limits, score_spearman_min=None, **DECISION_LIMITS)
     return gate(comparison, limits, precision, f"onnxruntime {precisions.REFERENCE.name}", candidate.description,
                 decision)

@@ -13,7 +13,7 @@ from clipad.runtime.manifest import MANIFEST_NAME, Manifest
 
 from .models.registry import get_kind
 from .options import CalibrationOptions, ExportOptions
-from .precision_step import needs_calibration
+from .precision_step import INT8_CONVERSIONS, needs_calibration
 
 log = logging.getLogger("clipad")
 KEPT_FROM = "from:"   # --int8-keep-float from:PRECISION
@@ -102,6 +102,14 @@ def require_calibration(opts: ExportOptions, manifest: Manifest | None = None) -
         raise ClipadError(f"{qdq_only[0]}: applies to the Q/DQ INT8 file (--precision "
                           f"{next(p.name for p in precisions.PRECISIONS.values() if p.conversion == 'static-qdq')}), "
                           f"not to --precision {wanted.name}")
+    map_min = opts.calibration.map_min
+    if map_min is not None:
+        if wanted.conversion not in INT8_CONVERSIONS:
+            raise ClipadError(f"--int8-map-min: applies to the INT8 files, not to --precision {wanted.name}")
+        own = wanted.gate.map_pearson_min
+        if not own <= map_min <= 1.0:   # NaN fails too
+            raise ClipadError(f"--int8-map-min {map_min:g}: must lie between the INT8 gate's own {own:g} and 1 (it "
+                              "can only make the gate stricter)")
     if alpha is not None and not 0.0 < alpha < 1.0:
         raise ClipadError(f"--int8-smoothquant {alpha:g}: α must lie between 0 and 1 (0.5 is SmoothQuant's default)")
     if opts.calibration.quantizer == "modelopt":   # its own environment: checked before minutes of export

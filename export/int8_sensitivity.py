@@ -7,7 +7,9 @@ Runtime's dynamic quantization does at run time; symmetric per-output-channel IN
 float values by one switch per group of layers (a graph input): switch 1 is the group quantized, 0 float. One pass
 with all switches 0 is the reference, then one pass per group with only its switch on, on a few images: the effect
 of a group is its largest |Δ decision score| divided by the spread of the reference decision scores over those
-images' normals (the margin a threshold has). Groups are runs of ``GROUP_SIZE`` linear layers in graph order, about
+images' normals (the margin a threshold has); its map effect is 1 − the lowest map Pearson against the reference
+over those images (the gate's map measure), which ranks the groups when the gate failed on the map alone.
+Groups are runs of ``GROUP_SIZE`` linear layers in graph order, about
 one transformer block (the attention projections carry no block scope in the graph), per tower (Crane+'s DINOv2
 tower apart). For the TensorRT Q/DQ file, whose activations have static calibrated scales, the dynamic rounding is a
 proxy for the ranking; the gate then judges the real file.
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from clipad.runtime.compare import map_pearson
 from clipad.runtime.errors import ClipadError
 
 from .onnx_graph import INPUT_NAME, OUTPUT_NAMES, topological_order
@@ -38,6 +41,7 @@ class Group:
     tower: str           # "clip" or "dino"
     layers: list[str]
     effect: float = float("nan")   # max |Δ decision score| / reference spread, this group alone quantized
+    map_effect: float = float("nan")   # 1 − min map Pearson against the reference, this group alone quantized
 
 
 def weight_of(node, initializers: dict):
@@ -104,9 +108,10 @@ def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
 
 
 def measure(fp32_file: str, groups: list[Group], images: np.ndarray, batch_min: int, rule: str,
-            normals_count: int, progress=None) -> list[Group]:
-    """Each group's (``make_groups``) effect on the decision score (see the module), worst first. ``images``: the
-    first ``normals_count`` are normal images (their reference spread is the scale), the rest verify images."""
+            normals_count: int, progress=None, rank_by: str = "decision") -> list[Group]:
+    """Each group's (``make_groups``) effects on the decision score and on the map (see the module), worst first by
+    ``rank_by``. ``images``: the first ``normals_count`` are normal images (their reference spread is the scale),
+    the rest verify images."""
     import onnxruntime as ort
 
     from clipad.runtime.decision_check import decision_scores
@@ -120,30 +125,35 @@ def measure(fp32_file: str, groups: list[Group], images: np.ndarray, batch_min: 
         options.log_severity_level = 3
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-        def decision(switches: np.ndarray) -> np.ndarray:
-            rows = []
+        def run(switches: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+            """(decision scores, each image's maps) with these switches."""
+            rows, maps_kept = [], []
             for image in images:
                 maps, scores = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.repeat(image[None], batch_min, 0),
                                                                 SWITCHES: switches})
                 rows.append((maps[:1].reshape(1, maps.shape[1], -1).max(axis=2), scores[:1].reshape(1, -1)))
+                maps_kept.append(maps[0])
             map_max, score = (np.concatenate(p).astype(np.float64) for p in zip(*rows))
             constants = {"p_min": float(map_max[:normals_count].min()), "p_max": float(map_max[:normals_count].max()),
                          "i_min": float(score[:normals_count].min()), "i_max": float(score[:normals_count].max())}
-            return decision_scores(rule, map_max, score, constants)
+            return decision_scores(rule, map_max, score, constants), maps_kept
 
         off = np.zeros(len(groups), np.float32)
-        reference = decision(off)
+        reference, reference_maps = run(off)
         spread = np.maximum(np.ptp(reference[:normals_count], axis=0), 1e-12)
         if progress:
             progress(1)
         for g, group in enumerate(groups):
             on = off.copy()
             on[g] = 1.0
-            group.effect = float((np.abs(decision(on) - reference) / spread).max())
+            decided, maps = run(on)
+            group.effect = float((np.abs(decided - reference) / spread).max())
+            group.map_effect = 1.0 - min(min(map_pearson(r[k], m[k]) for k in range(len(r)))
+                                         for r, m in zip(reference_maps, maps))
             if progress:
                 progress(1)
         session = None   # released before the folder holding its file goes
-    return sorted(groups, key=lambda grp: -grp.effect)
+    return sorted(groups, key=lambda grp: -(grp.map_effect if rank_by == "map" else grp.effect))
 
 
 def keep_order(groups: list[Group], clip_layers: int, already: int = 0, share: float = 0.25) -> list[list[Group]]:
@@ -160,10 +170,12 @@ def keep_order(groups: list[Group], clip_layers: int, already: int = 0, share: f
     return [groups[:k] for k in sizes if k]
 
 
-def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int) -> dict:
+def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int, rank_by: str = "decision") -> dict:
     """What the manifest's conversion entry keeps of the pass."""
     return {"method": "per-group fake INT8 (dynamic activations, per-channel weights) in ONNX Runtime, |Δ decision "
-                      "score| / spread of the normal images' reference scores",
+                      "score| / spread of the normal images' reference scores (effect) and 1 − min map Pearson "
+                      "(map_effect)",
+            "ranked_by": "map_effect" if rank_by == "map" else "effect",
             "images": images, "group_size": GROUP_SIZE,
             "groups": [{k: v for k, v in asdict(g).items()} for g in groups],
             "kept_groups": [g.name for g in kept], "kept_layers": sorted(n for g in kept for n in g.layers),

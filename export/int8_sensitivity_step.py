@@ -1,6 +1,7 @@
 """The INT8 file made again with its most decision-sensitive linear layers float, after its gate failed: measure
 (``int8_sensitivity``), then keep 1, 2, 4 … of the worst groups float until the gate passes or a quarter of the CLIP
-tower's linear layers would be float. Every round is recorded in the manifest's conversion entry.
+tower's linear layers would be float. Every round is recorded in the manifest's conversion entry. The worst are by
+the decision score, or by the map when the map is all the first gate failed on (e.g. under --int8-map-min).
 
 With ``HOLD_OUT_FROM`` or more verify images the kept set is chosen on every second one (the measurement and the
 rounds see only those) and the last round's file (the passing one, or the largest) is judged again on all of them:
@@ -52,20 +53,22 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     if not groups_total:
         log.info("      no quantized MatMul layer left to measure; the gate's verdict stands")
         return first_report, conversion
+    rank_by = ranking(first_report)
     choose, held_out = split_verify(len(verify))
     images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), evenly_spaced(verify[choose], VERIFY_IMAGES)])
     normals_used = min(NORMAL_IMAGES, len(normals))
-    log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the decision score "
-             "(%d images) …", precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
-             len(images))
+    log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images) …",
+             precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
+             "map" if rank_by == "map" else "decision score", len(images))
     log.info("      the kept set is chosen on %s", f"{len(choose)} of the {len(verify)} verify images (every second); "
              "the other half judges it with them" if len(held_out) else
              f"all {len(verify)} verify images, which also judge it (fewer than {HOLD_OUT_FROM}: none held out)")
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
-        groups = sensitivity.measure(fp32_file, groups, images, batch_min, rule, normals_used, bar.update)
+        groups = sensitivity.measure(fp32_file, groups, images, batch_min, rule, normals_used, bar.update,
+                                     rank_by=rank_by)
     for g in groups[:5]:
-        log.info("      %-48s effect %.3f", g.name[:48], g.effect)
+        log.info("      %-48s effect %.3f, map effect %.5f", g.name[:48], g.effect, g.map_effect)
     rounds, report, kept = [], first_report, []
     for kept in sensitivity.keep_order(groups, clip_layers, clip_already):
         layers = tuple(n for g in kept for n in g.layers)
@@ -103,12 +106,22 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      no group fits within a quarter of the CLIP tower's %d linear layers (%d float already)",
                  clip_layers, clip_already)
     # the file written is the last round's (or the first, without rounds): what it keeps float is recorded
-    conversion["sensitivity"] = sensitivity.record(groups, kept if rounds else [], rounds, len(images))
+    conversion["sensitivity"] = sensitivity.record(groups, kept if rounds else [], rounds, len(images), rank_by)
     conversion["sensitivity"]["passed"] = bool(report.passed)
     conversion["sensitivity"]["chosen_on_verify_images"] = len(choose)
     conversion["sensitivity"]["held_out_verdict"] = verdict
     conversion["sensitivity"].update(clip_linear_layers=clip_layers, clip_float_before=clip_already)
     return report, conversion
+
+
+def ranking(report) -> str:
+    """"map" when the gate failed on the map and its decisions held (what to keep float is then what moves the map),
+    else "decision"."""
+    from clipad.runtime.compare import decision_failures
+
+    limit, low = report.limits.map_pearson_min, report.comparison.map_pearson_min
+    map_failed = limit is not None and (low is None or not low >= limit)
+    return "map" if map_failed and not decision_failures(report.decision, report.limits) else "decision"
 
 
 def held_out_verdict(final, images: int, held_out: np.ndarray) -> dict:

@@ -21,6 +21,7 @@ class CalibrationOptions:
     smooth_alpha: float | None = None  # SmoothQuant's α for the Q/DQ file (None: off)
     shift: bool = False                # centre lopsided linear-layer inputs (GELU outputs) of the Q/DQ file
     sensitivity: bool = True           # a failed INT8 gate: keep the most decision-sensitive layers float, try again
+    map_min: float | None = None       # INT8 gate's map Pearson limit raised to this (--int8-map-min)
 
 
 @dataclass

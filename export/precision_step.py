@@ -149,7 +149,9 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
         data, names = ((gate_data, gate_names) if subset is None
                        else (gate_data[subset], [gate_names[i] for i in subset]))
         return convert.precision_gate(precision, fp32_file, dst, data, names, batch, image_size, normals,
-                                      decision_rule, reference=reference)
+                                      decision_rule, reference=reference,
+                                      map_pearson_min=calibration.map_min if wanted.conversion in INT8_CONVERSIONS
+                                      else None)
 
     report = run_gate()
     if not report.passed and wanted.conversion in INT8_CONVERSIONS and normals is not None \

@@ -305,3 +305,69 @@ def test_the_recorded_fp32_side_runs_an_image_once_within_its_cap():
     assert ref.images_run == 5 and ref.bytes_kept == 2 * per_image and CountingBackend.opened == 2
     ref.close()
     assert CountingBackend.closed == 2
+
+
+def test_the_groups_are_ranked_by_the_map_when_the_map_is_all_that_failed():
+    """A gate that failed on the map with its decisions holding (e.g. under --int8-map-min) ranks by map effect;
+    a decision failure, alone or with the map's, ranks by the decision score."""
+    from types import SimpleNamespace
+
+    from clipad.export.int8_sensitivity_step import ranking
+    from clipad.runtime.compare import GateLimits
+
+    def report(map_min, decision_limits):
+        limits = GateLimits(map_pearson_min=0.995, **({"decision_flips_max": 0} if decision_limits else {}))
+        return SimpleNamespace(limits=limits, comparison=SimpleNamespace(map_pearson_min=map_min), decision=None)
+
+    assert ranking(report(0.99464, decision_limits=False)) == "map"
+    assert ranking(report(None, decision_limits=False)) == "map"       # no map at all counts as a map failure
+    assert ranking(report(0.99464, decision_limits=True)) == "decision"   # the decision check failed (none ran)
+    assert ranking(report(0.9990, decision_limits=True)) == "decision"
+    assert ranking(report(0.9990, decision_limits=False)) == "decision"   # nothing map-wise to fix
+
+
+def test_each_group_has_a_map_effect_and_the_map_ranking_orders_by_it(fp32, normals):
+    from clipad.calibration.images import load_set
+
+    model = onnx.load(str(fp32))
+    groups = int8_sensitivity.make_groups(model, convert.linear_nodes(model))
+    x, _ = load_set(str(normals), 56, None, min_images=2)
+    x = np.concatenate([x[:3], images(2, 56, seed=4)])
+    by_map = int8_sensitivity.measure(str(fp32), groups, x, 1, "map_max", 3, rank_by="map")
+    effects = [g.map_effect for g in by_map]
+    assert all(0.0 < e <= 2.0 for e in effects) and effects == sorted(effects, reverse=True)
+    by_decision = int8_sensitivity.measure(str(fp32), groups, x, 1, "map_max", 3)
+    assert [g.effect for g in by_decision] == sorted((g.effect for g in by_decision), reverse=True)
+    assert {g.name: g.map_effect for g in by_decision} == pytest.approx({g.name: g.map_effect for g in by_map})
+
+
+def test_int8_map_min_raises_the_map_limit_and_is_recorded(tiny_files, tmp_path, normals, monkeypatch, capsys):
+    """--int8-map-min holds the INT8 gate's map Pearson to a stricter limit (the manifest's limits say which) and
+    the sensitivity pass records each group's map effect and what it ranked by."""
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
+    out = tmp_path / "m"
+    args = ["--precision", "int8-cpu", "--calib-data", str(normals), "--no-engine"]
+    assert export_tiny(tiny_files, out, "clip", [*args, "--int8-map-min", "1.0"], classes=("tile",)) == 2
+    assert "need ≥ 1.0" in capsys.readouterr().err and not out.exists()   # no INT8 file has a map Pearson of 1
+    assert export_tiny(tiny_files, out, "clip", [*args, "--int8-map-min", "1.0", "--accept-accuracy-loss"],
+                       classes=("tile",)) == 0
+    entry = json.loads((out / "manifest.json").read_text())["precisions"]["int8-cpu"]
+    assert entry["gate"]["limits"]["map_pearson_min"] == 1.0 and entry["gate"]["accepted_despite_failure"]
+    s = entry["conversion"]["sensitivity"]
+    assert s["ranked_by"] in ("map_effect", "effect") and s["rounds"]
+    assert all(np.isfinite(g["map_effect"]) and g["map_effect"] > 0 for g in s["groups"])
+    ranked = [g[s["ranked_by"]] for g in s["groups"]]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--precision", "bf16", "--int8-map-min", "0.995"], "applies to the INT8 files, not to --precision bf16"),
+    (["--precision", "int8-cpu", "--int8-map-min", "0.98"], "must lie between the INT8 gate's own 0.99 and 1"),
+    (["--precision", "int8-cpu", "--int8-map-min", "nan"], "must lie between"),
+    (["--precision", "int8-cpu", "--int8-map-min", "1.5"], "must lie between")])
+def test_int8_map_min_refuses_what_would_loosen_or_not_apply(tiny_files, tmp_path, normals, capsys, extra, said):
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", [*extra, "--calib-data", str(normals), "--no-engine"],
+                       classes=("tile",)) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and not out.exists()
