@@ -55,7 +55,8 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         return first_report, conversion
     rank_by = ranking(first_report)
     choose, held_out = split_verify(len(verify))
-    images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), evenly_spaced(verify[choose], VERIFY_IMAGES)])
+    images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), measured_verify(verify, choose, first_report,
+                                                                                    rank_by)])
     normals_used = min(NORMAL_IMAGES, len(normals))
     log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images) …",
              precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
@@ -112,6 +113,21 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     conversion["sensitivity"]["held_out_verdict"] = verdict
     conversion["sensitivity"].update(clip_linear_layers=clip_layers, clip_float_before=clip_already)
     return report, conversion
+
+
+def measured_verify(verify: np.ndarray, choose: np.ndarray, first_report, rank_by: str) -> np.ndarray:
+    """The verify images the groups are measured on: spread over the choosing half, or, ranking by the map, its
+    ``VERIFY_IMAGES`` with the lowest map Pearson in the first gate (a map failure is often one image's)."""
+    from clipad.calibration.images import evenly_spaced
+
+    pearson = first_report.comparison.map_pearson
+    if rank_by != "map" or len(pearson) != len(verify):
+        return evenly_spaced(verify[choose], VERIFY_IMAGES)
+    worst = np.sort(np.asarray(sorted(choose, key=lambda i: pearson[i])[:VERIFY_IMAGES], dtype=int))
+    names = first_report.comparison.names
+    log.info("      measured on the verify image(s) with the lowest map Pearson: %s", ", ".join(
+        f"{names[i] if i < len(names) else i} ({pearson[i]:.5f})" for i in worst))
+    return verify[worst]
 
 
 def ranking(report) -> str:

@@ -371,3 +371,18 @@ def test_int8_map_min_refuses_what_would_loosen_or_not_apply(tiny_files, tmp_pat
                        classes=("tile",)) == 2
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err and not out.exists()
+
+
+def test_ranked_by_the_map_the_groups_are_measured_on_the_worst_map_images_of_the_choosing_half():
+    from types import SimpleNamespace
+
+    from clipad.export.int8_sensitivity_step import VERIFY_IMAGES, measured_verify
+
+    verify = np.arange(10)[:, None, None, None] * np.ones((10, 2, 2, 3))
+    pearson = [0.999, 0.99, 0.998, 0.9901, 0.997, 0.991, 0.9999, 0.992, 0.996, 0.993]
+    report = SimpleNamespace(comparison=SimpleNamespace(map_pearson=pearson, names=[f"i{i}" for i in range(10)]))
+    choose = np.arange(0, 10, 2)                                    # 0, 2, 4, 6, 8: worst there are 8 and 4
+    picked = measured_verify(verify, choose, report, "map")[:, 0, 0, 0]
+    assert VERIFY_IMAGES == 2 and picked.tolist() == [4, 8]         # never the held-out 1 and 3, worse as they are
+    spread = measured_verify(verify, choose, report, "decision")[:, 0, 0, 0]
+    assert spread.tolist() == [0, 8]                                # by the decision: spread as before
