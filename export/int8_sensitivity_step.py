@@ -21,13 +21,28 @@ NORMAL_IMAGES, VERIFY_IMAGES = 3, 2   # per group pass: ViT-L@518 on 2 cores, ~3
 HOLD_OUT_FROM = 10                    # fewer verify images: chosen and judged on the same ones (said in the log)
 
 
-def split_verify(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices the kept set is chosen on, indices held out of the choice): every second image, so a folder sorted
-    by class gives both halves the same mix."""
+def split_verify(count: int, failed=()) -> tuple[np.ndarray, np.ndarray]:
+    """(indices the kept set is chosen on, indices held out of the choice): the images the first gate failed on
+    (``failed``) dealt alternately to both halves, so the rounds see some of what failed and the held-out half
+    judges the rest; the others every second (each to the smaller half), so a folder sorted by class gives both
+    halves the same mix. Without ``failed``: every second image."""
     every = np.arange(count)
     if count < HOLD_OUT_FROM:
         return every, every[:0]
-    return every[0::2], every[1::2]
+    failing = sorted({int(i) for i in failed if 0 <= int(i) < count})
+    choose, held = failing[0::2], failing[1::2]
+    for i in (i for i in range(count) if i not in set(failing)):
+        (choose if len(choose) <= len(held) else held).append(i)
+    return np.array(sorted(choose), dtype=int), np.array(sorted(held), dtype=int)
+
+
+def failed_images(report) -> list[int]:
+    """Verify images the gate failed on: a map Pearson under its limit, or an OK/NG flip at any α."""
+    limit, pearson = report.limits.map_pearson_min, report.comparison.map_pearson
+    low = [i for i, p in enumerate(pearson) if limit is not None and not p >= limit]
+    flipped = [j for per_alpha in (report.decision.verify_flipped if report.decision is not None else [])
+               for j in per_alpha]
+    return sorted(set(low) | set(flipped))
 
 
 def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, convert_file, run_gate, first_report,
@@ -54,15 +69,17 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      no quantized MatMul layer left to measure; the gate's verdict stands")
         return first_report, conversion
     rank_by = ranking(first_report)
-    choose, held_out = split_verify(len(verify))
+    failed = failed_images(first_report)
+    choose, held_out = split_verify(len(verify), failed)
     images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), measured_verify(verify, choose, first_report,
                                                                                     rank_by)])
     normals_used = min(NORMAL_IMAGES, len(normals))
     log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images) …",
              precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
              "map" if rank_by == "map" else "decision score", len(images))
-    log.info("      the kept set is chosen on %s", f"{len(choose)} of the {len(verify)} verify images (every second); "
-             "the other half judges it with them" if len(held_out) else
+    dealt = f"; the {len(failed)} the first gate failed on dealt to both halves" if len(failed) > 1 else ""
+    log.info("      the kept set is chosen on %s", f"{len(choose)} of the {len(verify)} verify images (every second"
+             f"{dealt}); the other half judges it with them" if len(held_out) else
              f"all {len(verify)} verify images, which also judge it (fewer than {HOLD_OUT_FROM}: none held out)")
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:

@@ -386,3 +386,27 @@ def test_ranked_by_the_map_the_groups_are_measured_on_the_worst_map_images_of_th
     assert VERIFY_IMAGES == 2 and picked.tolist() == [4, 8]         # never the held-out 1 and 3, worse as they are
     spread = measured_verify(verify, choose, report, "decision")[:, 0, 0, 0]
     assert spread.tolist() == [0, 8]                                # by the decision: spread as before
+
+
+def test_the_images_the_first_gate_failed_on_are_dealt_to_both_halves():
+    """Crane's int8-bf16 at ViT-L failed its map on two verify images that both fell in the held-out half, so the
+    rounds, gated on the other half, passed at once and never saw the failure: the failing images are now dealt
+    alternately, the rest every second."""
+    from types import SimpleNamespace
+
+    from clipad.export.int8_sensitivity_step import failed_images, split_verify
+    from clipad.runtime.compare import GateLimits
+
+    assert [list(p) for p in split_verify(20, [1, 3])] == [[0, 1, 4, 6, 8, 10, 12, 14, 16, 18],
+                                                           [2, 3, 5, 7, 9, 11, 13, 15, 17, 19]]
+    choose, held = split_verify(11, [1, 5, 7])
+    assert sorted([*choose, *held]) == list(range(11)) and abs(len(choose) - len(held)) <= 1
+    assert {1, 7} <= set(choose) and 5 in held                      # alternately, in order
+    assert [list(p) for p in split_verify(11, [])] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
+    assert [list(p) for p in split_verify(6, [1])] == [[0, 1, 2, 3, 4, 5], []]   # too few: none held out
+    report = SimpleNamespace(limits=GateLimits(map_pearson_min=0.995),
+                             comparison=SimpleNamespace(map_pearson=[0.999, 0.991, 0.996, 0.994]),
+                             decision=SimpleNamespace(verify_flipped=[[2], [2, 0]]))
+    assert failed_images(report) == [0, 1, 2, 3]
+    report.decision = None
+    assert failed_images(report) == [1, 3]
