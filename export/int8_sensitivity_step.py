@@ -31,18 +31,22 @@ def split_verify(count: int, failed=()) -> tuple[np.ndarray, np.ndarray]:
         return every, every[:0]
     failing = sorted({int(i) for i in failed if 0 <= int(i) < count})
     choose, held = failing[0::2], failing[1::2]
-    for i in (i for i in range(count) if i not in set(failing)):
+    for i in sorted(set(range(count)) - set(failing)):
         (choose if len(choose) <= len(held) else held).append(i)
     return np.array(sorted(choose), dtype=int), np.array(sorted(held), dtype=int)
 
 
 def failed_images(report) -> list[int]:
     """Verify images the gate failed on: a map Pearson under its limit, or an OK/NG flip at any α."""
-    limit, pearson = report.limits.map_pearson_min, report.comparison.map_pearson
-    low = [i for i, p in enumerate(pearson) if limit is not None and not p >= limit]
     flipped = [j for per_alpha in (report.decision.verify_flipped if report.decision is not None else [])
                for j in per_alpha]
-    return sorted(set(low) | set(flipped))
+    return sorted(set(low_map_images(report)) | set(flipped))
+
+
+def low_map_images(report) -> list[int]:
+    """Verify images whose map Pearson is under the gate's limit."""
+    limit = report.limits.map_pearson_min
+    return [i for i, p in enumerate(report.comparison.map_pearson) if limit is not None and not p >= limit]
 
 
 def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, convert_file, run_gate, first_report,
@@ -71,16 +75,16 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     rank_by = ranking(first_report)
     failed = failed_images(first_report)
     choose, held_out = split_verify(len(verify), failed)
-    images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), measured_verify(verify, choose, first_report,
-                                                                                    rank_by)])
     normals_used = min(NORMAL_IMAGES, len(normals))
     log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images) …",
              precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
-             "map" if rank_by == "map" else "decision score", len(images))
+             "map" if rank_by == "map" else "decision score", normals_used + min(VERIFY_IMAGES, len(choose)))
     dealt = f"; the {len(failed)} the first gate failed on dealt to both halves" if len(failed) > 1 else ""
     log.info("      the kept set is chosen on %s", f"{len(choose)} of the {len(verify)} verify images (every second"
              f"{dealt}); the other half judges it with them" if len(held_out) else
              f"all {len(verify)} verify images, which also judge it (fewer than {HOLD_OUT_FROM}: none held out)")
+    images = np.concatenate([evenly_spaced(normals, NORMAL_IMAGES), measured_verify(verify, choose, first_report,
+                                                                                    rank_by)])
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
         groups = sensitivity.measure(fp32_file, groups, images, batch_min, rule, normals_used, bar.update,
@@ -152,8 +156,8 @@ def ranking(report) -> str:
     else "decision"."""
     from clipad.runtime.compare import decision_failures
 
-    limit, low = report.limits.map_pearson_min, report.comparison.map_pearson_min
-    map_failed = limit is not None and (low is None or not low >= limit)
+    no_map = report.limits.map_pearson_min is not None and report.comparison.map_pearson_min is None
+    map_failed = no_map or bool(low_map_images(report))
     return "map" if map_failed and not decision_failures(report.decision, report.limits) else "decision"
 
 

@@ -317,7 +317,8 @@ def test_the_groups_are_ranked_by_the_map_when_the_map_is_all_that_failed():
 
     def report(map_min, decision_limits):
         limits = GateLimits(map_pearson_min=0.995, **({"decision_flips_max": 0} if decision_limits else {}))
-        return SimpleNamespace(limits=limits, comparison=SimpleNamespace(map_pearson_min=map_min), decision=None)
+        comparison = SimpleNamespace(map_pearson_min=map_min, map_pearson=[] if map_min is None else [1.0, map_min])
+        return SimpleNamespace(limits=limits, comparison=comparison, decision=None)
 
     assert ranking(report(0.99464, decision_limits=False)) == "map"
     assert ranking(report(None, decision_limits=False)) == "map"       # no map at all counts as a map failure
