@@ -138,11 +138,12 @@ def parse_args(argv):
                            "measures which groups of linear layers move the decision score most, keeps 1, 2, 4 … of "
                            "the worst float (at most a quarter of the CLIP tower's) and gates again; the manifest "
                            "records each group's effect and what was kept")
+    int8_gate = next(p.gate for p in precisions.PRECISIONS.values() if p.conversion == "static-qdq")
     prec.add_argument("--int8-map-min", type=float, metavar="PEARSON",
                       help=f"INT8 (every INT8 file): hold the gate's map Pearson to PEARSON instead of "
-                           f"{precisions.get('int8').gate.map_pearson_min:g}, e.g. 0.995; only raises it. When the map "
-                           "is all the gate fails on, the sensitivity pass keeps float the groups that move the map "
-                           "most (not the decision score)")
+                           f"{int8_gate.map_pearson_min:g}, e.g. 0.995; only raises it. When the map is all the gate "
+                           "fails on, the sensitivity pass keeps float the groups that move the map most (not the "
+                           "decision score)")
     prec.add_argument("--accept-accuracy-loss", action="store_true",
                       help="write FP16/INT8 files even when their accuracy gate fails, and an export whose "
                            "torch-vs-ONNX parity gate fails (recorded in the manifest)")
