@@ -11,8 +11,11 @@ images' normals (the margin a threshold has); its map effect is 1 − the lowest
 over those images (the gate's map measure), which ranks the groups when the gate failed on the map alone.
 Groups are runs of ``GROUP_SIZE`` linear layers in graph order, about
 one transformer block (the attention projections carry no block scope in the graph), per tower (Crane+'s DINOv2
-tower apart). For the TensorRT Q/DQ file, whose activations have static calibrated scales, the dynamic rounding is a
-proxy for the ranking; the gate then judges the real file.
+tower apart). For a static Q/DQ file (``int8``, ``int8-bf16``), given its calibrated activation ranges, each
+activation goes through the file's own rounding instead (``QuantizeLinear`` → ``DequantizeLinear`` at the symmetric
+scale max|range| / 127 that quantize_static derives from those ranges), not the per-image dynamic rounding, which
+is not that file's (Crane ``int8-bf16`` at ViT-L: the group ranked first, kept float, lowered the real file's map).
+The remainder's BF16 and the backend's kernels are not modelled; the gate judges the real file.
 """
 from __future__ import annotations
 
@@ -67,8 +70,14 @@ def make_groups(model, candidates: list[str]) -> list[Group]:
     return groups
 
 
-def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
-    """The gate-only graph (see the module): every grouped MatMul reads x + s·(q(x) − x) and W + s·(q(W) − W)."""
+def static_scale(absmax: float) -> np.float32:
+    """The activation scale quantize_static gives a symmetric INT8 tensor whose calibrated range is ±``absmax``."""
+    return np.float32(max(float(absmax), 1e-12) / 127.0)
+
+
+def write_switched_copy(src: str, dst: str, groups: list[Group], activation_absmax: dict | None = None) -> None:
+    """The gate-only graph (see the module): every grouped MatMul reads x + s·(q(x) − x) and W + s·(q(W) − W);
+    q(x) is static at ``activation_absmax[x]``'s scale where given, else dynamic."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -94,8 +103,7 @@ def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
                 helper.make_node("Sub", [p + "_wdq", w_name], [p + "_wdelta"]),
                 helper.make_node("Mul", [p + "_wdelta", s], [p + "_wstep"]),
                 helper.make_node("Add", [w_name, p + "_wstep"], [p + "_w"]),
-                helper.make_node("DynamicQuantizeLinear", [x], [p + "_xq", p + "_xs", p + "_xz"]),
-                helper.make_node("DequantizeLinear", [p + "_xq", p + "_xs", p + "_xz"], [p + "_xdq"]),
+                *_activation_rounding(x, p, (activation_absmax or {}).get(x), inits),
                 helper.make_node("Sub", [p + "_xdq", x], [p + "_xdelta"]),
                 helper.make_node("Mul", [p + "_xdelta", s], [p + "_xstep"]),
                 helper.make_node("Add", [x, p + "_xstep"], [p + "_x"])]
@@ -107,11 +115,25 @@ def write_switched_copy(src: str, dst: str, groups: list[Group]) -> None:
     onnx.save(model, dst)
 
 
+def _activation_rounding(x: str, p: str, absmax, inits: list) -> list:
+    """Nodes from ``x`` to its INT8-rounded value ``p_xdq``: static at ``absmax``'s scale, or dynamic (None)."""
+    from onnx import helper, numpy_helper
+
+    if absmax is None:
+        return [helper.make_node("DynamicQuantizeLinear", [x], [p + "_xq", p + "_xs", p + "_xz"]),
+                helper.make_node("DequantizeLinear", [p + "_xq", p + "_xs", p + "_xz"], [p + "_xdq"])]
+    inits += [numpy_helper.from_array(static_scale(absmax), p + "_xs"),
+              numpy_helper.from_array(np.array(0, np.int8), p + "_xz")]
+    return [helper.make_node("QuantizeLinear", [x, p + "_xs", p + "_xz"], [p + "_xq"]),
+            helper.make_node("DequantizeLinear", [p + "_xq", p + "_xs", p + "_xz"], [p + "_xdq"])]
+
+
 def measure(fp32_file: str, groups: list[Group], images: np.ndarray, batch_min: int, rule: str,
-            normals_count: int, progress=None, rank_by: str = "decision") -> list[Group]:
+            normals_count: int, progress=None, rank_by: str = "decision",
+            activation_absmax: dict | None = None) -> list[Group]:
     """Each group's (``make_groups``) effects on the decision score and on the map (see the module), worst first by
     ``rank_by``. ``images``: the first ``normals_count`` are normal images (their reference spread is the scale),
-    the rest verify images."""
+    the rest verify images. ``activation_absmax``: a static file's calibrated range per activation tensor."""
     import onnxruntime as ort
 
     from clipad.runtime.decision_check import decision_scores
@@ -120,7 +142,7 @@ def measure(fp32_file: str, groups: list[Group], images: np.ndarray, batch_min: 
         raise ClipadError("internal error: no linear layer to measure")
     with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=os.path.dirname(os.path.abspath(fp32_file))) as tmp:
         path = os.path.join(tmp, "switched.onnx")
-        write_switched_copy(fp32_file, path, groups)
+        write_switched_copy(fp32_file, path, groups, activation_absmax)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -170,9 +192,11 @@ def keep_order(groups: list[Group], clip_layers: int, already: int = 0, share: f
     return [groups[:k] for k in sizes if k]
 
 
-def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int, rank_by: str = "decision") -> dict:
+def record(groups: list[Group], kept: list[Group], rounds: list[dict], images: int, rank_by: str = "decision",
+           static: bool = False) -> dict:
     """What the manifest's conversion entry keeps of the pass."""
-    return {"method": "per-group fake INT8 (dynamic activations, per-channel weights) in ONNX Runtime, |Δ decision "
+    activations = "static activations at the calibrated scales" if static else "dynamic activations"
+    return {"method": f"per-group fake INT8 ({activations}, per-channel weights) in ONNX Runtime, |Δ decision "
                       "score| / spread of the normal images' reference scores (effect) and 1 − min map Pearson "
                       "(map_effect)",
             "ranked_by": "map_effect" if rank_by == "map" else "effect",

@@ -50,8 +50,11 @@ def low_map_images(report) -> list[int]:
 
 
 def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, convert_file, run_gate, first_report,
-                         normals: np.ndarray, verify: np.ndarray, batch_min: int, rule: str):
-    """(gate report, conversion entry) of the last round; the first passing round ends the search."""
+                         normals: np.ndarray, verify: np.ndarray, batch_min: int, rule: str,
+                         activation_absmax: dict | None = None):
+    """(gate report, conversion entry) of the last round; the first passing round ends the search.
+    ``activation_absmax``: a static Q/DQ file's calibrated activation ranges, which the measurement then rounds at
+    (``int8_sensitivity``)."""
     import onnx
     from tqdm import tqdm
 
@@ -76,9 +79,10 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     failed = failed_images(first_report)
     choose, held_out = split_verify(len(verify), failed)
     normals_used = min(NORMAL_IMAGES, len(normals))
-    log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images) …",
-             precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
-             "map" if rank_by == "map" else "decision score", normals_used + min(VERIFY_IMAGES, len(choose)))
+    log.info("[3d] %s gate failed (%s): measuring each group of %d linear layers' effect on the %s (%d images, %s "
+             "activation rounding) …", precision.upper(), "; ".join(first_report.failures), sensitivity.GROUP_SIZE,
+             "map" if rank_by == "map" else "decision score", normals_used + min(VERIFY_IMAGES, len(choose)),
+             "the file's static" if activation_absmax else "dynamic")
     dealt = f"; the {len(failed)} the first gate failed on dealt to both halves" if len(failed) > 1 else ""
     log.info("      the kept set is chosen on %s", f"{len(choose)} of the {len(verify)} verify images (every second"
              f"{dealt}); the other half judges it with them" if len(held_out) else
@@ -88,7 +92,7 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
     with tqdm(total=groups_total + 1, desc="INT8 sensitivity", unit="pass", leave=False,
               disable=not log.isEnabledFor(logging.INFO)) as bar:
         groups = sensitivity.measure(fp32_file, groups, images, batch_min, rule, normals_used, bar.update,
-                                     rank_by=rank_by)
+                                     rank_by=rank_by, activation_absmax=activation_absmax)
     for g in groups[:5]:
         log.info("      %-48s effect %.3f, map effect %.5f", g.name[:48], g.effect, g.map_effect)
     rounds, report, kept = [], first_report, []
@@ -128,7 +132,8 @@ def keep_sensitive_float(precision: str, fp32_file: str, conversion: dict, conve
         log.info("      no group fits within a quarter of the CLIP tower's %d linear layers (%d float already)",
                  clip_layers, clip_already)
     # the file written is the last round's (or the first, without rounds): what it keeps float is recorded
-    conversion["sensitivity"] = sensitivity.record(groups, kept if rounds else [], rounds, len(images), rank_by)
+    conversion["sensitivity"] = sensitivity.record(groups, kept if rounds else [], rounds, len(images), rank_by,
+                                                   static=bool(activation_absmax))
     conversion["sensitivity"]["passed"] = bool(report.passed)
     conversion["sensitivity"]["chosen_on_verify_images"] = len(choose)
     conversion["sensitivity"]["held_out_verdict"] = verdict

@@ -158,8 +158,10 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
             and calibration.sensitivity:
         from .int8_sensitivity_step import keep_sensitive_float
 
+        static = (static_activation_absmax(src, calib, calibration, batch[1])
+                  if wanted.conversion == "static-qdq" else None)
         report, conversion = keep_sensitive_float(precision, src, conversion, convert_file, run_gate,
-                                                  report, normals, gate_data, batch[0], decision_rule)
+                                                  report, normals, gate_data, batch[0], decision_rule, static)
     c, d = report.comparison, report.decision
     log.info("      map Pearson min %s, score Spearman %s%s, score max|Δ| %.2e%s",
              "n/a" if c.map_pearson_min is None else f"{c.map_pearson_min:.5f}",
@@ -177,6 +179,21 @@ def _convert_and_gate(precision, wanted, src, fp32_file, dst, calib, gate_data, 
     enforce_gate(report, f"{precision.upper()} accuracy gate", accept_accuracy_loss)
     entry = file_entry(dst, precision, conversion.pop("opset", None) or OPSET)
     return wanted.file, entry, PrecisionReport(gate=report, conversion=conversion)
+
+
+def static_activation_absmax(src: str, calib: np.ndarray, calibration: CalibrationOptions, batch: int
+                             ) -> dict[str, float] | None:
+    """The calibrated range (max |value|) per activation tensor that our static Q/DQ file was made with (the
+    conversion's cached ranges), for the sensitivity pass to round at; None where the file's scales are not those
+    ranges (NNCF or ModelOpt place their own; SmoothQuant and the centring shift transform the graph first)."""
+    from .convert import calibrate
+    from .options import QUANTIZERS
+
+    if calibration.quantizer != QUANTIZERS[0] or calibration.smooth_alpha is not None or calibration.shift:
+        return None
+    _, _, ranges = calibrate(src, calib, calibration.method, batch, cache_dir())
+    return {name: float(max(abs(float(lo)), abs(float(hi)))) for name in ranges.keys()
+            for lo, hi in [ranges[name].range_value]}
 
 
 def needs_calibration(precision: str) -> str:

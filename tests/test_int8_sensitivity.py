@@ -64,6 +64,42 @@ def test_switched_graph_is_fp32_off_and_onnxruntime_dynamic_int8_on(fp32, tmp_pa
     assert np.abs(fake - real).max() <= 0.05 * moved              # … and the switch reproduces it
 
 
+def test_with_calibrated_ranges_the_switch_reproduces_the_static_qdq_file(fp32, tmp_path):
+    """For a static Q/DQ file the switch rounds each activation at the file's own calibrated scale: group 0 switched
+    on matches quantize_static's file of that group alone far closer than the dynamic rounding does."""
+    from clipad.export.precision_step import static_activation_absmax
+    from clipad.export.options import CalibrationOptions
+
+    model = onnx.load(str(fp32))
+    groups = int8_sensitivity.make_groups(model, convert.linear_nodes(model))
+    calib = images(6, 56, seed=4)
+    absmax = static_activation_absmax(str(fp32), calib, CalibrationOptions(data="unused"), 1)
+    assert all(np.isfinite(v) and v > 0 for v in absmax.values())
+    assert {n.input[0] for n in model.graph.node if n.name in groups[0].layers} <= set(absmax)
+    _, _, ranges = convert.calibrate(str(fp32), calib, "minmax", 1, None)
+    qdq = tmp_path / "qdq.onnx"
+    made = convert._quantize_static(str(fp32), str(qdq), groups[0].layers, ranges)
+    convert.keep_float_consumers(made, set(groups[0].layers))      # as convert.to_int8 writes it
+    onnx.save(made, str(qdq))
+    scales = {n.input[0]: onnx.numpy_helper.to_array(init).item()
+              for n in onnx.load(str(qdq)).graph.node if n.op_type == "QuantizeLinear"
+              for init in onnx.load(str(qdq)).graph.initializer if init.name == n.input[1] and init.dims == []}
+    for x, scale in scales.items():
+        assert scale == pytest.approx(float(int8_sensitivity.static_scale(absmax[x])), rel=1e-6)
+    x = images(1, 56, seed=9)
+    want, real = run(fp32, x), run(qdq, x)
+    on = np.zeros(len(groups), np.float32)
+    on[0] = 1.0
+    static, dynamic = tmp_path / "static.onnx", tmp_path / "dynamic.onnx"
+    int8_sensitivity.write_switched_copy(str(fp32), str(static), groups, absmax)
+    int8_sensitivity.write_switched_copy(str(fp32), str(dynamic), groups)
+    moved = np.abs(real - want).max()
+    assert moved > 0
+    assert np.abs(run(static, x, on) - real).max() <= 0.05 * moved
+    assert np.abs(run(dynamic, x, on) - real).max() > 0.05 * moved    # the dynamic rounding is another file's
+    np.testing.assert_allclose(run(static, x, on * 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_keep_order_doubles_within_a_quarter_of_the_clip_tower():
     groups = [Group(f"g{i}", "dino" if i == 1 else "clip", [f"n{i}a", f"n{i}b"]) for i in range(8)]
     sets = keep_order(groups, clip_layers=16)                      # at most 4 CLIP layers float
@@ -118,6 +154,31 @@ def test_failed_gate_keeps_the_worst_group_float(tiny_files, tmp_path, normals, 
     plain = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
     assert kept <= plain                                           # still float MatMuls in the written file
     assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.graph.node)
+    assert "dynamic activations" in s["method"]
+
+
+def test_a_static_qdq_file_is_measured_at_its_calibrated_scales(tiny_files, tmp_path, normals, monkeypatch):
+    """The Q/DQ file's pass rounds at the ranges the file was made with (recorded in the manifest); the
+    ONNX Runtime dynamic file's pass keeps the dynamic rounding (test_failed_gate_keeps_the_worst_group_float)."""
+    monkeypatch.setattr(int8_sensitivity, "GROUP_SIZE", 1)
+    seen = []
+    real_measure = int8_sensitivity.measure
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("activation_absmax"))
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(int8_sensitivity, "measure", spy)
+    ScriptedGate(monkeypatch, [False, True])
+    out = tmp_path / "m"
+    assert export_tiny(tiny_files, out, "clip", ["--precision", "int8", "--calib-data", str(normals),
+                                                 "--no-engine"], classes=("tile",)) == 0
+    (absmax,) = seen
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inputs = {n.input[0] for n in graph.graph.node if n.name in convert.linear_nodes(graph)}
+    assert inputs <= set(absmax) and all(v > 0 for v in absmax.values())
+    s = json.loads((out / "manifest.json").read_text())["precisions"]["int8"]["conversion"]["sensitivity"]
+    assert "static activations at the calibrated scales" in s["method"]
 
 
 @pytest.mark.parametrize("final", [True, False, None], ids=["passes", "fails-held-out", "never-passes"])
