@@ -22,7 +22,7 @@ from clipad.runtime.errors import ClipadError
 
 from .onnx_graph import scopes as _scopes
 from .onnx_graph import HEAD_SCOPE  # noqa: F401  (read as convert.HEAD_SCOPE)
-from .onnx_graph import FP32_SCOPES, head_feeding_linears, head_nodes, topological_order
+from .onnx_graph import FP32_SCOPES, head_feeding_linears, head_nodes, restore_float_weights, topological_order
 
 log = logging.getLogger("clipad")
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Clip", "Softmax", "Sigmoid", "Resize",
@@ -257,6 +257,7 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
     else:
         model = _quantize_static(src, dst, nodes, ranges)
     restored = keep_float_consumers(model, set(nodes))
+    weights_restored = restore_float_weights(model, set(nodes), src)
     if "shift" in transforms:
         transforms["shift"]["biases_from_quantized_weights"] = smoothquant.requantized_bias(model, centred)
     trt_ok, trt_why = quantize_nncf.tensorrt_compatible(model)
@@ -275,7 +276,7 @@ def _to_int8(src, dst, calib, method, batch, high_precision, cache_dir, user_kep
             }.get(quantizer, "clipad.calibration.ranges + onnxruntime.quantization.quantize_static(QDQ, symmetric, "
                              "per-channel)")
     return {"quantized_nodes": len(nodes), "calibrated_tensors": len(tensors) if tensors else None,
-            "float_consumers_restored": restored, "quantizer": quantizer,
+            "float_consumers_restored": restored, "float_weights_restored": weights_restored, "quantizer": quantizer,
             "calibration_images": int(len(calib)), "method": "nncf" if quantizer == "nncf" else method,
             "high_precision": high_precision, "kept_float_nodes": sorted(kept),
             **transforms,

@@ -133,3 +133,38 @@ def fold_constant_weight_reads(model) -> int:
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)
     return len(folded)
+
+
+def restore_float_weights(model, quantized: set[str], src: str) -> int:
+    """onnxruntime's QDQ pass replaces a quantized layer's weight by its INT8 copy and a DequantizeLinear, and a
+    float layer sharing that weight (Crane's attention paths share each block's out-projection) is left reading the
+    INT8-rounded one: a layer kept float would not be. Give every node outside ``quantized`` the FP32 weight again
+    (from ``src``, the FP32 file quantized; in place). Returns how many inputs were restored."""
+    import onnx
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    wanted = {}   # DequantizeLinear output → the FP32 initializer it stands for
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for name in node.input:
+            dq = producers.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
+                    and dq.input[0].endswith("_quantized"):
+                wanted[name] = dq.input[0][:-len("_quantized")]
+    if not wanted:
+        return 0
+    originals = {i.name: i for i in onnx.load(src).graph.initializer if i.name in set(wanted.values())}
+    restored = 0
+    for original in sorted(set(wanted.values()) - inits):
+        if original in originals:
+            model.graph.initializer.append(originals[original])
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if wanted.get(name) in originals:
+                node.input[i] = wanted[name]
+                restored += 1
+    return restored

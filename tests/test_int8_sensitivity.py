@@ -472,3 +472,39 @@ def test_the_images_the_first_gate_failed_on_are_dealt_to_both_halves():
     assert failed_images(report) == [0, 1, 2, 3]
     report.decision = None
     assert failed_images(report) == [1, 3]
+
+
+def test_a_layer_kept_float_reads_the_fp32_weight_it_shares_with_a_quantized_one(tmp_path):
+    """Crane's attention paths share each block's out-projection: onnxruntime's QDQ pass leaves the float sharer
+    reading the INT8-rounded copy (at ViT-L such a Crane+ int8-bf16 file did not compile in OpenVINO). The written
+    file gives it the FP32 weight back, and the BF16 remainder then makes it a BF16 layer like the other float ones."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipad.calibration.ranges import activation_tensors, collect_ranges
+    from clipad.export.convert_bf16 import bf16_products
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y1"], name="quantized"),
+         helper.make_node("Relu", ["y1"], ["r1"], name="relu"),
+         helper.make_node("MatMul", ["r1", "W"], ["y2"], name="kept"),
+         helper.make_node("Add", ["y2", "y1"], ["out"], name="add")], "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    src = str(tmp_path / "fp32.onnx")
+    onnx.save(model, src)
+    ranges = collect_ranges(src, activation_tensors(model, ["quantized", "kept"]),
+                            [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(3)], "minmax")
+    made = convert._quantize_static(src, str(tmp_path / "q.onnx"), ["quantized"], ranges)
+    convert.keep_float_consumers(made, {"quantized"})
+    by = {n.name: n for n in made.graph.node}
+    assert by["kept"].input[1].endswith("_DequantizeLinear_Output")         # what onnxruntime leaves
+    assert convert.restore_float_weights(made, {"quantized"}, src) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in made.graph.initializer}
+    assert by["kept"].input[1] == "W" and np.array_equal(inits["W"], w)
+    assert by["quantized"].input[1].endswith("_DequantizeLinear_Output")    # the INT8 layer keeps its INT8 weight
+    assert convert.restore_float_weights(made, {"quantized"}, src) == 0      # nothing left to restore
+    assert bf16_products(made, attention=True)["bf16_linear_layers"] == 1
