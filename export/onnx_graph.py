@@ -144,27 +144,21 @@ def restore_float_weights(model, quantized: set[str], src: str) -> int:
 
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
-    wanted = {}   # DequantizeLinear output → the FP32 initializer it stands for
-    for node in model.graph.node:
-        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for name in node.input:
-            dq = producers.get(name)
-            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
-                    and dq.input[0].endswith("_quantized"):
-                wanted[name] = dq.input[0][:-len("_quantized")]
-    if not wanted:
-        return 0
-    originals = {i.name: i for i in onnx.load(src).graph.initializer if i.name in set(wanted.values())}
-    restored = 0
-    for original in sorted(set(wanted.values()) - inits):
-        if original in originals:
-            model.graph.initializer.append(originals[original])
+    reads = []   # (node, input index, the FP32 initializer its DequantizeLinear stands for)
     for node in model.graph.node:
         if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         for i, name in enumerate(node.input):
-            if wanted.get(name) in originals:
-                node.input[i] = wanted[name]
-                restored += 1
-    return restored
+            dq = producers.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
+                    and dq.input[0].endswith("_quantized"):
+                reads.append((node, i, dq.input[0][:-len("_quantized")]))
+    if not reads:
+        return 0
+    wanted = {original for _, _, original in reads}
+    originals = {i.name: i for i in onnx.load(src).graph.initializer if i.name in wanted}
+    model.graph.initializer.extend(originals[name] for name in sorted(set(originals) - inits))
+    restored = [(node, i, original) for node, i, original in reads if original in originals]
+    for node, i, original in restored:
+        node.input[i] = original
+    return len(restored)
